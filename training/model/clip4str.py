@@ -1,0 +1,133 @@
+"""CLIP4STR: image encoder + visual decoder, text encoder + cross-modal decoder.
+
+Inference is CLIP4STR's dual predict-and-refine (DESIGN.md, step 6); training is permuted
+sequence modelling over both branches with the cross branch cut off from the image
+encoder's gradients (step 5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import open_clip
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from runtime.decoding import CharCodec, Prediction, softmax
+from runtime.tokenizer import BPETokenizer, TextBridge
+from training.config import ModelConfig
+from training.model.decoder import CharDecoder, autoregressive, padding_bias, refine
+from training.model.permutations import attention_masks, generate_permutations
+from training.model.towers import ImageEncoder, TextEncoder, build_clip
+
+
+def default_bpe_path() -> str:
+    """CLIP's merges file as open_clip ships it (the export copies it into bundles)."""
+    return open_clip.tokenizer.default_bpe()
+
+
+class CLIP4STR(nn.Module):
+    """The CLIP4STR network of a :class:`ModelConfig`."""
+
+    def __init__(self, cfg: ModelConfig, pretrained: str | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        clip = build_clip(cfg, pretrained)
+        self.image_encoder = ImageEncoder(clip.visual)
+        self.text_encoder = TextEncoder(clip, cfg.text_context_length, cfg.frozen_text_layers)
+        self.codec = CharCodec(cfg.charset_train)
+        self.bridge = TextBridge(self.codec, cfg.charset_test, BPETokenizer(default_bpe_path()),
+                                 cfg.text_context_length)
+        width = cfg.embed_dim
+        args = (width, self.codec.num_tokens, self.codec.num_classes, cfg.num_steps, cfg.decoder)
+        self.visual_decoder = CharDecoder(*args)
+        self.cross_decoder = CharDecoder(*args)
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual_decoder.pos_queries.device
+
+    # -- stages -------------------------------------------------------------------------
+    def encode_image(self, images: Tensor) -> Tensor:
+        return self.image_encoder(images)
+
+    def encode_text(self, ids: Tensor) -> Tensor:
+        return self.text_encoder(ids)
+
+    def text_ids(self, logits: Tensor) -> Tensor:
+        """BPE ids of the argmax prediction in ``logits`` (through the shared bridge)."""
+        ids = self.bridge(logits.argmax(-1).cpu().numpy())
+        return torch.from_numpy(ids).to(logits.device)
+
+    # -- inference ----------------------------------------------------------------------
+    def forward(self, images: Tensor, early_exit: bool = True) -> dict[str, Tensor]:
+        """Dual predict-and-refine. Returns the logits of every stage; ``final`` is the
+        cross-modal output."""
+        cfg, bos = self.cfg, self.codec.bos_id
+        image_features = self.encode_image(images)
+        visual = autoregressive(self.visual_decoder, image_features, bos, cfg.num_steps, early_exit)
+        text_features = self.encode_text(self.text_ids(visual))
+        memory = torch.cat([image_features, text_features], dim=1)
+        out = {"visual_ar": visual}
+        if cfg.fast_decode:
+            cross = refine(self.cross_decoder, memory, visual, bos)
+            out.update(cross_refined=cross, final=cross)
+            return out
+        cross = autoregressive(self.cross_decoder, memory, bos, cfg.num_steps, early_exit)
+        out["cross_ar"] = cross
+        for _ in range(cfg.refine_iters):
+            visual = refine(self.visual_decoder, image_features, visual, bos)
+            memory = torch.cat([image_features, self.encode_text(self.text_ids(visual))], dim=1)
+            cross = refine(self.cross_decoder, memory, cross, bos)
+        if cfg.refine_iters:
+            out.update(visual_refined=visual, cross_refined=cross)
+        out["final"] = cross
+        return out
+
+    @torch.inference_mode()
+    def read(self, images: Tensor, topk: int = 5) -> list[Prediction]:
+        """Decoded words with per-character probabilities and the top-k per position."""
+        logits = self.forward(images.to(self.device))["final"]
+        return self.codec.decode(softmax(logits.float().cpu().numpy()), topk=topk)
+
+    # -- training -----------------------------------------------------------------------
+    def loss(self, images: Tensor, labels: list[str], rng: np.random.Generator,
+             num_perms: int = 6) -> tuple[Tensor, dict[str, float]]:
+        """Summed visual and cross-modal permutation losses for a batch of labels."""
+        codec = self.codec
+        targets = torch.from_numpy(codec.encode(labels)).to(images.device)
+        perms = generate_permutations(targets.shape[1] - 2, num_perms, rng).to(images.device)
+        context, expected = targets[:, :-1], targets[:, 1:]
+        padding = padding_bias((context == codec.pad_id) | (context == codec.eos_id))
+
+        image_features = self.encode_image(images)
+        visual_loss, first_logits = self._perm_loss(self.visual_decoder, image_features, context,
+                                                   expected, perms, padding)
+        text_features = self.encode_text(self.text_ids(first_logits.detach()))
+        memory = torch.cat([image_features.detach(), text_features], dim=1)
+        cross_loss, _ = self._perm_loss(self.cross_decoder, memory, context, expected, perms, padding)
+        total = visual_loss + cross_loss
+        return total, {"loss": float(total), "visual_loss": float(visual_loss), "cross_loss": float(cross_loss)}
+
+    def _perm_loss(self, decoder: CharDecoder, memory: Tensor, context: Tensor, expected: Tensor,
+                   perms: Tensor, padding: Tensor) -> tuple[Tensor, Tensor]:
+        """Token-count-weighted cross entropy over the permutations; EOS is a target only
+        for the first two (canonical) orders. Also returns the left-to-right logits."""
+        pad = self.codec.pad_id
+        total, count = memory.new_zeros(()), 0
+        first_logits = None
+        targets = expected
+        n = int((targets != pad).sum())
+        for i, perm in enumerate(perms):
+            content_mask, query_mask = attention_masks(perm)
+            logits = decoder(context, memory, query_mask=query_mask, content_mask=content_mask,
+                             padding_mask=padding)
+            if i == 0:
+                first_logits = logits
+            total = total + n * F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=pad)
+            count += n
+            if i == 1:
+                targets = torch.where(targets == self.codec.eos_id, pad, targets)
+                n = int((targets != pad).sum())
+        assert first_logits is not None
+        return total / count, first_logits

@@ -1,0 +1,185 @@
+"""The PARSeq-style two-stream transformer decoder of CLIP4STR.
+
+Pre-LayerNorm. The query stream holds the learnable position queries, the content stream
+``[emb(BOS), p[:L-1] + emb(tokens)]``. Queries attend to the content under a mask, then
+to the memory, then pass an MLP. The same :class:`CharDecoder` serves the visual branch
+(memory ``F_i``) and the cross-modal branch (memory ``concat(F_i, F_t)``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from training.config import DecoderConfig
+
+
+class TwoStreamLayer(nn.Module):
+    """One decoder layer: masked self-attention to the content, cross-attention, MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.self_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width)
+        )
+        self.norm_query = nn.LayerNorm(width)
+        self.norm_content = nn.LayerNorm(width)
+        self.norm_cross = nn.LayerNorm(width)
+        self.norm_mlp = nn.LayerNorm(width)
+        self.drop_self = nn.Dropout(dropout)
+        self.drop_cross = nn.Dropout(dropout)
+        self.drop_mlp = nn.Dropout(dropout)
+
+    def _stream(
+        self,
+        x: Tensor,
+        x_norm: Tensor,
+        content_norm: Tensor,
+        memory: Tensor,
+        mask: Tensor | None,
+        padding_mask: Tensor | None,
+    ) -> Tensor:
+        attended = self.self_attn(
+            x_norm, content_norm, content_norm, attn_mask=mask, key_padding_mask=padding_mask,
+            need_weights=False,
+        )[0]
+        x = x + self.drop_self(attended)
+        crossed = self.cross_attn(self.norm_cross(x), memory, memory, need_weights=False)[0]
+        x = x + self.drop_cross(crossed)
+        return x + self.drop_mlp(self.mlp(self.norm_mlp(x)))
+
+    def forward(
+        self,
+        query: Tensor,
+        content: Tensor,
+        memory: Tensor,
+        query_mask: Tensor | None,
+        content_mask: Tensor | None,
+        padding_mask: Tensor | None,
+        update_content: bool,
+    ) -> tuple[Tensor, Tensor]:
+        content_norm = self.norm_content(content)
+        query = self._stream(query, self.norm_query(query), content_norm, memory, query_mask, padding_mask)
+        if update_content:
+            content = self._stream(content, content_norm, content_norm, memory, content_mask, padding_mask)
+        return query, content
+
+
+class CharDecoder(nn.Module):
+    """Token embedding, position queries, the two-stream layers and the classifier head."""
+
+    def __init__(self, width: int, num_tokens: int, num_classes: int, num_steps: int, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.width = width
+        self.layers = nn.ModuleList(
+            TwoStreamLayer(width, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(width)
+        self.embedding = nn.Embedding(num_tokens, width)
+        self.pos_queries = nn.Parameter(torch.zeros(1, num_steps, width))
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(width, num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+        nn.init.trunc_normal_(self.pos_queries, std=0.02)
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """Token embedding scaled by sqrt(width)."""
+        return self.embedding(tokens) * math.sqrt(self.width)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        memory: Tensor,
+        query: Tensor | None = None,
+        query_mask: Tensor | None = None,
+        content_mask: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Logits for each query. ``tokens`` is ``[BOS, t1, ...]`` of length L; queries
+        default to the first L position queries."""
+        batch, length = tokens.shape
+        content = torch.cat(
+            [self.embed(tokens[:, :1]), self.pos_queries[:, : length - 1] + self.embed(tokens[:, 1:])], dim=1
+        )
+        content = self.dropout(content)
+        if query is None:
+            query = self.pos_queries[:, :length].expand(batch, -1, -1)
+        query = self.dropout(query)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            query, content = layer(query, content, memory, query_mask, content_mask, padding_mask, i != last)
+        return self.head(self.norm(query))
+
+
+def causal_mask(size: int, device: torch.device | None = None) -> Tensor:
+    """Float mask: position i sees 0..i (``-inf`` above the diagonal)."""
+    return torch.triu(torch.full((size, size), float("-inf"), device=device), 1)
+
+
+def padding_bias(padded: Tensor) -> Tensor:
+    """Boolean key padding (True = ignore) as an additive float mask, matching the
+    float attention masks."""
+    return torch.zeros(padded.shape, device=padded.device).masked_fill(padded, float("-inf"))
+
+
+def cloze_mask(size: int, device: torch.device | None = None) -> Tensor:
+    """Refinement mask: query i sees every content position but its own token (i + 1)."""
+    mask = torch.zeros((size, size), device=device)
+    index = torch.arange(size - 1, device=device)
+    mask[index, index + 1] = float("-inf")
+    return mask
+
+
+def autoregressive(decoder: CharDecoder, memory: Tensor, bos_id: int, num_steps: int, early_exit: bool) -> Tensor:
+    """Greedy left-to-right decoding, ``num_steps`` steps; logits ``(B, steps, C+1)``.
+
+    ``early_exit`` stops once every row has produced EOS (eager inference); export passes
+    False so the traced loop has a fixed step count and no data-dependent branch.
+    """
+    batch = memory.shape[0]
+    mask = causal_mask(num_steps, memory.device)
+    queries = decoder.pos_queries[:, :num_steps].expand(batch, -1, -1)
+    tokens = torch.full((batch, 1), bos_id, dtype=torch.long, device=memory.device)
+    logits = []
+    for i in range(num_steps):
+        step = decoder(tokens, memory, query=queries[:, i : i + 1], query_mask=mask[i : i + 1, : i + 1])
+        logits.append(step)
+        if i + 1 < num_steps:
+            next_token = step[:, 0].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, next_token], dim=1)
+            if early_exit and bool((tokens == 0).any(-1).all()):
+                break
+    out = torch.cat(logits, dim=1)
+    if out.shape[1] < num_steps:  # pad early-exited rows with EOS so shapes are fixed
+        pad = torch.zeros(batch, num_steps - out.shape[1], out.shape[2], dtype=out.dtype, device=out.device)
+        pad[..., 0] = 1e4
+        out = torch.cat([out, pad], dim=1)
+    return out
+
+
+def refine(decoder: CharDecoder, memory: Tensor, logits: Tensor, bos_id: int, eos_id: int = 0) -> Tensor:
+    """One cloze-mask pass with the previous prediction as context (tokens after the first
+    EOS are padding-masked)."""
+    batch, steps, _ = logits.shape
+    bos = torch.full((batch, 1), bos_id, dtype=torch.long, device=logits.device)
+    tokens = torch.cat([bos, logits[:, :-1].argmax(-1)], dim=1)
+    padding = padding_bias((tokens == eos_id).int().cumsum(-1) > 0)
+    queries = decoder.pos_queries[:, :steps].expand(batch, -1, -1)
+    return decoder(
+        tokens, memory, query=queries, query_mask=cloze_mask(steps, logits.device),
+        content_mask=causal_mask(steps, logits.device), padding_mask=padding,
+    )
