@@ -91,9 +91,14 @@ class CLIP4STR(nn.Module):
         return self.codec.decode(softmax(logits.float().cpu().numpy()), topk=topk)
 
     # -- training -----------------------------------------------------------------------
-    def loss(self, images: Tensor, labels: list[str], rng: np.random.Generator,
-             num_perms: int = 6) -> tuple[Tensor, dict[str, float]]:
-        """Summed visual and cross-modal permutation losses for a batch of labels."""
+    def losses(self, images: Tensor, labels: list[str], rng: np.random.Generator,
+               num_perms: int = 6) -> dict[str, Tensor]:
+        """Visual and cross-modal permutation losses for a batch of labels.
+
+        The cross branch reads the ground truth as context and a memory made of the image
+        features (detached) and the text encoding of the visual left-to-right prediction
+        (detached), so its gradients never reach the image encoder.
+        """
         codec = self.codec
         targets = torch.from_numpy(codec.encode(labels)).to(images.device)
         perms = generate_permutations(targets.shape[1] - 2, num_perms, rng).to(images.device)
@@ -106,8 +111,15 @@ class CLIP4STR(nn.Module):
         text_features = self.encode_text(self.text_ids(first_logits.detach()))
         memory = torch.cat([image_features.detach(), text_features], dim=1)
         cross_loss, _ = self._perm_loss(self.cross_decoder, memory, context, expected, perms, padding)
-        total = visual_loss + cross_loss
-        return total, {"loss": float(total), "visual_loss": float(visual_loss), "cross_loss": float(cross_loss)}
+        return {"visual": visual_loss, "cross": cross_loss}
+
+    def loss(self, images: Tensor, labels: list[str], rng: np.random.Generator,
+             num_perms: int = 6) -> tuple[Tensor, dict[str, float]]:
+        """The training loss (visual + cross) and its parts as floats for logging."""
+        parts = self.losses(images, labels, rng, num_perms)
+        total = parts["visual"] + parts["cross"]
+        stats = {"loss": total.item(), "visual_loss": parts["visual"].item(), "cross_loss": parts["cross"].item()}
+        return total, stats
 
     def _perm_loss(self, decoder: CharDecoder, memory: Tensor, context: Tensor, expected: Tensor,
                    perms: Tensor, padding: Tensor) -> tuple[Tensor, Tensor]:
