@@ -23,7 +23,8 @@ def generate_permutations(num_chars: int, num_perms: int, rng: np.random.Generat
     """``(K, num_chars + 2)`` orders over ``[BOS, c1..cn, EOS]`` positions.
 
     Row 0 is left-to-right, row 1 right-to-left (EOS first, as PARSeq does), then random
-    orders each followed by its mirror. Fewer rows are returned when the word is too short to have K distinct orders.
+    orders each followed by its mirror. Fewer rows are returned when the word is too short
+    to have K distinct orders.
     """
     if num_chars <= 1:
         return torch.arange(num_chars + 2).unsqueeze(0)
