@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 #: Largest image accepted, in pixels: word crops are small, anything beyond is refused
 #: before it is decoded (a decompression bomb would otherwise take all memory).
