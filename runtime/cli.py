@@ -1,0 +1,212 @@
+"""``clipllama-run``: read word images with a bundle (and an LLM), print or score them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from runtime.backends import BACKENDS, PRECISIONS, BackendError
+from runtime.bundle import BundleError
+from runtime.charset import WordAccuracy, eval_normalize, keep_for_eval
+from runtime.inputs import InputError, InputSet, collect_inputs
+from runtime.recognizer import DEFAULT_BATCH_SIZE, LLM_MODES, ReadResult, Recognizer
+
+#: The bundle used when ``--engine`` is not given (installed with the package).
+DEFAULT_BUNDLE = Path(__file__).parent / "assets" / "default_bundle"
+#: Show a progress bar (on a terminal) from this many inputs on.
+PROGRESS_FROM = 50
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_CANNOT_RUN = 0, 1, 2
+
+EPILOG = """\
+INPUT is an image file, a directory of images, or a labelled set: a folder with images/
+and labels.tsv, a .tsv label file (filename<TAB>label), or an LMDB folder (data.mdb).
+
+output: 'INPUT<TAB>TEXT' per image on stdout (failed inputs: a message on stderr);
+--json prints one JSON object per input instead. With --eval, labelled sets are scored
+with the standard protocol and the last line is {"summary": {SET: {...}}}.
+
+exit status:
+  0  every input was read
+  1  some inputs could not be read (each reported)
+  2  nothing could run: bad bundle, bad arguments, no inputs
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipllama-run", description="Scene text recognition with CLIP4STR and a gated Llama corrector.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image, directory of images or labelled set")
+    parser.add_argument("--engine", metavar="BUNDLE", help="bundle directory (default: the embedded bundle)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="inference backend (default: auto)")
+    parser.add_argument("--precision", choices=PRECISIONS, help="graph variant (default: fp16 on GPU, else fp32)")
+    parser.add_argument("--llm", default=None, metavar="PATH|default|none",
+                        help="GGUF model for the correction, 'default' (embedded model) or 'none' "
+                             "(default: the embedded model when llama-cpp-python is installed)")
+    parser.add_argument("--threshold", type=float, help="confidence gate threshold (default: the bundle's, 0.8)")
+    parser.add_argument("--llm-mode", choices=LLM_MODES, default="rescore", help="LLM correction mode")
+    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH_SIZE, metavar="N", help="batch size")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for onnxruntime")
+    parser.add_argument("--json", action="store_true", help="one JSON object per input")
+    parser.add_argument("--eval", action="store_true", help="score labelled sets; summary JSON last")
+    parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    return parser
+
+
+def _warning(message: Any, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+    return f"warning: {message}\n"
+
+
+class SetScore:
+    """Accumulates one set's summary: protocol accuracy, gate rate and LLM effects."""
+
+    def __init__(self) -> None:
+        self.accuracy = WordAccuracy()
+        self.gated = self.changed = self.fixed = self.broke = self.errors = 0
+
+    def add(self, result: ReadResult, label: str) -> None:
+        self.accuracy.update([result.text or ""], [label])
+        self.errors += not result.ok
+        self.gated += result.gated
+        if result.llm_changed:
+            self.changed += 1
+            target = eval_normalize(label)
+            before, after = eval_normalize(result.vision_text or ""), eval_normalize(result.text or "")
+            self.fixed += before != target and after == target
+            self.broke += before == target and after != target
+
+    def as_dict(self) -> dict[str, Any]:
+        n = self.accuracy.n
+        return {**self.accuracy.as_dict(), "gate_rate": 100.0 * self.gated / n if n else 0.0,
+                "llm_changed": self.changed, "llm_fixed": self.fixed, "llm_broke": self.broke,
+                "errors": self.errors}
+
+
+def _unique_names(sets: list[InputSet]) -> list[str | None]:
+    seen: dict[str, int] = {}
+    names: list[str | None] = []
+    for s in sets:
+        if s.name is None:
+            names.append(None)
+            continue
+        seen[s.name] = seen.get(s.name, 0) + 1
+        names.append(s.name if seen[s.name] == 1 else f"{s.name}#{seen[s.name]}")
+    return names
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled or total <= PROGRESS_FROM:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="img", file=sys.stderr, disable=None, dynamic_ncols=True)
+
+
+def run(args: argparse.Namespace, recognizer: Recognizer, sets: list[InputSet], out: TextIO) -> int:
+    """Read every set, print results (and the summary); the exit status."""
+    names = _unique_names(sets)
+    bar = _progress(sum(len(s.samples) for s in sets), not args.no_progress)
+    failed = 0
+    summary: dict[str, dict[str, Any]] = {}
+    try:
+        for name, input_set in zip(names, sets):
+            scoring = args.eval and input_set.labelled and name is not None
+            score = SetScore() if scoring else None
+            samples = input_set.samples
+            for start in range(0, len(samples), args.batch):
+                raw = list(samples[start:start + args.batch])  # LMDB sets are read chunk by chunk
+                chunk = [x for x in raw if x.label is not None and keep_for_eval(x.label)] if scoring else raw
+                for sample, result in zip(chunk, recognizer.read(chunk, batch_size=args.batch)):
+                    failed += not result.ok
+                    _print(result, name, out, args.json)
+                    if score is not None and sample.label is not None:
+                        score.add(result, sample.label)
+                if bar is not None:
+                    bar.update(len(raw))
+            if score is not None:
+                summary[str(name)] = score.as_dict()
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.eval:
+        print(json.dumps({"summary": summary}), file=out, flush=True)
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _print(result: ReadResult, set_name: str | None, out: TextIO, as_json: bool) -> None:
+    if as_json:
+        data = result.to_dict()
+        if set_name is not None:
+            data["set"] = set_name
+        print(json.dumps(data, ensure_ascii=False), file=out, flush=True)
+    elif result.ok:
+        print(f"{result.source}\t{result.text}", file=out, flush=True)
+    if not result.ok:
+        print(f"error: {result.error}" if result.source in (result.error or "") else
+              f"error: {result.source}: {result.error}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None,
+         make_recognizer: Callable[[argparse.Namespace, Path], Recognizer] | None = None) -> int:
+    """Entry point of ``clipllama-run``; returns the exit status (see ``--help``).
+
+    ``make_recognizer`` replaces :meth:`Recognizer.from_bundle` (tests).
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: 0 for --help, 2 for bad arguments
+        return int(exc.code or 0)
+    warnings.formatwarning = _warning  # type: ignore[assignment]
+    if args.batch < 1:
+        print("error: --batch must be at least 1", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    bundle = Path(args.engine) if args.engine else DEFAULT_BUNDLE
+    if args.engine is None and not (bundle / "manifest.json").is_file():
+        print(f"error: no default bundle is installed ({bundle}); pass --engine BUNDLE", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    sets: list[InputSet] = []
+    listing_failed = False
+    for path in args.inputs:
+        try:
+            sets.extend(collect_inputs([path]))
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            listing_failed = True
+    sets = _merge_loose(sets)
+    if not any(len(s.samples) for s in sets):
+        print("error: no inputs to read", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    try:
+        if make_recognizer is not None:
+            recognizer = make_recognizer(args, bundle)
+        else:
+            recognizer = Recognizer.from_bundle(bundle, backend=args.backend, llm=args.llm,
+                                                threshold=args.threshold, llm_mode=args.llm_mode,
+                                                precision=args.precision, threads=args.threads)
+    except (BundleError, BackendError, ValueError, RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    with recognizer:
+        status = run(args, recognizer, sets, sys.stdout)
+    return EXIT_SOME_FAILED if listing_failed else status
+
+
+def _merge_loose(sets: list[InputSet]) -> list[InputSet]:
+    """All loose files in one unnamed set, first, in the order given."""
+    loose = [x for s in sets if s.name is None for x in s.samples]
+    named = [s for s in sets if s.name is not None]
+    return ([InputSet(None, loose)] if loose else []) + named
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""What the runtime reads: single images, folders of images and labelled sets.
+
+A command-line INPUT is an image file, a directory of images, or a labelled set: a folder
+with ``images/`` and ``labels.tsv``, a ``.tsv`` label file (``filename<TAB>label``), or
+an LMDB directory (``data.mdb``) in the standard layout (``num-samples``,
+``image-%09d``, ``label-%09d``, 1-indexed). The ``lmdb`` package is needed only for
+LMDB sets and is imported when one is opened.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+from PIL import Image
+
+from runtime.preprocess import ImageError, ImageSource
+
+#: File name endings treated as images when a directory is listed.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                            ".pgm", ".pbm", ".jp2"})
+Source = ImageSource | np.ndarray
+
+
+class InputError(ValueError):
+    """An INPUT that cannot be listed (unreadable label file, broken LMDB, ...)."""
+
+
+@dataclass
+class Sample:
+    """One thing to read: a display name, the data and, in a labelled set, the label."""
+
+    source: str
+    data: Source
+    label: str | None = None
+
+
+@dataclass
+class InputSet:
+    """Samples from one INPUT; ``name`` is None for loose image files."""
+
+    name: str | None
+    samples: Sequence[Sample]
+    labelled: bool = False
+
+
+def array_to_image(array: np.ndarray) -> Image.Image:
+    """A numpy image (H,W), (H,W,1), (H,W,3) or (H,W,4); uint8, uint16, bool or float in [0, 1]."""
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)) or 0 in a.shape:
+        raise ImageError(f"array of shape {a.shape} is not an image (want HxW, HxWx3 or HxWx4)")
+    if a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise ImageError("array image has NaN or infinite values")
+        a = (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    elif a.dtype == np.uint16:
+        a = (a >> 8).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        raise ImageError(f"array image of dtype {a.dtype} is not supported (uint8, uint16, bool, float)")
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
+def source_name(item: Any, index: int) -> str:
+    """A display name for an input passed to :meth:`Recognizer.read`."""
+    if isinstance(item, Sample):
+        return item.source
+    if isinstance(item, str | os.PathLike):
+        return str(item)
+    kind = {bytes: "bytes", bytearray: "bytes", np.ndarray: "array"}.get(type(item), "image")
+    return f"<{kind} {index}>"
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
+def read_tsv(path: Path) -> InputSet:
+    """A ``filename<TAB>label`` file; names are relative to ``images/`` beside it when that
+    folder exists, else to the file's folder."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the label file ({exc})") from None
+    base = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
+    samples = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        name, sep, label = line.partition("\t")
+        if not sep:
+            raise InputError(f"{path}:{number}: expected 'filename<TAB>label'")
+        image = base / name
+        samples.append(Sample(str(image), image, label))
+    name = path.parent.name if path.stem == "labels" else f"{path.parent.name}/{path.stem}"
+    return InputSet(name, samples, labelled=True)
+
+
+class LmdbSamples(Sequence[Sample]):
+    """The samples of an LMDB set, read on access (``image-%09d``/``label-%09d``, 1-indexed)."""
+
+    def __init__(self, path: str | Path) -> None:
+        try:
+            import lmdb
+        except ImportError:
+            raise InputError(f"{path}: reading an LMDB set needs the lmdb package (pip install lmdb)") from None
+        self.path = Path(path)
+        try:
+            self.env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False,
+                                 meminit=False, max_readers=8)
+            with self.env.begin() as txn:
+                count = txn.get(b"num-samples")
+        except lmdb.Error as exc:
+            raise InputError(f"{path}: cannot open the LMDB set ({exc})") from None
+        if count is None:
+            raise InputError(f"{path}: LMDB set has no 'num-samples' key")
+        try:
+            self.count = int(count.decode())
+        except ValueError:
+            raise InputError(f"{path}: LMDB 'num-samples' is not a number ({count[:20]!r})") from None
+
+    def __len__(self) -> int:
+        return self.count
+
+    @overload
+    def __getitem__(self, index: int) -> Sample: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Sample]: ...
+
+    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.count))]
+        if not -self.count <= index < self.count:
+            raise IndexError(index)
+        key = index % self.count + 1
+        with self.env.begin() as txn:
+            image = txn.get(b"image-%09d" % key)
+            label = txn.get(b"label-%09d" % key)
+        source = f"{self.path}#{key}"
+        text = label.decode("utf-8", errors="replace") if label is not None else None
+        return Sample(source, bytes(image) if image is not None else b"", text)
+
+    def __iter__(self) -> Iterator[Sample]:
+        for i in range(self.count):
+            yield self[i]
+
+
+def open_input(path: str | Path) -> InputSet:
+    """The samples of one INPUT (see the module docstring). A path that does not exist
+    becomes one sample, so it is reported as a failed input, not dropped."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "data.mdb").is_file():
+            return InputSet(p.name, LmdbSamples(p), labelled=True)
+        if (p / "labels.tsv").is_file():
+            return read_tsv(p / "labels.tsv")
+        images = sorted(f for f in p.iterdir() if _is_image_file(f))
+        return InputSet(None, [Sample(str(f), f) for f in images])
+    if p.suffix.lower() == ".tsv" and p.is_file():
+        return read_tsv(p)
+    return InputSet(None, [Sample(str(p), p)])
+
+
+def collect_inputs(paths: Sequence[str | Path]) -> list[InputSet]:
+    """Open every INPUT; loose files are gathered into one unnamed set."""
+    sets: list[InputSet] = []
+    loose: list[Sample] = []
+    for path in paths:
+        opened = open_input(path)
+        if opened.name is None:
+            loose.extend(opened.samples)
+        else:
+            sets.append(opened)
+    return ([InputSet(None, loose)] if loose else []) + sets

@@ -1,0 +1,298 @@
+"""The recognizer: a bundle plus an optional LLM corrector, turning images into words.
+
+Per batch (docs/bundle.md): load and preprocess (``runtime.preprocess``), ``image_encoder``,
+``visual_decoder`` -> AR and refined logits, ``TextBridge`` BPE ids for both, one batched
+``text_encoder`` call, ``cross_decoder``, softmax + ``CharCodec.decode`` (top-k), the
+confidence gate and, for gated words, the LLM corrector. Every input gets one
+:class:`ReadResult`; an input that cannot be read gets one with ``error`` set and the rest
+of the batch is read as if it were not there.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from runtime.backends import Backend, select_backend
+from runtime.bundle import Bundle, load_bundle
+from runtime.decoding import CharCodec, Prediction, softmax
+from runtime.gate import check_threshold, gate
+from runtime.inputs import Sample, Source, array_to_image, source_name
+from runtime.preprocess import ImageError, load_image, preprocess
+from runtime.tokenizer import BPETokenizer, TextBridge
+
+#: Stage names of :attr:`ReadResult.timings_ms`, in the order they run.
+STAGES = ("preprocess", "image_encoder", "visual_decoder", "tokenize", "text_encoder", "cross_decoder",
+          "decode_gate", "llm")
+LLM_MODES = ("rescore", "fill")
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass
+class LLMInfo:
+    """What the LLM corrector did with a gated word."""
+
+    mode: str
+    changed: bool = False
+    #: candidates considered, best first: ``{"text", "score", ...}`` as the corrector reports them
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    #: why the vision answer stands when the corrector failed (None when it ran)
+    error: str | None = None
+
+
+@dataclass
+class ReadResult:
+    """The reading of one input (or why it could not be read)."""
+
+    source: str
+    text: str | None = None
+    #: word confidence: the product of :attr:`char_confidences`
+    confidence: float | None = None
+    char_confidences: list[float] = field(default_factory=list)
+    #: the cross-modal decoder's word before any LLM correction
+    vision_text: str | None = None
+    vision_confidence: float | None = None
+    #: True when some character fell below the threshold (the word went to the LLM, if any)
+    gated: bool = False
+    #: positions below the threshold
+    masked: list[int] = field(default_factory=list)
+    llm: LLMInfo | None = None
+    #: milliseconds per stage; batch stages are divided evenly among the batch's images
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    label: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def llm_changed(self) -> bool:
+        return bool(self.llm and self.llm.changed)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.label is None:
+            del data["label"]
+        return data
+
+
+class _Timer:
+    """Accumulates wall time per stage."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[stage] = self.ms.get(stage, 0.0) + 1000.0 * (time.perf_counter() - start)
+
+
+def _load(item: Source | Sample) -> Image.Image:
+    data = item.data if isinstance(item, Sample) else item
+    if isinstance(data, np.ndarray):
+        return array_to_image(data)
+    if not isinstance(data, str | bytes | bytearray | Image.Image | Path) and not hasattr(data, "__fspath__"):
+        raise ImageError(f"unsupported input type {type(data).__name__} (path, bytes, PIL image or array)")
+    return load_image(data)
+
+
+def make_corrector(llm: str | None, mode: str, threshold: float) -> Any | None:
+    """The LLM corrector for ``llm`` (``None``: the default model if it can run, else none;
+    ``"default"``: the embedded default model; ``"none"``: no LLM; else a GGUF path)."""
+    if llm == "none":
+        return None
+    if mode not in LLM_MODES:
+        raise ValueError(f"unknown LLM mode {mode!r} (choose from {', '.join(LLM_MODES)})")
+    spec = "default" if llm is None else str(llm)
+    try:
+        from runtime.llm import Corrector
+    except ImportError as exc:
+        if llm is None:
+            warnings.warn(f"LLM correction is off: {exc}", RuntimeWarning, stacklevel=3)
+            return None
+        raise RuntimeError(f"LLM correction is not available: {exc}") from exc
+    try:
+        return Corrector.from_spec(spec, mode=mode, threshold=threshold)
+    except Exception as exc:
+        if llm is None:
+            warnings.warn(f"LLM correction is off: {exc}", RuntimeWarning, stacklevel=3)
+            return None
+        raise
+
+
+class Recognizer:
+    """Reads word images with a bundle's graphs, the gate and an optional LLM corrector."""
+
+    def __init__(self, bundle: Bundle, backend: Backend, corrector: Any | None = None,
+                 threshold: float | None = None, llm_mode: str = "rescore") -> None:
+        self.bundle = bundle
+        self.backend = backend
+        self.corrector = corrector
+        self.llm_mode = llm_mode
+        self.threshold = check_threshold(bundle.threshold if threshold is None else threshold)
+        self.codec = CharCodec(bundle.charset)
+        self.tokenizer = BPETokenizer(bundle.tokenizer_path)
+        self.bridge = TextBridge(self.codec, bundle.test_charset, self.tokenizer,
+                                 bundle.decode.text_context_length)
+        self.topk = max(1, bundle.decode.topk)
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, backend: str = "auto", llm: str | None = None,
+                    threshold: float | None = None, llm_mode: str = "rescore", precision: str | None = None,
+                    threads: int | None = None, verify: bool = True) -> Recognizer:
+        """Load and check the bundle at ``path``, pick the backend, set up the LLM."""
+        bundle = load_bundle(path, verify=verify)
+        value = check_threshold(bundle.threshold if threshold is None else threshold)
+        corrector = make_corrector(llm, llm_mode, value)
+        return cls(bundle, select_backend(bundle, backend, precision, threads), corrector, value, llm_mode)
+
+    @property
+    def llm_enabled(self) -> bool:
+        return self.corrector is not None
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Recognizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading --------------------------------------------------------------------------
+    def read(self, images: Sequence[Source | Sample] | Source | Sample,
+             batch_size: int = DEFAULT_BATCH_SIZE) -> list[ReadResult]:
+        """One :class:`ReadResult` per input, in order. Inputs: paths, encoded bytes,
+        PIL images, numpy arrays (HxW[xC]) or :class:`~runtime.inputs.Sample`."""
+        if isinstance(images, str | bytes | bytearray | Image.Image | np.ndarray | Sample | Path):
+            images = [images]
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        items = list(images)
+        results: list[ReadResult] = []
+        for start in range(0, len(items), batch_size):
+            results.extend(self._read_batch(items[start:start + batch_size], start))
+        return results
+
+    def _read_batch(self, items: list[Source | Sample], offset: int) -> list[ReadResult]:
+        results = [ReadResult(source_name(item, offset + i),
+                              label=item.label if isinstance(item, Sample) else None)
+                   for i, item in enumerate(items)]
+        timer = _Timer()
+        good: list[int] = []
+        pictures: list[Image.Image] = []
+        with timer("preprocess"):
+            for i, item in enumerate(items):
+                try:
+                    pictures.append(_load(item))
+                    good.append(i)
+                except ImageError as exc:
+                    results[i].error = str(exc)
+                except Exception as exc:  # a reader bug must not lose the batch
+                    results[i].error = f"cannot read input ({type(exc).__name__}: {exc})"
+            batch = preprocess(pictures, self.bundle.preprocessing) if pictures else None
+        if batch is None:
+            return results
+        try:
+            predictions = self._decode(batch, timer)
+        except Exception as exc:  # backend failure: every image of this batch reports it
+            for i in good:
+                results[i].error = f"inference failed ({type(exc).__name__}: {exc})"
+            return results
+        for i, prediction in zip(good, predictions):
+            self._fill(results[i], prediction)
+        with timer("llm"):
+            self._correct([results[i] for i in good], predictions)
+        share = {stage: timer.ms.get(stage, 0.0) / len(good) for stage in STAGES}
+        for i in good:
+            results[i].timings_ms = dict(share)
+        return results
+
+    def _decode(self, images: np.ndarray, timer: _Timer) -> list[Prediction]:
+        run, n = self.backend.run, len(images)
+        with timer("image_encoder"):
+            features = run("image_encoder", {"images": images})["image_features"]
+        with timer("visual_decoder"):
+            visual = run("visual_decoder", {"image_features": features})
+        with timer("tokenize"):
+            ids = np.concatenate([self.bridge(visual["ar_logits"].argmax(-1)),
+                                  self.bridge(visual["refined_logits"].argmax(-1))])
+        with timer("text_encoder"):
+            text_features = run("text_encoder", {"text_ids": ids})["text_features"]
+        with timer("cross_decoder"):
+            cross = run("cross_decoder", {"image_features": features, "text_features_ar": text_features[:n],
+                                          "text_features_refined": text_features[n:]})
+        with timer("decode_gate"):
+            return self.codec.decode(softmax(cross["refined_logits"]), topk=self.topk)
+
+    def _fill(self, result: ReadResult, prediction: Prediction) -> None:
+        decision = gate(prediction, self.threshold)
+        result.text = result.vision_text = prediction.text
+        result.char_confidences = [float(p) for p in prediction.char_probs]
+        result.confidence = result.vision_confidence = prediction.confidence
+        result.gated = decision.needs_llm
+        result.masked = list(decision.masked)
+
+    def _correct(self, results: list[ReadResult], predictions: list[Prediction]) -> None:
+        """Send gated words to the corrector; on any failure the vision answer stands."""
+        if self.corrector is None:
+            return
+        todo = [k for k, r in enumerate(results) if r.gated]
+        if not todo:
+            return
+        mode = str(getattr(self.corrector, "mode", self.llm_mode))
+        try:
+            corrections = self.corrector.correct([predictions[k] for k in todo], self.codec.charset)
+            if len(corrections) != len(todo):
+                raise RuntimeError(f"{len(corrections)} corrections for {len(todo)} words")
+        except Exception as exc:
+            for k in todo:
+                results[k].llm = LLMInfo(mode, error=f"{type(exc).__name__}: {exc}")
+            return
+        for k, correction in zip(todo, corrections):
+            apply_correction(results[k], correction, mode, self.codec.charset)
+
+
+def apply_correction(result: ReadResult, correction: Any, mode: str, charset: str) -> None:
+    """Record a corrector's answer on ``result``; text outside the charset is refused."""
+    text = getattr(correction, "text", None)
+    error = getattr(correction, "error", None)
+    candidates = [c if isinstance(c, dict) else _as_dict(c) for c in getattr(correction, "candidates", []) or []]
+    info = LLMInfo(str(getattr(correction, "mode", mode)), candidates=candidates, error=error)
+    result.llm = info
+    if not isinstance(text, str) or not text or any(c not in charset for c in text):
+        if text is not None and error is None:
+            info.error = f"corrector answer {text!r} refused (empty or outside the charset)"
+        return
+    if text != result.vision_text:
+        info.changed = True
+        result.text = text
+        probs = getattr(correction, "char_probs", None)
+        if probs is not None and len(probs) == len(text):
+            result.char_confidences = [float(p) for p in probs]
+            result.confidence = float(np.prod(result.char_confidences)) if probs else 1.0
+        else:
+            result.char_confidences, result.confidence = [], None
+
+
+def _as_dict(item: Any) -> dict[str, Any]:
+    if callable(getattr(item, "to_dict", None)):
+        return dict(item.to_dict())
+    if hasattr(item, "__dataclass_fields__"):
+        return asdict(item)
+    if isinstance(item, tuple | list) and len(item) == 2:
+        return {"text": item[0], "score": item[1]}
+    return {"text": str(item)}
