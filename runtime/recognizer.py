@@ -65,7 +65,8 @@ class ReadResult:
     #: positions below the threshold
     masked: list[int] = field(default_factory=list)
     llm: LLMInfo | None = None
-    #: milliseconds per stage; batch stages are divided evenly among the batch's images
+    #: milliseconds per stage (:data:`STAGES`); batch stages are divided evenly among the
+    #: batch's images, ``llm`` is this word's own correction time (0 when not gated)
     timings_ms: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     label: str | None = None
@@ -110,27 +111,27 @@ def _load(item: Source | Sample) -> Image.Image:
 
 
 def make_corrector(llm: str | None, mode: str, threshold: float) -> Any | None:
-    """The LLM corrector for ``llm`` (``None``: the default model if it can run, else none;
-    ``"default"``: the embedded default model; ``"none"``: no LLM; else a GGUF path)."""
-    if llm == "none":
-        return None
+    """The LLM corrector for ``llm``: ``None`` uses the embedded default model when it can run
+    (else none, with a warning); ``"default"`` the embedded model; ``"none"`` no LLM; else a
+    GGUF path. An LLM asked for explicitly that cannot be loaded raises ``RuntimeError``."""
     if mode not in LLM_MODES:
         raise ValueError(f"unknown LLM mode {mode!r} (choose from {', '.join(LLM_MODES)})")
-    spec = "default" if llm is None else str(llm)
+    if llm is not None and str(llm).strip().lower() == "none":
+        return None
     try:
         from runtime.llm import Corrector
-    except ImportError as exc:
+    except ImportError as exc:  # a broken install of the LLM side
         if llm is None:
-            warnings.warn(f"LLM correction is off: {exc}", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"LLM correction is off ({exc})", RuntimeWarning, stacklevel=3)
             return None
-        raise RuntimeError(f"LLM correction is not available: {exc}") from exc
-    try:
-        return Corrector.from_spec(spec, mode=mode, threshold=threshold)
-    except Exception as exc:
+        raise RuntimeError(f"LLM correction is not available ({exc})") from exc
+    corrector = Corrector.from_spec("default" if llm is None else str(llm), mode=mode, threshold=threshold)
+    if not corrector.enabled:
         if llm is None:
-            warnings.warn(f"LLM correction is off: {exc}", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"LLM correction is off ({corrector.unavailable})", RuntimeWarning, stacklevel=3)
             return None
-        raise
+        raise RuntimeError(f"LLM {llm!r} cannot be used: {corrector.unavailable}")
+    return corrector
 
 
 class Recognizer:
@@ -216,9 +217,12 @@ class Recognizer:
             self._fill(results[i], prediction)
         with timer("llm"):
             self._correct([results[i] for i in good], predictions)
-        share = {stage: timer.ms.get(stage, 0.0) / len(good) for stage in STAGES}
+        share = {stage: timer.ms.get(stage, 0.0) / len(good) for stage in STAGES if stage != "llm"}
+        gated = [i for i in good if results[i].gated] if self.corrector is not None else []
+        llm_share = timer.ms.get("llm", 0.0) / len(gated) if gated else 0.0
         for i in good:
-            results[i].timings_ms = dict(share)
+            own = results[i].timings_ms.get("llm", llm_share if i in gated else 0.0)
+            results[i].timings_ms = {**share, "llm": own}
         return results
 
     def _decode(self, images: np.ndarray, timer: _Timer) -> list[Prediction]:
@@ -248,47 +252,58 @@ class Recognizer:
 
     def _correct(self, results: list[ReadResult], predictions: list[Prediction]) -> None:
         """Send gated words to the corrector; on any failure the vision answer stands."""
-        if self.corrector is None:
-            return
         todo = [k for k, r in enumerate(results) if r.gated]
-        if not todo:
+        if self.corrector is None or not todo:
             return
-        mode = str(getattr(self.corrector, "mode", self.llm_mode))
         try:
             corrections = self.corrector.correct([predictions[k] for k in todo], self.codec.charset)
             if len(corrections) != len(todo):
                 raise RuntimeError(f"{len(corrections)} corrections for {len(todo)} words")
-        except Exception as exc:
+        except Exception as exc:  # the corrector should not raise; if it does, vision stands
             for k in todo:
-                results[k].llm = LLMInfo(mode, error=f"{type(exc).__name__}: {exc}")
+                results[k].llm = LLMInfo(self.llm_mode, error=f"{type(exc).__name__}: {exc}")
             return
         for k, correction in zip(todo, corrections):
-            apply_correction(results[k], correction, mode, self.codec.charset)
+            apply_correction(results[k], predictions[k], correction, self.llm_mode, self.codec.charset)
 
 
-def apply_correction(result: ReadResult, correction: Any, mode: str, charset: str) -> None:
-    """Record a corrector's answer on ``result``; text outside the charset is refused."""
+def apply_correction(result: ReadResult, prediction: Prediction, correction: Any, mode: str,
+                     charset: str) -> None:
+    """Record a corrector's answer on ``result``. An answer that is empty, outside the
+    charset or of another length than the vision answer is refused (the vision answer stands).
+    The per-character confidences of a changed word are the decoder's probabilities of
+    the characters now chosen (from its top-k; 0 where not among them)."""
     text = getattr(correction, "text", None)
-    error = getattr(correction, "error", None)
-    candidates = [c if isinstance(c, dict) else _as_dict(c) for c in getattr(correction, "candidates", []) or []]
-    info = LLMInfo(str(getattr(correction, "mode", mode)), candidates=candidates, error=error)
+    warnings_ = list(getattr(correction, "warnings", None) or [])
+    candidates = [_as_dict(c) for c in getattr(correction, "candidates", None) or []]
+    info = LLMInfo(str(getattr(correction, "mode", mode)), candidates=candidates,
+                   error="; ".join(warnings_) or None)
     result.llm = info
-    if not isinstance(text, str) or not text or any(c not in charset for c in text):
-        if text is not None and error is None:
-            info.error = f"corrector answer {text!r} refused (empty or outside the charset)"
+    seconds = getattr(correction, "time_s", None)
+    if isinstance(seconds, int | float):
+        result.timings_ms["llm"] = 1000.0 * float(seconds)
+    vision = prediction.text
+    if not isinstance(text, str) or text == vision:
         return
-    if text != result.vision_text:
-        info.changed = True
-        result.text = text
-        probs = getattr(correction, "char_probs", None)
-        if probs is not None and len(probs) == len(text):
-            result.char_confidences = [float(p) for p in probs]
-            result.confidence = float(np.prod(result.char_confidences)) if probs else 1.0
+    if not text or len(text) != len(vision) or any(c not in charset for c in text):
+        info.error = f"corrector answer {text!r} refused (empty, other length or outside the charset)"
+        return
+    info.changed = True
+    result.text = text
+    probs = []
+    for i, (old, new) in enumerate(zip(vision, text)):
+        if old == new:
+            probs.append(float(prediction.char_probs[i]))
         else:
-            result.char_confidences, result.confidence = [], None
+            top = dict(prediction.topk[i]) if i < len(prediction.topk) else {}
+            probs.append(float(top.get(new, 0.0)))
+    result.char_confidences = probs
+    result.confidence = float(np.prod(probs)) if probs else 1.0
 
 
 def _as_dict(item: Any) -> dict[str, Any]:
+    if isinstance(item, dict):
+        return item
     if callable(getattr(item, "to_dict", None)):
         return dict(item.to_dict())
     if hasattr(item, "__dataclass_fields__"):
