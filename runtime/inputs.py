@@ -103,6 +103,9 @@ def read_tsv(path: Path) -> InputSet:
     return InputSet(name, samples, labelled=True)
 
 
+_LMDB_ENVS: dict[str, Any] = {}
+
+
 class LmdbSamples(Sequence[Sample]):
     """The samples of an LMDB set, read on access (``image-%09d``/``label-%09d``, 1-indexed)."""
 
@@ -112,9 +115,12 @@ class LmdbSamples(Sequence[Sample]):
         except ImportError:
             raise InputError(f"{path}: reading an LMDB set needs the lmdb package (pip install lmdb)") from None
         self.path = Path(path)
+        key = str(self.path.resolve())
         try:
-            self.env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False,
-                                 meminit=False, max_readers=8)
+            if key not in _LMDB_ENVS:  # lmdb allows one open environment per path and process
+                _LMDB_ENVS[key] = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False,
+                                            max_readers=8)
+            self.env = _LMDB_ENVS[key]
             with self.env.begin() as txn:
                 count = txn.get(b"num-samples")
         except lmdb.Error as exc:
