@@ -1,0 +1,318 @@
+"""Backends: engine matching, selection and fallbacks, onnxruntime sessions, and the TensorRT
+backend's buffer plumbing against fake ``tensorrt``/``cuda`` modules (no GPU here)."""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_manifest
+
+from runtime import backends
+from runtime.backends import (
+    BackendError,
+    OrtBackend,
+    TensorRTBackend,
+    engine_mismatch,
+    matching_engines,
+    normalize_cc,
+    same_trt_version,
+    select_backend,
+)
+from runtime.bundle import GRAPH_NAMES, BundleError, EngineSpec, load_bundle
+
+
+def _engine(graph: str = "image_encoder", cc: str = "8.9", version: str = "10.3.0", max_batch: int = 4,
+            precision: str = "fp16") -> dict:
+    return {"graph": graph, "precision": precision, "file": f"trt/{graph}.{precision}.engine",
+            "compute_capability": cc, "tensorrt_version": version, "min_batch": 1, "opt_batch": 2,
+            "max_batch": max_batch}
+
+
+def _with_engines(root: Path, engines: list[dict], precision: str = "fp16") -> Path:
+    """Add engine files (stand-ins) and an fp16 graph set to the fake bundle's manifest."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    (root / "trt").mkdir(exist_ok=True)
+    for e in engines:
+        (root / e["file"]).write_bytes(f"engine {e['graph']}".encode())
+    manifest["engines"] = engines
+    manifest["graphs"][precision] = manifest["graphs"]["fp32"]
+    write_manifest(root, manifest, list(manifest["files"]) + [e["file"] for e in engines])
+    return root
+
+
+def test_version_and_capability_helpers() -> None:
+    assert normalize_cc("8.9") == normalize_cc("89") == normalize_cc("sm89") == normalize_cc("sm_89") == "8.9"
+    assert normalize_cc("120") == "12.0"
+    assert same_trt_version("10.3.0.26", "10.3.0") and not same_trt_version("10.3.0", "10.4.0")
+    spec = EngineSpec("image_encoder", "fp16", "x", "8.9", "10.3.0", 1, 2, 4)
+    assert engine_mismatch(spec, "8.9", "10.3.0.26") is None
+    assert "compute capability 8.9" in engine_mismatch(spec, "9.0", "10.3.0")
+    assert "TensorRT 10.3.0" in engine_mismatch(spec, "8.9", "10.5.0")
+    assert engine_mismatch(spec, None, "10.3.0") == "no CUDA GPU"
+    assert "not installed" in engine_mismatch(spec, "8.9", None)
+
+
+def test_matching_engines_warns_about_other_gpus(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engines = [_engine(g) for g in GRAPH_NAMES[:3]] + [_engine("cross_decoder", cc="9.0")]
+    bundle = load_bundle(_with_engines(fake_bundle, engines))
+    monkeypatch.setattr(backends, "gpu_compute_capability", lambda device=0: "8.9")
+    monkeypatch.setattr(backends, "tensorrt_version", lambda: "10.3.0.26")
+    with pytest.warns(RuntimeWarning, match=r"cross_decoder\.fp16\.engine is not usable here .*9\.0"):
+        found = matching_engines(bundle, "fp16")
+    assert sorted(found) == sorted(GRAPH_NAMES[:3])
+    assert matching_engines(bundle, "fp32") == {}
+    monkeypatch.setattr(backends, "tensorrt_version", lambda: "10.4.0")
+    with pytest.warns(RuntimeWarning) as caught:
+        assert matching_engines(bundle, "fp16") == {}
+    assert sum("built with TensorRT 10.3.0" in str(w.message) for w in caught) == 3
+
+
+def test_select_backend_errors(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = load_bundle(fake_bundle)
+    with pytest.raises(BackendError, match="unknown backend"):
+        select_backend(bundle, "magic")
+    with pytest.raises(BundleError, match="no int8 variant"):
+        select_backend(bundle, "ort-cpu", "int8")
+    monkeypatch.setattr(backends, "gpu_compute_capability", lambda device=0: None)
+    with pytest.raises(BackendError, match="no usable fp32 TensorRT engine"):
+        select_backend(bundle, "trt", "fp32")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(BackendError, match="CUDAExecutionProvider is not available"):
+            select_backend(bundle, "ort-cuda", "fp32")
+
+
+def test_default_precision(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = load_bundle(_with_engines(fake_bundle, []))
+    monkeypatch.setattr(backends, "gpu_compute_capability", lambda device=0: None)
+    assert backends.default_precision(bundle, "auto") == "fp32"
+    assert backends.default_precision(bundle, "ort-cpu") == "fp32"
+    assert backends.default_precision(bundle, "ort-cuda") == "fp16"
+    monkeypatch.setattr(backends, "gpu_compute_capability", lambda device=0: "8.9")
+    assert backends.default_precision(bundle, "auto") == "fp16"
+
+
+# -- onnxruntime ------------------------------------------------------------------------------
+
+
+def _tiny_onnx(path: Path, dtype: str) -> None:
+    """images -> image_features = images * 2, in ``dtype``."""
+    onnx = pytest.importorskip("onnx", reason="onnx is needed to write a test graph")
+    from onnx import TensorProto, helper
+
+    elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[dtype]
+    two = helper.make_tensor("two", elem, [], [2.0])
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["images", "two"], ["image_features"])], "double",
+        [helper.make_tensor_value_info("images", elem, ["batch", 3])],
+        [helper.make_tensor_value_info("image_features", elem, ["batch", 3])], [two],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_ort_backend_casts_inputs_and_returns_float32(fake_bundle: Path, dtype: str) -> None:
+    _tiny_onnx(fake_bundle / "fp32" / "image_encoder.onnx", dtype)
+    manifest = json.loads((fake_bundle / "manifest.json").read_text())
+    spec = manifest["graphs"]["fp32"]["image_encoder"]
+    spec["inputs"][0].update(shape=["batch", 3], dtype=dtype)
+    spec["outputs"][0].update(shape=["batch", 3], dtype=dtype)
+    write_manifest(fake_bundle, manifest, list(manifest["files"]))
+    backend = OrtBackend(load_bundle(fake_bundle), "fp32", threads=1, graphs=("image_encoder",))
+    assert backend.name == "ort-cpu" and backend.precision == "fp32"
+    out = backend.run("image_encoder", {"images": np.arange(6, dtype=np.float64).reshape(2, 3)})
+    assert out["image_features"].dtype == np.float32
+    np.testing.assert_allclose(out["image_features"], np.arange(6).reshape(2, 3) * 2.0)
+    with pytest.raises(BackendError, match="missing input 'images'"):
+        backend.run("image_encoder", {"other": np.zeros((1, 3))})
+    backend.close()
+
+
+def test_ort_backend_refuses_a_broken_graph(fake_bundle: Path) -> None:
+    with pytest.raises(BackendError, match="onnxruntime cannot load it"):
+        OrtBackend(load_bundle(fake_bundle), "fp32", threads=1, graphs=("image_encoder",))
+
+
+def test_default_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLIPLLAMA_THREADS", "3")
+    assert backends.default_threads() == 3
+    monkeypatch.delenv("CLIPLLAMA_THREADS")
+    assert 1 <= backends.default_threads() <= 8
+
+
+# -- TensorRT plumbing with fakes -------------------------------------------------------------
+
+
+class _FakeCudart:
+    """Host memory standing in for device memory, with cuda-python's (error, value) returns."""
+
+    class cudaMemcpyKind(enum.IntEnum):  # noqa: N801 - cuda-python's name
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, ctypes.Array] = {}
+        self.freed: list[int] = []
+        self.synced = 0
+
+    def cudaMalloc(self, n: int):  # noqa: N802
+        block = ctypes.create_string_buffer(n)
+        self.blocks[ctypes.addressof(block)] = block
+        return 0, ctypes.addressof(block)
+
+    def cudaFree(self, ptr: int):  # noqa: N802
+        self.freed.append(ptr)
+        del self.blocks[ptr]
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst: int, src: int, n: int, kind, stream):  # noqa: N802
+        ctypes.memmove(dst, src, n)
+        return (0,)
+
+    def cudaStreamCreate(self):  # noqa: N802
+        return 0, 77
+
+    def cudaStreamSynchronize(self, stream):  # noqa: N802
+        self.synced += 1
+        return (0,)
+
+    def cudaStreamDestroy(self, stream):  # noqa: N802
+        return (0,)
+
+
+def _fake_tensorrt(cudart: _FakeCudart, log: list) -> types.ModuleType:
+    """A tensorrt module whose engines compute ``out = in * 2 + 1`` on float32 (B, 3)."""
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.3.0.26"
+
+    class TensorIOMode(enum.Enum):
+        INPUT = 1
+        OUTPUT = 2
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level) -> None:
+            pass
+
+    class Context:
+        def __init__(self, engine) -> None:
+            self.engine, self.shapes, self.addresses = engine, {}, {}
+
+        def set_input_shape(self, name, shape):
+            self.shapes[name] = tuple(shape)
+            return True
+
+        def get_tensor_shape(self, name):
+            return self.shapes[self.engine.input]
+
+        def set_tensor_address(self, name, ptr):
+            self.addresses[name] = ptr
+            return True
+
+        def execute_async_v3(self, stream):
+            assert isinstance(stream, int)
+            shape = self.shapes[self.engine.input]
+            log.append(shape[0])
+            n = int(np.prod(shape))
+            src = np.ctypeslib.as_array((ctypes.c_float * n).from_address(self.addresses[self.engine.input]))
+            dst = np.ctypeslib.as_array((ctypes.c_float * n).from_address(self.addresses[self.engine.output]))
+            dst[:] = src * 2 + 1
+            return True
+
+    class Engine:
+        num_io_tensors = 2
+
+        def __init__(self, blob: bytes) -> None:
+            self.input, self.output = json.loads(blob)
+
+        def get_tensor_name(self, i):
+            return [self.input, self.output][i]
+
+        def get_tensor_mode(self, name):
+            return TensorIOMode.INPUT if name == self.input else TensorIOMode.OUTPUT
+
+        def get_tensor_dtype(self, name):
+            return "float32"
+
+        def create_execution_context(self):
+            return Context(self)
+
+    class Runtime:
+        def __init__(self, logger) -> None:
+            pass
+
+        def deserialize_cuda_engine(self, blob):
+            return Engine(blob) if blob.startswith(b"[") else None
+
+    trt.TensorIOMode, trt.Logger, trt.Runtime = TensorIOMode, Logger, Runtime
+    trt.nptype = lambda dtype: np.float32
+    return trt
+
+
+def test_tensorrt_backend_plumbing_with_fakes(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engines = [_engine("image_encoder", max_batch=4, precision="fp32")]
+    root = _with_engines(fake_bundle, engines, "fp32")
+    (root / engines[0]["file"]).write_text(json.dumps(["images", "image_features"]))
+    manifest = json.loads((root / "manifest.json").read_text())
+    write_manifest(root, manifest, list(manifest["files"]))
+    cudart, log = _FakeCudart(), []
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(cudart, log))
+    monkeypatch.setattr(backends, "_cudart", lambda: cudart)
+    bundle = load_bundle(root)
+    backend = TensorRTBackend(bundle, {"image_encoder": bundle.engines[0]})
+    x = np.arange(30, dtype=np.float64).reshape(10, 3)
+    out = backend.run("image_encoder", {"images": x})["image_features"]
+    np.testing.assert_allclose(out, x * 2 + 1)
+    assert log == [4, 4, 2]  # split at the engine's max batch
+    assert cudart.synced == 3
+    small = backend.run("image_encoder", {"images": x[:1]})["image_features"]
+    np.testing.assert_allclose(small, x[:1] * 2 + 1)
+    allocated = len(cudart.blocks)
+    backend.close()
+    assert len(cudart.freed) == allocated and not cudart.blocks
+
+
+def test_undeserializable_engine_is_an_error(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _with_engines(fake_bundle, [_engine("image_encoder", precision="fp32")], "fp32")
+    cudart = _FakeCudart()
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(cudart, []))
+    monkeypatch.setattr(backends, "_cudart", lambda: cudart)
+    bundle = load_bundle(root)
+    with pytest.raises(BackendError, match="could not deserialize"):
+        TensorRTBackend(bundle, {"image_encoder": bundle.engines[0]})
+
+
+def test_auto_falls_back_to_onnx_for_foreign_engines(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engines for another GPU: a warning, then onnxruntime (here: the stand-in graphs fail to
+    load, which proves the ONNX path was taken rather than TensorRT)."""
+    bundle = load_bundle(_with_engines(fake_bundle, [_engine(g, cc="7.5", precision="fp32") for g in GRAPH_NAMES],
+                                       "fp32"))
+    monkeypatch.setattr(backends, "gpu_compute_capability", lambda device=0: "8.9")
+    monkeypatch.setattr(backends, "tensorrt_version", lambda: "10.3.0")
+    with pytest.warns(RuntimeWarning, match="compute capability 7.5"), \
+            pytest.raises(BackendError, match="onnxruntime cannot load it"):
+        select_backend(bundle, "auto", "fp32", threads=1)
+
+
+@pytest.mark.gpu
+def test_gpu_backends_on_the_tiny_bundle(request: pytest.FixtureRequest) -> None:
+    if backends.gpu_compute_capability() is None:
+        pytest.skip("no CUDA GPU on this machine (the TensorRT and CUDA backends need one)")
+    tiny_bundle = request.getfixturevalue("tiny_bundle")
+    from runtime.recognizer import Recognizer
+
+    images = [np.full((32, 128, 3), v, np.uint8) for v in (0, 128, 255)]
+    cpu = Recognizer.from_bundle(tiny_bundle, backend="ort-cpu", llm="none").read(images)
+    gpu = Recognizer.from_bundle(tiny_bundle, backend="auto", llm="none", precision="fp32").read(images)
+    assert [r.text for r in gpu] == [r.text for r in cpu]
