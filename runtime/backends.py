@@ -125,13 +125,16 @@ class OrtBackend:
         out: list[Any] = []
         for provider in self.providers:
             if provider == "TensorrtExecutionProvider":
+                options: dict[str, Any] = {"trt_fp16_enable": precision == "fp16",
+                                           "trt_int8_enable": precision == "int8"}
                 cache = Path(os.environ.get("CLIPLLAMA_TRT_CACHE", Path.home() / ".cache" / "clipllama" / "trt"))
-                cache.mkdir(parents=True, exist_ok=True)
-                out.append((provider, {
-                    "trt_fp16_enable": precision == "fp16", "trt_int8_enable": precision == "int8",
-                    "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
-                    "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
-                }))
+                try:  # engines built by the EP are cached between runs when there is a writable place
+                    cache.mkdir(parents=True, exist_ok=True)
+                    options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache),
+                                   trt_timing_cache_enable=True, trt_timing_cache_path=str(cache))
+                except OSError:
+                    pass
+                out.append((provider, options))
             else:
                 out.append(provider)
         return out
@@ -368,10 +371,21 @@ def _ort_best(bundle: Bundle, precision: str, threads: int | None) -> Backend:
     return OrtBackend(bundle, precision, _ORT_PROVIDERS["ort-cpu"], threads)
 
 
+def _ort_gpu_available() -> bool:
+    import onnxruntime as ort
+
+    return any(_ORT_PROVIDERS[n][0] in ort.get_available_providers() for n in ("ort-trt", "ort-cuda"))
+
+
 def default_precision(bundle: Bundle, backend: str) -> str:
-    """fp16 where a GPU runs it and the bundle has it, else fp32."""
-    gpu = backend in ("trt", "ort-trt", "ort-cuda") or (backend == "auto" and gpu_compute_capability())
-    if gpu and "fp16" in bundle.precisions:
+    """fp16 where a GPU runs it and the bundle has it, else fp32 (fp16 on a CPU is slow)."""
+    if backend in ("trt", "ort-trt", "ort-cuda"):
+        gpu = True
+    elif backend == "auto" and gpu_compute_capability() is not None:
+        gpu = _ort_gpu_available() or bool(matching_engines(bundle, "fp16", warn=False))
+    else:
+        gpu = False
+    if gpu and ("fp16" in bundle.precisions or any(e.precision == "fp16" for e in bundle.engines)):
         return "fp16"
     return "fp32" if "fp32" in bundle.precisions else bundle.precisions[0]
 

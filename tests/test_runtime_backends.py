@@ -97,7 +97,11 @@ def test_default_precision(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -
     assert backends.default_precision(bundle, "ort-cpu") == "fp32"
     assert backends.default_precision(bundle, "ort-cuda") == "fp16"
     monkeypatch.setattr(backends, "gpu_compute_capability", lambda device=0: "8.9")
+    monkeypatch.setattr(backends, "_ort_gpu_available", lambda: True)
     assert backends.default_precision(bundle, "auto") == "fp16"
+    # a GPU but only onnxruntime's CPU provider and no engine: fp32
+    monkeypatch.setattr(backends, "_ort_gpu_available", lambda: False)
+    assert backends.default_precision(bundle, "auto") == "fp32"
 
 
 # -- onnxruntime ------------------------------------------------------------------------------
