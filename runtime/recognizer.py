@@ -204,7 +204,7 @@ class Recognizer:
                     results[i].error = str(exc)
                 except Exception as exc:  # a reader bug must not lose the batch
                     results[i].error = f"cannot read input ({type(exc).__name__}: {exc})"
-            batch = preprocess(pictures, self.bundle.preprocessing) if pictures else None
+            batch, good = self._preprocess(pictures, good, results)
         if batch is None:
             return results
         try:
@@ -224,6 +224,23 @@ class Recognizer:
             own = results[i].timings_ms.get("llm", llm_share if i in gated else 0.0)
             results[i].timings_ms = {**share, "llm": own}
         return results
+
+    def _preprocess(self, pictures: list[Image.Image], good: list[int],
+                    results: list[ReadResult]) -> tuple[np.ndarray | None, list[int]]:
+        """The batch tensor; should one picture fail, each is tried alone and only it fails."""
+        if not pictures:
+            return None, good
+        try:
+            return preprocess(pictures, self.bundle.preprocessing), good
+        except Exception:
+            rows, kept = [], []
+            for i, picture in zip(good, pictures):
+                try:
+                    rows.append(preprocess([picture], self.bundle.preprocessing))
+                    kept.append(i)
+                except Exception as exc:
+                    results[i].error = f"cannot preprocess input ({type(exc).__name__}: {exc})"
+            return (np.concatenate(rows) if rows else None), kept
 
     def _decode(self, images: np.ndarray, timer: _Timer) -> list[Prediction]:
         run, n = self.backend.run, len(images)

@@ -193,3 +193,21 @@ def test_fake_backend_is_exact() -> None:
     x = preprocess([barcode("z9")], Preprocessing(8, 104, (0, 0, 0), (1, 1, 1)))
     logits = FakeBackend()._logits(FakeBackend().run("image_encoder", {"images": x})["image_features"])
     assert logits[0].argmax(-1)[:3].tolist() == [36, 10, 0]
+
+
+def test_preprocess_failure_of_one_picture_is_isolated(fake_recognizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import runtime.recognizer as module
+
+    real = module.preprocess
+
+    def picky(pictures, spec):
+        if any(p.size == (3, 3) for p in pictures):
+            raise MemoryError("cannot resize this one")
+        return real(pictures, spec)
+
+    monkeypatch.setattr(module, "preprocess", picky)
+    from PIL import Image
+
+    results = fake_recognizer().read([barcode("ab"), Image.new("RGB", (3, 3)), barcode("cd")])
+    assert [r.text for r in results] == ["ab", None, "cd"]
+    assert "cannot resize this one" in results[1].error
