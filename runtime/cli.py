@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -35,6 +36,7 @@ exit status:
   0  every input was read
   1  some inputs could not be read (each reported)
   2  nothing could run: bad bundle, bad arguments, no inputs
+  130  interrupted
 """
 
 
@@ -196,8 +198,15 @@ def main(argv: Sequence[str] | None = None,
     except (BundleError, BackendError, ValueError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN
-    with recognizer:
-        status = run(args, recognizer, sets, sys.stdout)
+    try:
+        with recognizer:
+            status = run(args, recognizer, sets, sys.stdout)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the exit quiet
+        return EXIT_OK
     return EXIT_SOME_FAILED if listing_failed else status
 
 
