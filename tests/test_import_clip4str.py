@@ -189,6 +189,10 @@ def test_b16_layout_matches_the_authors_parameter_log() -> None:
     assert round(count("visual_decoder.") / 1e5) / 10 == 4.3
     assert round(count("cross_decoder.text_embed.") / 1e2) / 10 == 49.7
     assert round(count("cross_decoder.head.") / 1e2) / 10 == 48.7
+    # huggingface.co/mzhaoshuai/CLIP4STR lists clip4str_base_*.pt at 633 MB and
+    # clip4str_large_*.pt at 1.79 GB: float32 weights of exactly these layouts
+    assert round(4 * count("") / 1e6) == 633
+    assert round(4 * sum(math.prod(s) for s in released_layout(**L14).values()) / 1e7) / 100 == 1.79
 
 
 # -- the full B/16 import -----------------------------------------------------------------
@@ -316,6 +320,18 @@ def test_missing_misshaped_and_unknown_tensors_are_named(tmp_path: Path) -> None
     short = dict(shapes, **{"clip_model.positional_embedding": (8, 64)})
     with pytest.raises(ReleaseError, match=r"clip_model\.positional_embedding has shape \(8, 64\)"):
         resolve(short, {}, arch=arch)
+
+
+def test_dry_run_checks_without_writing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = write_release(tmp_path / "tiny.pt", random_state(released_layout(**TINY)))
+    out = tmp_path / "out"
+    assert main([str(src), "-o", str(out), "--arch", tiny_config(tmp_path), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "fits clip4str-tiny-openai" in text and "clip_model.logit_scale" in text and not out.exists()
+    assert main([str(src), "-o", str(out), "--arch", "clip4str-b16", "--dry-run"]) == 2
+    assert "clip_model.visual.conv1.weight has shape (128, 3, 4, 8)" in capsys.readouterr().err
+    assert main([str(src), "-o", str(out), "--arch", "no-such-config"]) == 2
+    assert "no config 'no-such-config'" in capsys.readouterr().err
 
 
 def test_charset_of_other_size_is_refused(tmp_path: Path) -> None:

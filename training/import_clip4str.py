@@ -336,17 +336,17 @@ def target_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def resolve(shapes: Shapes, hparams: Mapping[str, Any], arch: str | None = None, charset: str | None = None,
             normalization: str = "eval") -> tuple[ModelConfig, ImportPlan, dict[str, str]]:
-    """The config and plan for a file: ``arch`` (a config name or path) or the one config
-    of ``training/configs`` whose plan fits."""
+    """The config and plan for a file: ``arch`` (a config name or path) or the one paper
+    config (``training/configs/clip4str-*.json``) whose plan fits."""
     if arch is not None:
         cfg, notes = release_config(model_config(arch), shapes, hparams, charset, normalization)
         return cfg, plan_import(shapes, target_shapes(cfg)), notes
     fits, errors = [], []
-    for path in sorted(CONFIG_DIR.glob("*.json")):
+    for path in sorted(CONFIG_DIR.glob("clip4str-*.json")):
         try:
             cfg, notes = release_config(model_config(str(path)), shapes, hparams, charset, normalization)
             fits.append((cfg, plan_import(shapes, target_shapes(cfg)), notes))
-        except ReleaseError as exc:
+        except (ValueError, KeyError, TypeError) as exc:  # ReleaseError is a ValueError
             errors.append(f"{path.stem}: {str(exc).splitlines()[0]}")
     if len(fits) == 1:
         return fits[0]
@@ -443,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         import_clip4str(args.file, args.output, args.arch, args.charset, args.normalization, args.half,
                         not args.strict_load, args.force)
-    except (ReleaseError, FileNotFoundError) as exc:
+    except (ValueError, KeyError, FileNotFoundError) as exc:  # ReleaseError, bad --arch or config
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
