@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import string
 from pathlib import Path
@@ -551,6 +552,14 @@ def test_training_state_globals_are_never_executed(tmp_path: Path) -> None:
     assert not marker.exists()
     assert read_config(ckpt)[1]["stubbed_globals"] == release.stubbed
     assert any("inert placeholders" in line for line in logs)
+    blocked = write_release(tmp_path / "blocked.ckpt", state, {}, {"x": _Blocked()})
+    with pytest.raises(ReleaseError, match="even with"):  # torch blocks os/sys globals outright
+        load_release(blocked)
+
+
+class _Blocked:
+    def __reduce__(self) -> tuple:
+        return (os.getcwd, ())
 
 
 def test_unreadable_files_give_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

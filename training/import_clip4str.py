@@ -139,18 +139,20 @@ def load_release(path: str | Path, stub_globals: bool = True) -> Release:
         raise ReleaseError(f"{path}: no such file")
     stubbed: list[str] = []
     try:
-        obj = _torch_load(path)
-    except pickle.UnpicklingError as exc:
-        if not (stub_globals and zipfile.is_zipfile(path)):
-            raise ReleaseError(f"{path}: not loadable with torch.load(weights_only=True): "
-                               f"{str(exc).strip().splitlines()[0]}") from None
-        stubbed = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
         try:
+            obj = _torch_load(path)
+        except pickle.UnpicklingError as exc:
+            if not (stub_globals and zipfile.is_zipfile(path)):
+                raise ReleaseError(f"{path}: not loadable with torch.load(weights_only=True): "
+                                   f"{str(exc).strip().splitlines()[0]}") from None
+            stubbed = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
             with torch.serialization.safe_globals([(_Inert, name) for name in stubbed]):
                 obj = _torch_load(path)
-        except pickle.UnpicklingError as again:
-            raise ReleaseError(f"{path}: not loadable with torch.load(weights_only=True) even with "
-                               f"{stubbed} replaced by inert placeholders: {again}") from None
+    except ReleaseError:
+        raise
+    except pickle.UnpicklingError as exc:
+        raise ReleaseError(f"{path}: not loadable with torch.load(weights_only=True) even with "
+                           f"{stubbed} replaced by inert placeholders: {exc}") from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise ReleaseError(f"{path}: not a PyTorch checkpoint ({exc})") from None
     return _unpack(path, obj, stubbed)
