@@ -87,8 +87,8 @@ class CorrectorSettings:
     fill_alnum: bool = True
     #: entries of the LRU cache of LLM results (0 disables it)
     cache_size: int = 4096
-    #: llama.cpp context length and threads (None: os.cpu_count())
-    n_ctx: int = 512
+    #: llama.cpp context length and threads (None: half of os.cpu_count(), at least 1)
+    n_ctx: int = 256
     n_threads: int | None = None
     #: prompts (see runtime/llm_text.py)
     rescore_prefix: str = RESCORE_PREFIX

