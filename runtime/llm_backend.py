@@ -48,29 +48,6 @@ class LLMBackend(Protocol):
         """Natural-log probability of each continuation following ``prefix``."""
         ...
 
-    def _score_batched(self, prefix: str, continuations: Sequence[str], deadline: float | None) -> list[float]:
-        with self._lock:
-            if self._scorer is None:
-                self._scorer = _BatchedScorer(self.llm, *self._batch_args, self.threads)
-            prefix_tokens = self._tokens(prefix)
-            if self._scorer.set_prefix(prefix_tokens):
-                self.stats["prefix_evals"] += 1
-                self.stats["tokens_evaluated"] += len(prefix_tokens)
-            rows = self._scorer.prefix_rows
-            prefix_lp = [0.0] + [float(rows[i - 1][t]) for i, t in enumerate(prefix_tokens) if i > 0]
-            items, corrections = [], []
-            for text in continuations:
-                tokens = self._tokens(prefix + text)
-                shared = max(1, _common_prefix(prefix_tokens, tokens))
-                if shared >= len(tokens):
-                    raise ValueError(f"continuation {text!r} adds no token to the prompt")
-                items.append((tokens, shared))
-                corrections.append(sum(prefix_lp[shared:]))
-            totals = self._scorer.score(items, deadline)
-            self.stats["continuations"] += len(items)
-            self.stats["tokens_evaluated"] += sum(len(t) - s for t, s in items)
-        return [total - c for total, c in zip(totals, corrections, strict=True)]
-
     def fill(self, prompt: str, grammar: str, max_tokens: int, deadline: float | None = None) -> str:
         """Greedy completion of ``prompt`` constrained by the GBNF ``grammar``."""
         ...
