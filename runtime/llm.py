@@ -82,9 +82,9 @@ class CorrectorSettings:
     time_budget_s: float | None = 2.0
     #: words with a larger masked fraction keep the vision answer (1.0: no limit)
     max_masked_fraction: float = 1.0
-    #: fill: masked positions take letters and digits, plus other characters only when the
-    #: decoder's top-k has them there (False: any character of the charset)
-    fill_alnum: bool = True
+    #: fill: what a masked position may hold: "alnum" (the charset's letters and digits, plus
+    #: other characters the decoder's top-k has there), "charset" (all of it) or "topk"
+    fill_slots: str = "alnum"
     #: entries of the LRU cache of LLM results (0 disables it)
     cache_size: int = 4096
     #: llama.cpp context length and threads (None: half of os.cpu_count(), at least 1)
@@ -107,6 +107,8 @@ class CorrectorSettings:
             raise ValueError(f"time_budget_s must be > 0 or None, got {self.time_budget_s!r}")
         if not 0.0 < self.max_masked_fraction <= 1.0:
             raise ValueError("max_masked_fraction must be within (0, 1]")
+        if self.fill_slots not in ("alnum", "charset", "topk"):
+            raise ValueError(f"fill_slots must be 'alnum', 'charset' or 'topk', got {self.fill_slots!r}")
         if self.cache_size < 0 or self.n_ctx < 16:
             raise ValueError("cache_size must be >= 0 and n_ctx >= 16")
 
@@ -380,17 +382,21 @@ class Corrector:
     def _fill_slot(self, prediction: Prediction, position: int, charset: str) -> frozenset[str]:
         """Characters the fill mode may write at a masked position (in the LLM's case).
 
-        With ``fill_alnum`` (default): the letters and digits of the charset plus whatever
-        else the decoder's top-k proposes there, so punctuation appears only where the
-        image suggests it; otherwise the whole charset. Never the mask character.
+        ``fill_slots``: ``"alnum"`` (default) the letters and digits of the charset plus
+        whatever else the decoder's top-k proposes there, so punctuation appears only where
+        the image suggests it; ``"charset"`` the whole charset; ``"topk"`` only the
+        decoder's top-k. Never the mask character.
         """
         s = self.settings
-        allowed = {c for c in charset if c != MASK_CHAR and (c.isalnum() or not s.fill_alnum)}
-        if position < len(prediction.topk):
-            allowed |= {c for c, _ in prediction.topk[position][: s.k] if c in charset and c != MASK_CHAR}
-        if prediction.text[position] in charset and prediction.text[position] != MASK_CHAR:
-            allowed.add(prediction.text[position])
-        return frozenset(fold(c, s.lowercase) for c in allowed)
+        proposed = {c for c, _ in prediction.topk[position][: s.k]} if position < len(prediction.topk) else set()
+        proposed.add(prediction.text[position])
+        if s.fill_slots == "charset":
+            allowed = set(charset)
+        elif s.fill_slots == "alnum":
+            allowed = {c for c in charset if c.isalnum()} | proposed
+        else:
+            allowed = proposed
+        return frozenset(fold(c, s.lowercase) for c in allowed if c in charset and c != MASK_CHAR)
 
     @staticmethod
     def _keep_vision(result: Correction, warning: str) -> None:

@@ -140,6 +140,23 @@ def test_fill_restores_the_word_and_its_case() -> None:
     assert "t" in slot and "z" in slot and "9" in slot
 
 
+def test_fill_slot_choices() -> None:
+    pred = unsure("a-b", 1, [("-", 0.5), ("x", 0.3), ("/", 0.1)])
+
+    def slot(kind: str) -> str:
+        fake = FakeLM(answer="axb")
+        corrector(fake, mode="fill", fill_slots=kind).correct([pred], CHARSET_94)
+        return fake.calls[0][2].splitlines()[1]
+
+    assert slot("topk") == "m0 ::= [\\x2D\\x2Fx]"
+    alnum = slot("alnum")
+    assert "\\x2D" in alnum and "\\x2F" in alnum and "\\x2B" not in alnum and "q" in alnum
+    everything = slot("charset")
+    assert "\\x2B" in everything and "\\x5F" not in everything  # never the mask character
+    with pytest.raises(ValueError, match="fill_slots"):
+        CorrectorSettings(fill_slots="any")
+
+
 @pytest.mark.parametrize(
     "answer, reason",
     [("cotfe", "characters"), ("xoffee", "trusted"), ("co\u00e9fee", "outside"), ("co-fee", "outside")],
