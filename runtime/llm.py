@@ -46,6 +46,7 @@ from runtime.llm_text import (
     RESCORE_PREFIX,
     RESCORE_SUFFIX,
     Candidate,
+    fill_answer,
     fill_grammar,
     fill_prompt,
     fold,
@@ -341,7 +342,7 @@ class Corrector:
             self._fill_slot(prediction, i, charset) if i in masked else fold(c, s.lowercase)
             for i, c in enumerate(text)
         ]
-        grammar = fill_grammar(slots)
+        grammar = fill_grammar(slots, leading_space=not s.fill_template.endswith(" "))
         prompt = fill_prompt(fold(decision.pattern(), s.lowercase), s.fill_template)
         key = ("fill", prompt, grammar)
         answer = self.cache.get(key)
@@ -350,6 +351,7 @@ class Corrector:
             answer = self.backend.fill(prompt, grammar, max_tokens=len(text) + 2, deadline=deadline)
             if not isinstance(answer, str):
                 raise _Rejected(f"backend returned {type(answer).__name__}, not text")
+            answer = fill_answer(answer)
             if deadline is None or time.monotonic() <= deadline:
                 self.cache.put(key, answer)
         if len(answer) != len(text):

@@ -29,7 +29,7 @@ FILL_TEMPLATE = (
     "c{mask}ffee -> coffee\n"
     "st{mask}tion -> station\n"
     "h{mask}spital -> hospital\n"
-    "{pattern} -> "
+    "{pattern} ->"
 )
 
 
@@ -212,12 +212,14 @@ def _gbnf_char(c: str) -> str:
     return f"\\U{code:08X}"
 
 
-def fill_grammar(slots: Sequence[str | frozenset[str]]) -> str:
+def fill_grammar(slots: Sequence[str | frozenset[str]], leading_space: bool = True) -> str:
     """A GBNF grammar for exactly one word: fixed characters and one-character slots.
 
     ``slots`` has one entry per position: the trusted character (a one-character string),
     or the set of characters allowed at a masked position. The word has the same length as
-    the pattern (no insertions or deletions).
+    the pattern (no insertions or deletions). With ``leading_space`` the word may start with
+    one space (the prompt ends without one, so the model writes words as it saw them in
+    training, " coffee"); :func:`fill_answer` removes it.
     """
     if not slots:
         raise ValueError("cannot build a grammar for an empty word")
@@ -234,6 +236,11 @@ def fill_grammar(slots: Sequence[str | frozenset[str]]) -> str:
         body = "".join(_gbnf_char(c) for c in sorted(slot))
         name = classes.setdefault(body, f"m{len(classes)}")
         items.append(name)
-    lines = ["root ::= " + " ".join(items)]
+    lines = ["root ::= " + ('" "? ' if leading_space else "") + " ".join(items)]
     lines += [f"{name} ::= [{body}]" for body, name in classes.items()]
     return "\n".join(lines) + "\n"
+
+
+def fill_answer(text: str) -> str:
+    """The word of a fill completion: without the optional leading space of the grammar."""
+    return text[1:] if text.startswith(" ") else text

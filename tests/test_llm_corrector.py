@@ -133,11 +133,19 @@ def test_fill_restores_the_word_and_its_case() -> None:
     result = corrector(fake, mode="fill").correct([pred], CHARSET_94)[0]
     assert result.text == "COFFEE" and result.changed and result.mode == "fill"
     (_, prompt, grammar, max_tokens, _), = fake.calls
-    assert "co_fee" in prompt and grammar.startswith('root ::= "c" "o" m0 "f" "e" "e"')
+    assert "co_fee" in prompt and grammar.startswith('root ::= " "? "c" "o" m0 "f" "e" "e"')
     assert max_tokens >= 6
     slot = grammar.splitlines()[1]
     assert "_" not in slot and "\\x2D" not in slot  # no mask char, no unproposed punctuation
     assert "t" in slot and "z" in slot and "9" in slot
+
+
+def test_fill_answer_may_start_with_a_space() -> None:
+    result = corrector(FakeLM(answer=" coffee"), mode="fill").correct([COTFEE], CHARSET_36)[0]
+    assert result.text == "coffee" and result.warnings == []
+    spaced = corrector(FakeLM(answer="coffee"), mode="fill", fill_template="{pattern} -> ")
+    spaced.correct([COTFEE], CHARSET_36)
+    assert spaced.backend.calls[0][2].startswith('root ::= "c"')  # prompt ends in a space: none in the grammar
 
 
 def test_fill_slot_choices() -> None:

@@ -14,7 +14,7 @@ from runtime.charset import CHARSET_36, CHARSET_94
 from runtime.decoding import Prediction
 from runtime.llm import Corrector
 from runtime.llm_backend import LlamaCppBackend, LLMTimeout, find_default_gguf, load_llama
-from runtime.llm_text import fill_grammar
+from runtime.llm_text import fill_answer, fill_grammar
 
 pytestmark = pytest.mark.llm
 
@@ -107,13 +107,14 @@ def test_batched_failure_falls_back_to_sequential(monkeypatch) -> None:
 
 def test_fill_follows_the_grammar(backend: LlamaCppBackend) -> None:
     slots = ["c", "o", frozenset(string.ascii_lowercase), "f", "e", "e"]
-    out = backend.fill("Fill in the missing letter (_) of each English word.\nco_fee -> ", fill_grammar(slots), 8)
+    out = backend.fill("Fill in the missing letter (_) of each English word.\nco_fee -> ",
+                       fill_grammar(slots, leading_space=False), 8)
     assert len(out) == 6 and out[:2] == "co" and out[3:] == "fee" and out[2] in string.ascii_lowercase
 
 
 def test_fill_grammar_with_punctuation_parses(backend: LlamaCppBackend) -> None:
     slots = ['"', "\\", "]", frozenset("[]-^\\\""), "a"]
-    out = backend.fill("Symbols: ", fill_grammar(slots), 10)
+    out = fill_answer(backend.fill("Symbols:", fill_grammar(slots), 10))
     assert out[:3] == '"\\]' and out[3] in '[]-^\\"' and out[4] == "a"
 
 

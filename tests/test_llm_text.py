@@ -12,6 +12,7 @@ from runtime.charset import CHARSET_36, CHARSET_94
 from runtime.decoding import Prediction
 from runtime.llm_text import (
     FILL_TEMPLATE,
+    fill_answer,
     fill_grammar,
     fill_prompt,
     rescore_candidates,
@@ -126,16 +127,18 @@ def test_candidate_settings_are_checked() -> None:
 
 def test_fill_prompt_shows_the_pattern() -> None:
     prompt = fill_prompt("res_ue")
-    assert prompt.endswith("res_ue -> ") and prompt.startswith(FILL_TEMPLATE.split("\n")[0].format(mask="_"))
+    assert prompt.endswith("res_ue ->") and prompt.startswith(FILL_TEMPLATE.split("\n")[0].format(mask="_"))
 
 
 def test_fill_grammar_text() -> None:
-    grammar = fill_grammar(["c", frozenset("ao"), "f", frozenset("ao"), frozenset("xy")])
+    grammar = fill_grammar(["c", frozenset("ao"), "f", frozenset("ao"), frozenset("xy")], leading_space=False)
     assert grammar == 'root ::= "c" m0 "f" m0 m1\nm0 ::= [ao]\nm1 ::= [xy]\n'
+    assert fill_grammar(["c", frozenset("ao")]) == 'root ::= " "? "c" m0\nm0 ::= [ao]\n'
+    assert fill_answer(" coffee") == "coffee" and fill_answer("coffee") == "coffee"
 
 
 def test_fill_grammar_escapes_every_special_character() -> None:
-    grammar = fill_grammar(['"', "\\", "]", frozenset(string.punctuation)])
+    grammar = fill_grammar(['"', "\\", "]", frozenset(string.punctuation)], leading_space=False)
     first = grammar.splitlines()[0]
     assert first == 'root ::= "\\x22" "\\x5C" "\\x5D" m0'
     body = grammar.splitlines()[1]
