@@ -66,12 +66,16 @@ MODES = ("rescore", "fill")
 
 @dataclass(frozen=True)
 class CorrectorSettings:
-    """Everything that decides a correction (defaults to be tuned on measurements)."""
+    """Everything that decides a correction.
+
+    Defaults are starting points: k, weight and the budget are to be tuned on real decoder
+    output (benchmarks/llm_speed.py gives speed and a simulated sanity check only).
+    """
 
     mode: str = "rescore"
     #: the gate: characters below it are masked
     threshold: float = DEFAULT_THRESHOLD
-    #: rescore: alternatives per masked position, from the decoder's top-k
+    #: alternatives per masked position from the decoder's top-k (rescore; fill_slots="topk")
     k: int = 5
     #: rescore: most candidates scored per word (the best by visual log-probability)
     max_candidates: int = 32
