@@ -21,6 +21,8 @@ from runtime.preprocess import Preprocessing
 #: Schema versions this runtime reads.
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 MANIFEST_NAME = "manifest.json"
+#: The bundle installed with the package, used when no bundle is named.
+DEFAULT_BUNDLE = Path(__file__).parent / "assets" / "default_bundle"
 #: The four graphs, in the order they run.
 GRAPH_NAMES = ("image_encoder", "visual_decoder", "text_encoder", "cross_decoder")
 REQUIRED_KEYS = (
@@ -223,11 +225,16 @@ def _check_files(root: Path, manifest: dict[str, Any], verify: bool) -> None:
                                   "(corrupt or modified file)")
 
 
-def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Read and check the bundle at ``path`` (its directory or its manifest).
+def load_bundle(path: str | Path | None, verify: bool = True) -> Bundle:
+    """Read and check the bundle at ``path`` (its directory or its manifest; None: the
+    default bundle installed with the package).
 
     ``verify`` checks every file's sha256 against the manifest (once, at load).
     """
+    if path is None:
+        if not (DEFAULT_BUNDLE / MANIFEST_NAME).is_file():
+            raise BundleError(f"no default bundle is installed ({DEFAULT_BUNDLE}); name a bundle directory")
+        path = DEFAULT_BUNDLE
     root = Path(path)
     if root.is_file() and root.name == MANIFEST_NAME:
         root = root.parent

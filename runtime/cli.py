@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from runtime import bundle as bundle_module
 from runtime.backends import BACKENDS, PRECISIONS, BackendError
 from runtime.bundle import BundleError
 from runtime.charset import WordAccuracy, eval_normalize, keep_for_eval
@@ -18,7 +19,7 @@ from runtime.inputs import InputError, InputSet, collect_inputs
 from runtime.recognizer import DEFAULT_BATCH_SIZE, LLM_MODES, ReadResult, Recognizer
 
 #: The bundle used when ``--engine`` is not given (installed with the package).
-DEFAULT_BUNDLE = Path(__file__).parent / "assets" / "default_bundle"
+DEFAULT_BUNDLE = bundle_module.DEFAULT_BUNDLE
 #: Show a progress bar (on a terminal) from this many inputs on.
 PROGRESS_FROM = 50
 

@@ -151,10 +151,11 @@ class Recognizer:
         self.topk = max(1, bundle.decode.topk)
 
     @classmethod
-    def from_bundle(cls, path: str | Path, backend: str = "auto", llm: str | None = None,
+    def from_bundle(cls, path: str | Path | None = None, backend: str = "auto", llm: str | None = None,
                     threshold: float | None = None, llm_mode: str = "rescore", precision: str | None = None,
                     threads: int | None = None, verify: bool = True) -> Recognizer:
-        """Load and check the bundle at ``path``, pick the backend, set up the LLM."""
+        """Load and check the bundle at ``path`` (None: the default bundle), pick the backend
+        (see :func:`~runtime.backends.select_backend`), set up the LLM (see :func:`make_corrector`)."""
         bundle = load_bundle(path, verify=verify)
         value = check_threshold(bundle.threshold if threshold is None else threshold)
         corrector = make_corrector(llm, llm_mode, value)

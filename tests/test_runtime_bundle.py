@@ -140,3 +140,13 @@ def test_sha256_file(tmp_path: Path) -> None:
     path = tmp_path / "x"
     path.write_bytes(b"abc")
     assert sha256_file(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_default_bundle(monkeypatch: pytest.MonkeyPatch, fake_bundle: Path, tmp_path: Path) -> None:
+    from runtime import bundle as module
+
+    monkeypatch.setattr(module, "DEFAULT_BUNDLE", tmp_path / "absent")
+    with pytest.raises(BundleError, match="no default bundle is installed"):
+        load_bundle(None)
+    monkeypatch.setattr(module, "DEFAULT_BUNDLE", fake_bundle)
+    assert load_bundle(None).root == fake_bundle
