@@ -262,7 +262,9 @@ class _Engine:
         for name in self.inputs:
             array = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
             host_inputs[name] = array
-            ctx.set_input_shape(name, array.shape)
+            if ctx.set_input_shape(name, array.shape) is False:
+                raise BackendError(f"{self.spec.file}: input {name} of shape {array.shape} is outside the "
+                                   f"engine's profile (batch {self.spec.min_batch}..{self.spec.max_batch})")
             ptr = self.buffers[name].ensure(array.nbytes)
             _check(cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes,
                                           cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
