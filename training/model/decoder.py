@@ -153,13 +153,15 @@ def autoregressive(decoder: CharDecoder, memory: Tensor, bos_id: int, num_steps:
     batch = memory.shape[0]
     mask = causal_mask(num_steps, memory.device)
     queries = decoder.pos_queries[:, :num_steps].expand(batch, -1, -1)
-    tokens = torch.full((batch, 1), bos_id, dtype=torch.long, device=memory.device)
+    # int32 token ids (not int64) and a 2-D argmax ([:, 0], keepdim): the traced graph then
+    # has no 1-D ArgMax and no int64 data tensors, which TensorRT prefers
+    tokens = torch.full((batch, 1), bos_id, dtype=torch.int32, device=memory.device)
     logits = []
     for i in range(num_steps):
         step = decoder(tokens, memory, query=queries[:, i : i + 1], query_mask=mask[i : i + 1, : i + 1])
         logits.append(step)
         if i + 1 < num_steps:
-            next_token = step[:, 0].argmax(-1, keepdim=True)
+            next_token = step[:, 0].argmax(-1, keepdim=True).int()
             tokens = torch.cat([tokens, next_token], dim=1)
             if early_exit and bool((tokens == 0).any(-1).all()):
                 break
@@ -175,9 +177,12 @@ def refine(decoder: CharDecoder, memory: Tensor, logits: Tensor, bos_id: int, eo
     """One cloze-mask pass with the previous prediction as context (tokens after the first
     EOS are padding-masked)."""
     batch, steps, _ = logits.shape
-    bos = torch.full((batch, 1), bos_id, dtype=torch.long, device=logits.device)
-    tokens = torch.cat([bos, logits[:, :-1].argmax(-1)], dim=1)
-    padding = padding_bias((tokens == eos_id).int().cumsum(-1) > 0)
+    bos = torch.full((batch, 1), bos_id, dtype=torch.int32, device=logits.device)
+    tokens = torch.cat([bos, logits[:, :-1].argmax(-1).int()], dim=1)
+    # compare with int32 tensors, not Python ints, and sum in int32: a traced graph then has
+    # no int64 casts (the TorchScript exporter promotes a Python-int comparison to int64)
+    is_eos = (tokens == tokens.new_full((), eos_id)).int()
+    padding = padding_bias(is_eos.cumsum(-1, dtype=torch.int32) > is_eos.new_zeros(()))
     queries = decoder.pos_queries[:, :steps].expand(batch, -1, -1)
     return decoder(
         tokens, memory, query=queries, query_mask=cloze_mask(steps, logits.device),

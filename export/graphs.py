@@ -1,0 +1,114 @@
+"""The four exported graphs as ``nn.Module`` wrappers around the model's own code.
+
+Each wrapper calls the model's submodules and the decode functions of
+``training.model.decoder`` (``autoregressive`` with ``early_exit=False``, ``refine``), so
+the traced graphs and eager PyTorch share one implementation of the decode
+(docs/bundle.md, "The four graphs").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from training.model.clip4str import CLIP4STR
+from training.model.decoder import autoregressive, refine
+
+GRAPH_NAMES = ("image_encoder", "visual_decoder", "text_encoder", "cross_decoder")
+#: Batch of the example inputs the graphs are traced with (not 1, so no size-1
+#: broadcasting is baked in; the batch axis is dynamic anyway).
+TRACE_BATCH = 2
+
+
+class ImageEncoderGraph(nn.Module):
+    """``images (B,3,H,W)`` -> ``image_features (B,1+P,D)``."""
+
+    def __init__(self, model: CLIP4STR) -> None:
+        super().__init__()
+        self.encoder = model.image_encoder
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.encoder(images)
+
+
+class TextEncoderGraph(nn.Module):
+    """``text_ids (B,16)`` -> ``text_features (B,16,D)``."""
+
+    def __init__(self, model: CLIP4STR) -> None:
+        super().__init__()
+        self.encoder = model.text_encoder
+
+    def forward(self, text_ids: Tensor) -> Tensor:
+        return self.encoder(text_ids)
+
+
+class VisualDecoderGraph(nn.Module):
+    """``image_features`` -> AR logits (26 unrolled steps) and one refinement pass."""
+
+    def __init__(self, model: CLIP4STR) -> None:
+        super().__init__()
+        self.decoder = model.visual_decoder
+        self.bos_id = model.codec.bos_id
+        self.num_steps = model.cfg.num_steps
+
+    def forward(self, image_features: Tensor) -> tuple[Tensor, Tensor]:
+        ar = autoregressive(self.decoder, image_features, self.bos_id, self.num_steps, early_exit=False)
+        return ar, refine(self.decoder, image_features, ar, self.bos_id)
+
+
+class CrossDecoderGraph(nn.Module):
+    """Cross-modal decoder: AR over ``[F_i, F_t(visual AR)]``, refinement over
+    ``[F_i, F_t(visual refined)]`` (the order of ``CLIP4STR.forward``)."""
+
+    def __init__(self, model: CLIP4STR) -> None:
+        super().__init__()
+        self.decoder = model.cross_decoder
+        self.bos_id = model.codec.bos_id
+        self.num_steps = model.cfg.num_steps
+
+    def forward(self, image_features: Tensor, text_features_ar: Tensor,
+                text_features_refined: Tensor) -> tuple[Tensor, Tensor]:
+        memory = torch.cat([image_features, text_features_ar], dim=1)
+        ar = autoregressive(self.decoder, memory, self.bos_id, self.num_steps, early_exit=False)
+        memory = torch.cat([image_features, text_features_refined], dim=1)
+        return ar, refine(self.decoder, memory, ar, self.bos_id)
+
+
+@dataclass
+class GraphDef:
+    """One graph: its wrapper, example inputs and the names of its inputs and outputs."""
+
+    name: str
+    module: nn.Module
+    example: tuple[Tensor, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@torch.no_grad()
+def graph_defs(model: CLIP4STR, batch: int = TRACE_BATCH, seed: int = 0) -> list[GraphDef]:
+    """The four graphs of ``model`` with example inputs of batch ``batch``."""
+    model.eval()
+    cfg = model.cfg
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, cfg.image.height, cfg.image.width, generator=generator)
+    image_features = model.encode_image(images)
+    vocab = int(model.text_encoder.token_embedding.num_embeddings)
+    text_ids = torch.randint(0, vocab, (batch, cfg.text_context_length), generator=generator)
+    text_features = model.encode_text(text_ids)
+    return [
+        GraphDef("image_encoder", ImageEncoderGraph(model), (images,), ("images",), ("image_features",)),
+        GraphDef("visual_decoder", VisualDecoderGraph(model), (image_features,), ("image_features",),
+                 ("ar_logits", "refined_logits")),
+        GraphDef("text_encoder", TextEncoderGraph(model), (text_ids,), ("text_ids",), ("text_features",)),
+        GraphDef("cross_decoder", CrossDecoderGraph(model), (image_features, text_features, text_features),
+                 ("image_features", "text_features_ar", "text_features_refined"),
+                 ("ar_logits", "refined_logits")),
+    ]
+
+
+def count_layernorms(module: nn.Module) -> int:
+    """LayerNorm modules in ``module`` (each call becomes one LayerNormalization node)."""
+    return sum(isinstance(m, nn.LayerNorm) for m in module.modules())

@@ -1,0 +1,367 @@
+"""Checkpoint -> bundle: the four ONNX graphs, precision variants, BPE file and manifest.
+
+    python -m export.onnx CKPT -o BUNDLE_DIR [--precision fp32 fp16 int8] [--with-checkpoint]
+
+The graphs are traced with PyTorch's TorchScript exporter (``dynamo=False``; ``--exporter
+dynamo`` selects torch.export), simplified with onnxslim, their duplicated weights merged,
+checked with ``onnx.checker``, compared with PyTorch on the trace inputs and linted against
+the TensorRT rules (``export.lint``). The bundle is built in a temporary directory next to
+``BUNDLE_DIR`` and moved into place only when complete, so a failed export leaves an
+existing bundle untouched. See docs/bundle.md for the layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import logging
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from export.graphs import GraphDef, count_layernorms, graph_defs
+from export.lint import lint_model
+from export.manifest import BATCH_AXIS, base_manifest, current_umask, graph_entry, read_manifest, write_manifest
+from export.precision import INT8_GRAPHS, to_fp16, to_int8
+from runtime.bundle import MANIFEST_NAME
+from training.checkpoint import CONFIG_NAME, WEIGHTS_NAME, checkpoint_dir, load_checkpoint, read_config
+from training.model.clip4str import CLIP4STR, default_bpe_path
+
+log = logging.getLogger("export")
+
+PRECISIONS = ("fp32", "fp16", "int8")
+EXPORTERS = ("torchscript", "dynamo")
+DEFAULT_OPSET = 18
+BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
+#: largest |ONNX - PyTorch| accepted on the trace inputs, relative to max(1, max |PyTorch|)
+PARITY_TOLERANCE = 1e-3
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be completed; the message says why."""
+
+
+# -- one graph ------------------------------------------------------------------------
+
+
+def _trace(graph: GraphDef, path: Path, opset: int, exporter: str) -> None:
+    names = (*graph.inputs, *graph.outputs)
+    with warnings.catch_warnings():
+        # TracerWarnings (python ints from shapes) and the TorchScript exporter's
+        # deprecation notice: the graphs are checked against PyTorch below instead
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            batch = torch.export.Dim(BATCH_AXIS, min=1, max=4096)
+            torch.onnx.export(graph.module, graph.example, str(path), input_names=list(graph.inputs),
+                              output_names=list(graph.outputs), opset_version=opset, dynamo=True,
+                              dynamic_shapes=tuple({0: batch} for _ in graph.inputs), external_data=False,
+                              verbose=False)
+        else:
+            torch.onnx.export(graph.module, graph.example, str(path), input_names=list(graph.inputs),
+                              output_names=list(graph.outputs), opset_version=opset, dynamo=False,
+                              do_constant_folding=True, dynamic_axes={n: {0: BATCH_AXIS} for n in names})
+
+
+def dedupe_initializers(model: onnx.ModelProto) -> int:
+    """Merge initializers with identical dtype, shape and bytes (onnxslim's constant folding
+    makes one copy of a weight per unrolled step); returns how many were removed."""
+    graph = model.graph
+    canonical: dict[tuple[int, tuple[int, ...], str], str] = {}
+    rename: dict[str, str] = {}
+    keep = []
+    for init in graph.initializer:
+        data = numpy_helper.to_array(init)
+        key = (init.data_type, tuple(init.dims), hashlib.sha256(data.tobytes()).hexdigest())
+        if key in canonical:
+            rename[init.name] = canonical[key]
+        else:
+            canonical[key] = init.name
+            keep.append(init)
+    if not rename:
+        return 0
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    outputs = {o.name for o in graph.output}
+    if outputs & set(rename):
+        raise ExportError("a graph output is a duplicated initializer")
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return len(rename)
+
+
+def _fix_shapes(model: onnx.ModelProto, graph: GraphDef, outputs: Sequence[torch.Tensor]) -> None:
+    """Batch axis named ``batch``, every other axis of the inputs and outputs static."""
+    shapes = [tuple(t.shape) for t in graph.example] + [tuple(t.shape) for t in outputs]
+    for value, shape in zip([*model.graph.input, *model.graph.output], shapes, strict=True):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(shape):
+            raise ExportError(f"{graph.name}: {value.name} has rank {len(dims)}, PyTorch gives {len(shape)}")
+        for axis, (dim, size) in enumerate(zip(dims, shape, strict=True)):
+            if axis == 0:
+                dim.dim_param = BATCH_AXIS
+            else:
+                dim.dim_value = int(size)
+
+
+def _ort_session(model: onnx.ModelProto | Path, threads: int = 1) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def parity_on_example(model: onnx.ModelProto, graph: GraphDef, expected: Sequence[torch.Tensor],
+                      threads: int = 1) -> dict[str, float]:
+    """Max |ONNX - PyTorch| per output on the trace inputs (onnxruntime CPU)."""
+    session = _ort_session(model, threads)
+    feeds = {name: t.numpy() for name, t in zip(graph.inputs, graph.example, strict=True)}
+    got = session.run(list(graph.outputs), feeds)
+    return {name: float(np.abs(g - e.numpy()).max())
+            for name, g, e in zip(graph.outputs, got, expected, strict=True)}
+
+
+def export_graph(graph: GraphDef, path: Path, opset: int = DEFAULT_OPSET, exporter: str = "torchscript",
+                 slim: bool = True, threads: int = 1) -> dict[str, Any]:
+    """Trace, simplify, check and save one graph at ``path``; returns a report."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        expected = graph.module(*graph.example)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    raw = path.with_name(path.stem + ".raw.onnx")
+    _trace(graph, raw, opset, exporter)
+    model = onnx.load(str(raw))
+    raw.unlink()
+    nodes_raw = len(model.graph.node)
+    if slim:
+        import onnxslim
+
+        model = onnxslim.slim(model)
+    removed = dedupe_initializers(model)
+    _fix_shapes(model, graph, expected)
+    onnx.checker.check_model(model, full_check=True)
+    diffs = parity_on_example(model, graph, expected, threads)
+    for name, ref in zip(graph.outputs, expected, strict=True):
+        limit = PARITY_TOLERANCE * max(1.0, float(ref.abs().max()))
+        if diffs[name] > limit:
+            raise ExportError(f"{graph.name}: ONNX differs from PyTorch on {name} by {diffs[name]:.3g} "
+                              f"(limit {limit:.3g}); try --no-slim or the other --exporter")
+    onnx.save(model, str(path))
+    return {"nodes_raw": nodes_raw, "nodes": len(model.graph.node), "duplicates_merged": removed,
+            "max_abs_diff": diffs, "seconds": round(time.perf_counter() - start, 2),
+            "min_layernorms": count_layernorms(graph.module)}
+
+
+def lint_or_raise(path: Path, min_layernorms: int = 1) -> None:
+    findings = lint_model(path, min_layernorms=min_layernorms)
+    if findings:
+        listed = "\n  ".join(str(f) for f in findings[:20])
+        raise ExportError(f"{path.name} breaks the TensorRT graph rules ({len(findings)} finding(s)):\n  {listed}")
+
+
+# -- the bundle -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A temporary directory next to ``out`` that replaces ``out`` on success."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise ExportError(f"{out}: not empty and not a bundle; refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    stage.chmod(0o777 & ~current_umask())
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    backup = None
+    if out.exists():
+        backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        backup.rmdir()
+        out.rename(backup)
+    stage.rename(out)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+
+    out = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    with contextlib.suppress(ImportError):
+        import onnxslim
+
+        out["onnxslim"] = onnxslim.__version__
+    return out
+
+
+def _decode_model(model: CLIP4STR) -> CLIP4STR:
+    """The model with the decode schema-1 bundles are exported for (refine once, not fast)."""
+    if model.cfg.refine_iters != 1 or model.cfg.fast_decode:
+        log.warning("checkpoint decodes with refine_iters=%d fast=%s; the bundle is exported for the "
+                    "default decode (refine_iters=1, fast=False)", model.cfg.refine_iters, model.cfg.fast_decode)
+        model.cfg = replace(model.cfg, refine_iters=1, fast_decode=False)
+    return model
+
+
+def export_bundle(ckpt_dir: str | Path, out_dir: str | Path, precisions: Sequence[str] = ("fp32",), *,
+                  include_checkpoint: bool = False, opset: int = DEFAULT_OPSET, exporter: str = "torchscript",
+                  slim: bool = True, lint: bool = True, threads: int = 1) -> Path:
+    """Export the checkpoint at ``ckpt_dir`` to a bundle at ``out_dir``; returns ``out_dir``.
+
+    ``precisions``: any of fp32, fp16, int8 (fp32 is always written: the others derive from
+    it). ``include_checkpoint`` copies model.json and model.safetensors into the bundle.
+    """
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        raise ExportError(f"unknown precision(s) {unknown} (choose from {', '.join(PRECISIONS)})")
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r} (choose from {', '.join(EXPORTERS)})")
+    if opset < 17:
+        raise ExportError(f"opset {opset} < 17: LayerNorm would not be one node")
+    wanted = ["fp32", *[p for p in PRECISIONS[1:] if p in precisions]]
+    source = checkpoint_dir(ckpt_dir)
+    try:
+        cfg, meta = read_config(source)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ExportError(f"{source}: not a readable checkpoint ({exc})") from None
+    out = Path(out_dir)
+    start = time.perf_counter()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        model = _decode_model(load_checkpoint(source))
+        with _staging(out) as stage:
+            graphs, report = _write_graphs(model, stage, opset, exporter, slim, lint, threads)
+            minimum = {name: info["min_layernorms"] for name, info in report.items()}
+            derive_precisions(stage, graphs, wanted, lint, minimum)
+            shutil.copyfile(default_bpe_path(), stage / BPE_NAME)
+            if include_checkpoint:
+                for name in (CONFIG_NAME, WEIGHTS_NAME):
+                    shutil.copyfile(source / name, stage / name)
+            extra = {"exporter": exporter, "opset": opset, "slim": slim, "versions": _versions(),
+                     "checkpoint": {"meta": meta, "weights_sha256": _sha256(source / WEIGHTS_NAME)},
+                     "graphs": report, "seconds": round(time.perf_counter() - start, 1)}
+            write_manifest(stage, base_manifest(cfg, stage, BPE_NAME, graphs, extra))
+    finally:
+        torch.set_num_threads(previous_threads)
+    log.info("bundle written to %s in %.1f s", out, time.perf_counter() - start)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    from runtime.bundle import sha256_file
+
+    return sha256_file(path)
+
+
+def _write_graphs(model: CLIP4STR, stage: Path, opset: int, exporter: str, slim: bool, lint: bool,
+                  threads: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The four fp32 graphs: manifest entries and the per-graph export report."""
+    (stage / "fp32").mkdir()
+    entries: dict[str, Any] = {}
+    report: dict[str, Any] = {}
+    for graph in graph_defs(model):
+        fp32 = f"fp32/{graph.name}.onnx"
+        log.info("exporting %s", graph.name)
+        info = export_graph(graph, stage / fp32, opset, exporter, slim, threads)
+        if lint:
+            lint_or_raise(stage / fp32, info["min_layernorms"])
+        entries[graph.name] = graph_entry(stage, fp32)
+        report[graph.name] = info
+    return {"fp32": entries}, report
+
+
+def derive_precisions(bundle_dir: Path, graphs: dict[str, Any], precisions: Sequence[str], lint: bool = True,
+                      min_layernorms: dict[str, int] | None = None) -> dict[str, Any]:
+    """Write the fp16/int8 variants of the fp32 graphs listed in ``graphs`` (the manifest's
+    ``graphs`` section, updated in place and returned)."""
+    bundle_dir = Path(bundle_dir)
+    fp32 = graphs["fp32"]
+    for precision in [p for p in PRECISIONS[1:] if p in precisions]:
+        (bundle_dir / precision).mkdir(exist_ok=True)
+        entries: dict[str, Any] = {}
+        for name, entry in fp32.items():
+            src = bundle_dir / entry["file"]
+            rel = f"{precision}/{name}.onnx"
+            if precision == "fp16":
+                log.info("fp16 %s: %s kept in fp32", name, to_fp16(src, bundle_dir / rel))
+                if lint:
+                    lint_or_raise(bundle_dir / rel, (min_layernorms or {}).get(name, 1))
+            elif name in INT8_GRAPHS:
+                log.info("int8 %s", name)
+                to_int8(src, bundle_dir / rel)
+            else:
+                rel = entry["file"]  # the decoders stay fp32
+            entries[name] = graph_entry(bundle_dir, rel)
+        graphs[precision] = entries
+    return graphs
+
+
+def add_precisions(bundle_dir: str | Path, precisions: Sequence[str], lint: bool = True) -> dict[str, Any]:
+    """Add fp16/int8 variants to an existing bundle (in place); returns the new manifest."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    report = manifest.get("created", {}).get("graphs", {})
+    minimum = {name: int(info.get("min_layernorms", 1)) for name, info in report.items()}
+    derive_precisions(bundle_dir, manifest["graphs"], precisions, lint, minimum)
+    return write_manifest(bundle_dir, manifest)
+
+
+def _log_to_stderr() -> None:
+    """Progress of the ``export`` loggers on stderr (other libraries' loggers stay quiet)."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export a checkpoint to a bundle (docs/bundle.md).")
+    parser.add_argument("ckpt", help="checkpoint directory (model.json + model.safetensors)")
+    parser.add_argument("-o", "--output", required=True, help="bundle directory to write")
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS,
+                        help="precisions to write (fp32 is always written)")
+    parser.add_argument("--with-checkpoint", action="store_true", help="copy the checkpoint into the bundle")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    parser.add_argument("--exporter", choices=EXPORTERS, default="torchscript")
+    parser.add_argument("--no-slim", action="store_true", help="skip onnxslim")
+    parser.add_argument("--no-lint", action="store_true", help="do not fail on TensorRT graph-rule findings")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for tracing and checks")
+    args = parser.parse_args(argv)
+    _log_to_stderr()
+    try:
+        out = export_bundle(args.ckpt, args.output, args.precision, include_checkpoint=args.with_checkpoint,
+                            opset=args.opset, exporter=args.exporter, slim=not args.no_slim,
+                            lint=not args.no_lint, threads=args.threads)
+    except ExportError as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
