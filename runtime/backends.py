@@ -112,11 +112,13 @@ class OrtBackend:
         options.log_severity_level = 3
         self.specs = {name: bundle.graph(precision, name) for name in graphs}
         self.sessions: dict[str, Any] = {}
+        # onnxruntime 1.31's CPU NchwcTransformer segfaults on the fp16 graphs (level ALL)
+        disabled = ["NchwcTransformer"] if precision == "fp16" else None
         for name, spec in self.specs.items():
             try:
                 self.sessions[name] = ort.InferenceSession(
                     str(bundle.path(spec.file)), sess_options=options,
-                    providers=self._provider_options(bundle, precision),
+                    providers=self._provider_options(bundle, precision), disabled_optimizers=disabled,
                 )
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise BackendError(f"{spec.file}: onnxruntime cannot load it ({exc})") from exc
