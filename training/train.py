@@ -247,7 +247,7 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, pretrained: str | None = No
                 optimizer.step()
             step += 1
             bar.update(1)
-            if rank == 0 and step % 10 == 0:
+            if rank == 0 and (step % 10 == 0 or step == 1):
                 values = {"train/loss": loss.item(), "train/visual": parts["visual"].item(),
                           "train/cross": parts["cross"].item(), "train/grad_norm": float(grad_norm),
                           "train/lr": optimizer.param_groups[0]["lr"]}
