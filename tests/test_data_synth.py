@@ -1,0 +1,113 @@
+"""The synthetic word generator: fonts, determinism, charset coverage, LMDB output."""
+
+from __future__ import annotations
+
+import random
+import string
+
+import numpy as np
+import pytest
+
+from runtime.charset import CHARSET_36, CHARSET_94
+from training.data import open_set
+from training.data.fonts import discover_fonts
+from training.data.render import WordRenderer
+from training.data.synth import SynthWords
+from training.data.synth import main as synth_main
+from training.data.words import WordSampler
+
+
+@pytest.fixture(scope="module")
+def synth() -> SynthWords:
+    return SynthWords(400, seed=7)
+
+
+def test_fonts_are_found_with_coverage():
+    fonts = discover_fonts()
+    assert len({f.family for f in fonts}) >= 5  # matplotlib alone gives DejaVu, STIX, CM
+    # every charset character is drawn by some font
+    assert all(any(c in f.chars for f in fonts) for c in CHARSET_94)
+    # small-caps fonts never claim lower case; OT1 Computer Modern never claims "<"
+    assert all(not (set(string.ascii_lowercase) & f.chars) for f in fonts if "AmaticSC" in f.path)
+    assert all("<" not in f.chars for f in fonts if f.path.endswith("cmr10.ttf"))
+
+
+def test_deterministic_given_seed(synth):
+    again = SynthWords(400, seed=7)
+    for i in (0, 5, 399, 123):
+        a, la = synth[i]
+        b, lb = again[i]
+        assert la == lb and a.size == b.size
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    other = SynthWords(400, seed=8)
+    assert [other[i][1] for i in range(10)] != [synth[i][1] for i in range(10)]
+    with pytest.raises(IndexError):
+        synth[400]
+
+
+def test_samples_look_like_word_crops(synth):
+    for i in range(40):
+        image, label = synth[i]
+        assert image.mode == "RGB" and 1 <= len(label) <= 25
+        w, h = image.size
+        assert 8 <= h <= 200 and w >= 4
+        array = np.asarray(image, dtype=np.float32)
+        assert array.std() > 3  # something is drawn, not a flat patch
+
+
+def test_labels_cover_every_character_class(synth):
+    labels = [synth[i][1] for i in range(300)]
+    joined = "".join(labels)
+    for cls in (string.digits, string.ascii_lowercase, string.ascii_uppercase, string.punctuation):
+        assert any(c in cls for c in joined), cls
+    assert all(c in CHARSET_94 for c in joined)
+    # real words dominate, in several cases
+    words = {w.lower() for w in WordSampler().words}
+    assert sum(lab.lower() in words for lab in labels) > 120
+    assert any(lab.isupper() for lab in labels) and any(lab.istitle() for lab in labels)
+
+
+def test_every_charset_character_renders():
+    renderer = WordRenderer()
+    rng, gen = random.Random(0), np.random.default_rng(0)
+    for c in CHARSET_94:
+        info = renderer.pick_font(c, rng)
+        assert info is not None and info.covers(c)
+        mask, _ = renderer._masks(c, renderer.font(info.path, 28), 0, 0.0)
+        assert mask is not None and np.asarray(mask).max() > 100, (c, info.path)
+        image = renderer.render(c, rng, gen)
+        assert image is not None and min(image.size) >= 1
+
+
+def test_glyphless_text_is_refused():
+    renderer = WordRenderer()
+    assert renderer.pick_font("\u4e2d\u6587", random.Random(0)) is None  # no CJK font among them
+    assert renderer.render("\u4e2d", random.Random(0), np.random.default_rng(0)) is None
+
+
+def test_case_insensitive_charset_has_no_hidden_characters():
+    ds = SynthWords(60, seed=3, charset="36")
+    labels = [ds[i][1] for i in range(60)]
+    assert all(c in CHARSET_36 for c in "".join(labels))
+    sampler = WordSampler("36")
+    assert set(sampler.allowed) == set(string.digits + string.ascii_letters)
+
+
+def test_cli_writes_lmdb_matching_the_dataset(tmp_path, capsys):
+    out = tmp_path / "synth"
+    assert synth_main(["-n", "12", "-o", str(out), "--seed", "5"]) == 0
+    assert "wrote 12 samples" in capsys.readouterr().out
+    lmdb_set = open_set(out, train=True)
+    on_the_fly = SynthWords(12, seed=5)
+    assert len(lmdb_set) == 12
+    for i in (0, 11):
+        image, label = lmdb_set[i]
+        ref, ref_label = on_the_fly[i]
+        assert label == ref_label
+        assert np.array_equal(np.asarray(image), np.asarray(ref))  # PNG is lossless
+
+
+def test_cli_sheet(tmp_path):
+    path = tmp_path / "sheet.png"
+    assert synth_main(["--sheet", str(path)]) == 0
+    assert path.stat().st_size > 10_000
