@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,41 @@ def make_fake_bundle(root: Path) -> Path:
     files = ["bpe_simple_vocab_16e6.txt.gz"] + [g["file"] for g in graphs.values()]
     write_manifest(root, manifest, files)
     return root
+
+
+@dataclass
+class FakeCorrection:
+    """What runtime.llm.Correction carries, as far as the recognizer reads it."""
+
+    text: str
+    vision_text: str
+    changed: bool
+    mode: str = "rescore"
+    candidates: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+    time_s: float = 0.002
+
+
+class FakeCorrector:
+    """Replaces each masked character by the decoder's second choice (or a fixed answer)."""
+
+    mode = "rescore"
+    enabled = True
+
+    def __init__(self, answer: str | None = None, fail: bool = False) -> None:
+        self.answer, self.fail, self.seen = answer, fail, []
+
+    def correct(self, predictions: list[Any], charset: str) -> list[FakeCorrection]:
+        if self.fail:
+            raise RuntimeError("model crashed")
+        out = []
+        for p in predictions:
+            self.seen.append(p.text)
+            text = self.answer
+            if text is None:
+                text = "".join(p.topk[i][1][0] if p.char_probs[i] < 0.8 else c for i, c in enumerate(p.text))
+            out.append(FakeCorrection(text, p.text, text != p.text, candidates=[{"text": text, "score": -1.0}]))
+        return out
 
 
 @pytest.fixture

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import FakeBackend, barcode
-from test_runtime_recognizer import FakeCorrector
+from conftest import FakeBackend, FakeCorrector, barcode
 
 from runtime import cli
 from runtime.bundle import load_bundle

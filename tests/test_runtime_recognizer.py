@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FakeBackend, barcode
+from conftest import FakeBackend, FakeCorrector, barcode
 
-from runtime.decoding import Prediction
 from runtime.inputs import Sample, array_to_image
 from runtime.preprocess import ImageError
 from runtime.recognizer import STAGES, make_corrector
@@ -81,39 +79,6 @@ def test_backend_failure_reports_each_image_of_the_batch(fake_recognizer) -> Non
 
 
 # -- the LLM seam -----------------------------------------------------------------------------
-
-
-@dataclass
-class FakeCorrection:
-    text: str
-    vision_text: str
-    changed: bool
-    mode: str = "rescore"
-    candidates: list = field(default_factory=list)
-    warnings: list = field(default_factory=list)
-    time_s: float = 0.002
-
-
-class FakeCorrector:
-    """Replaces each masked character by the decoder's second choice (or a fixed answer)."""
-
-    mode = "rescore"
-    enabled = True
-
-    def __init__(self, answer: str | None = None, fail: bool = False) -> None:
-        self.answer, self.fail, self.seen = answer, fail, []
-
-    def correct(self, predictions: list[Prediction], charset: str) -> list[FakeCorrection]:
-        if self.fail:
-            raise RuntimeError("model crashed")
-        out = []
-        for p in predictions:
-            self.seen.append(p.text)
-            text = self.answer
-            if text is None:
-                text = "".join(p.topk[i][1][0] if p.char_probs[i] < 0.8 else c for i, c in enumerate(p.text))
-            out.append(FakeCorrection(text, p.text, text != p.text, candidates=[{"text": text, "score": -1.0}]))
-        return out
 
 
 def test_only_gated_words_reach_the_corrector(fake_recognizer) -> None:
