@@ -14,9 +14,10 @@ protocol (``runtime.charset.WordAccuracy``) and milliseconds per image. ``--json
 one JSON object as the last line.
 
 A SET is a folder with ``images/`` and ``labels.tsv``, a labels ``.tsv`` (images in the
-sibling ``images/``) or an LMDB folder; ``training.data.open_set`` reads it when that
-module exists, else ``runtime.inputs.open_input``. ``--synthetic N`` adds N generated
-words from ``training.data`` (skipped with a message while it is absent).
+sibling ``images/``) or an LMDB folder, read by ``training.data.open_set`` (evaluation
+label policy: labels over 25 characters dropped, unreadable images left out and counted);
+``runtime.inputs.open_input`` stands in where ``training.data`` is not installed.
+``--synthetic N`` adds N generated words (``training.data``'s ``synth:N:0``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -129,23 +130,40 @@ def _as_image(data: Any) -> Image.Image:
     return load_image(data)
 
 
-def _pairs(items: Iterable[Any]) -> Iterator[tuple[Any, str | None]]:
-    for item in items:
-        if isinstance(item, tuple | list) and len(item) >= 2:
-            yield item[0], item[1]
-        else:
-            yield getattr(item, "image", getattr(item, "data", None)), getattr(item, "label", None)
+@dataclass
+class LoadedSet:
+    """A set's readable samples (protocol-kept labels) and what was left out."""
+
+    name: str
+    samples: list[Sample]
+    unreadable: int = 0
+    dropped: int = 0
 
 
-def open_set(spec: str) -> tuple[str, Iterable[tuple[Any, str | None]]]:
-    """A set's name and its ``(image data, label)`` pairs."""
+def _from_dataset(dataset: Any, limit: int | None) -> list[Sample]:
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    samples = []
+    for i in range(count):
+        image, label = dataset[i]
+        samples.append(Sample(_as_image(image), label))
+    return samples
+
+
+def load_set(spec: str, max_length: int = 25, limit: int | None = None) -> LoadedSet:
+    """Open a labelled set: ``training.data.open_set`` when it exists (its evaluation label
+    policy), else ``runtime.inputs.open_input`` with ``runtime.charset.keep_for_eval``."""
     try:
-        from training.data import open_set as data_open_set  # type: ignore[attr-defined]
+        from training.data import open_set as data_open_set
     except ImportError:
         data_open_set = None
     if data_open_set is not None:
-        opened = data_open_set(spec)
-        return str(getattr(opened, "name", None) or spec), _pairs(getattr(opened, "samples", opened))
+        try:
+            dataset = data_open_set(spec, max_length=max_length, train=False)
+        except (FileNotFoundError, ValueError) as exc:
+            raise VerifyError(str(exc)) from None
+        return LoadedSet(str(getattr(dataset, "name", spec)), _from_dataset(dataset, limit),
+                         unreadable=len(getattr(dataset, "broken", [])),
+                         dropped=int(getattr(dataset, "num_dropped", 0)))
     from runtime.inputs import InputError, open_input
 
     try:
@@ -154,34 +172,29 @@ def open_set(spec: str) -> tuple[str, Iterable[tuple[Any, str | None]]]:
         raise VerifyError(str(exc)) from None
     if not opened.labelled:
         raise VerifyError(f"{spec}: not a labelled set (a folder with labels.tsv, a .tsv or an LMDB)")
-    return opened.name or spec, ((s.data, s.label) for s in opened.samples)
-
-
-def load_samples(pairs: Iterable[tuple[Any, str | None]], limit: int | None = None) -> tuple[list[Sample], int, int]:
-    """Readable samples with protocol-kept labels; also counts of unreadable and dropped ones."""
-    samples, unreadable, dropped = [], 0, 0
-    for data, label in pairs:
-        if limit is not None and len(samples) >= limit:
+    loaded = LoadedSet(opened.name or spec, [])
+    for sample in opened.samples:
+        if limit is not None and len(loaded.samples) >= limit:
             break
-        if label is None or not keep_for_eval(label):
-            dropped += 1
+        if sample.label is None or not keep_for_eval(sample.label, max_length):
+            loaded.dropped += 1
             continue
         try:
-            samples.append(Sample(_as_image(data), label))
+            loaded.samples.append(Sample(_as_image(sample.data), sample.label))
         except ImageError:
-            unreadable += 1
-    return samples, unreadable, dropped
+            loaded.unreadable += 1
+    return loaded
 
 
-def synthetic_pairs(n: int, seed: int = 0) -> Iterable[tuple[Any, str | None]] | None:
+def load_synthetic(n: int, charset: str, max_length: int, seed: int = 0) -> LoadedSet | None:
     """``n`` generated words from ``training.data``; None (with a message) when it is absent."""
     try:
-        from training.data import open_set as data_open_set  # type: ignore[attr-defined]
+        from training.data import build_dataset
     except ImportError as exc:
         print(f"synthetic words skipped: training.data is not available ({exc})", file=sys.stderr)
         return None
-    opened = data_open_set(f"synth:{n}:{seed}")
-    return _pairs(getattr(opened, "samples", opened))
+    dataset = build_dataset(f"synth:{n}:{seed}", None, charset, max_length, train=False)
+    return LoadedSet(f"synth:{n}:{seed}", _from_dataset(dataset, None))
 
 
 # -- PyTorch reference ----------------------------------------------------------------
@@ -217,6 +230,10 @@ def verify_set(model: CLIP4STR, recognizers: dict[str, Recognizer], samples: Seq
     reference = WordAccuracy()
     stats = {p: PrecisionStats() for p in recognizers}
     torch_seconds = 0.0
+    if samples:  # warm-up: session initialisation is not counted in the timings
+        for recognizer in recognizers.values():
+            recognizer.read([samples[0].image])
+        torch_outputs(model, preprocess([samples[0].image], spec))
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         images, labels = [s.image for s in chunk], [s.label for s in chunk]
@@ -293,18 +310,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = reference_model(args.ckpt)
     recognizers = make_recognizers(args.bundle, args.precision, args.threads)
     _check_same_model(next(iter(recognizers.values())).bundle.manifest, args.ckpt)
-    sources: list[tuple[str, Iterable[tuple[Any, str | None]]]] = [open_set(spec) for spec in args.sets]
-    if args.synthetic:
-        pairs = synthetic_pairs(args.synthetic)
-        if pairs is not None:
-            sources.append((f"synth:{args.synthetic}", pairs))
     report: dict[str, Any] = {"bundle": str(args.bundle), "ckpt": str(args.ckpt), "sets": {}}
-    for name, pairs in sources:
-        samples, unreadable, dropped = load_samples(pairs, args.limit)
-        result = verify_set(model, recognizers, samples, args.batch_size)
-        result.update(unreadable=unreadable, dropped=dropped)
-        report["sets"][name] = result
-        print(_summary_line(name, result))
+    cfg = model.cfg
+    loaded = [load_set(spec, cfg.max_label_length, args.limit) for spec in args.sets]
+    if args.synthetic:
+        synthetic = load_synthetic(args.synthetic, cfg.charset_train, cfg.max_label_length)
+        if synthetic is not None:
+            loaded.append(synthetic)
+    for item in loaded:
+        result = verify_set(model, recognizers, item.samples, args.batch_size)
+        result.update(unreadable=item.unreadable, dropped=item.dropped)
+        report["sets"][item.name] = result
+        print(_summary_line(item.name, result))
     report["total"] = _total(report["sets"])
     return report
 

@@ -1,0 +1,226 @@
+"""TensorRT engines for a bundle (needs an NVIDIA GPU and the ``tensorrt`` package).
+
+    python -m export.trt CKPT_OR_BUNDLE -o BUNDLE_DIR [--fp16] [--max-batch 64] [--opt-batch 8]
+
+Given a checkpoint, the ONNX bundle is exported first (``export.onnx``). Then one engine
+per graph is built with TensorRT's ONNX parser into a **strongly typed** network: the
+engine runs every tensor in the type the ONNX graph gives it, so the FP16 engines keep
+the FP32 islands of the fp16 graphs (LayerNorm, softmax, the head; ``export.precision``).
+TF32 is off, so FP32 stays FP32. One optimisation profile covers the batch axis
+(min 1, opt 8, max ``--max-batch``); a timing cache speeds up rebuilds. Engines go to
+``trt/<graph>.<precision>.sm<CC>.trt<VERSION>.engine`` and are listed in the manifest's
+``engines`` (entries for the same graph, precision, GPU and TensorRT version are replaced).
+
+Exit codes: 0 engines built; 1 export or build failed; 2 bad arguments; 3 no NVIDIA GPU or
+no ``tensorrt`` package: nothing was built, the ONNX bundle is complete and usable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from export.manifest import read_manifest, write_manifest
+from runtime.bundle import MANIFEST_NAME
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_NO_TENSORRT = 3
+ENGINE_DIR = "trt"
+PRECISIONS = ("fp32", "fp16")
+
+
+class TensorRTUnavailable(RuntimeError):
+    """No NVIDIA GPU or no TensorRT here; the message says which."""
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """The optimisation profile over the batch axis and the builder's workspace."""
+
+    min_batch: int = 1
+    opt_batch: int = 8
+    max_batch: int = 64
+    workspace_gib: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError(f"need 1 <= min ({self.min_batch}) <= opt ({self.opt_batch}) "
+                             f"<= max ({self.max_batch}) batch")
+
+
+#: ``builder(onnx_path, engine_path, input_shapes, settings, timing_cache_path)``;
+#: ``input_shapes`` maps each input name to its shape with ``"batch"`` for the batch axis
+Builder = Callable[[Path, Path, dict[str, list[Any]], BuildSettings, Path], None]
+
+
+def detect() -> tuple[str, str]:
+    """``(compute capability "major.minor", TensorRT version)`` of this machine."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise TensorRTUnavailable("the tensorrt package is not installed (pip install tensorrt)") from None
+    from runtime.backends import gpu_compute_capability
+
+    cc = gpu_compute_capability()
+    if cc is None:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                major, minor = torch.cuda.get_device_capability(0)
+                cc = f"{major}.{minor}"
+        except ImportError:
+            pass
+    if cc is None:
+        raise TensorRTUnavailable("no NVIDIA GPU found (TensorRT engines are built on the GPU they run on)")
+    return cc, str(tensorrt.__version__)
+
+
+def engine_file(graph: str, precision: str, compute_capability: str, version: str) -> str:
+    """``trt/<graph>.<precision>.sm<CC>.trt<VERSION>.engine`` (CC without the dot)."""
+    return f"{ENGINE_DIR}/{graph}.{precision}.sm{compute_capability.replace('.', '')}.trt{version}.engine"
+
+
+def timing_cache_file(compute_capability: str, version: str) -> str:
+    return f"{ENGINE_DIR}/timing.sm{compute_capability.replace('.', '')}.trt{version}.cache"
+
+
+def tensorrt_builder(onnx_path: Path, engine_path: Path, input_shapes: dict[str, list[Any]],
+                     settings: BuildSettings, timing_cache: Path) -> None:
+    """Build one engine with TensorRT 10 (strongly typed network, batch profile, timing cache)."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"{onnx_path.name}: TensorRT cannot parse it: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_gib * (1 << 30)))
+    config.clear_flag(trt.BuilderFlag.TF32)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shape = input_shapes[tensor.name]
+        shapes = [tuple(b if d == "batch" else int(d) for d in shape)
+                  for b in (settings.min_batch, settings.opt_batch, settings.max_batch)]
+        profile.set_shape(tensor.name, *shapes)
+    config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"{onnx_path.name}: TensorRT could not build the engine (see its log above)")
+    engine_path.write_bytes(bytes(serialized))
+    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+
+
+def build_engines(bundle_dir: str | Path, precisions: Sequence[str], settings: BuildSettings,
+                  builder: Builder | None = None, compute_capability: str | None = None,
+                  version: str | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Build an engine per graph and precision, add them to the manifest; returns the entries.
+
+    ``builder``, ``compute_capability`` and ``version`` default to TensorRT on this GPU
+    (:func:`detect`); tests pass a fake builder.
+    """
+    bundle_dir = Path(bundle_dir)
+    if compute_capability is None or version is None:
+        compute_capability, version = detect()
+    builder = builder or tensorrt_builder
+    manifest = read_manifest(bundle_dir)
+    missing = [p for p in precisions if p not in manifest["graphs"]]
+    if missing:
+        from export.onnx import add_precisions
+
+        log(f"adding the {', '.join(missing)} ONNX graphs the engines are built from")
+        manifest = add_precisions(bundle_dir, missing)
+    (bundle_dir / ENGINE_DIR).mkdir(exist_ok=True)
+    cache = bundle_dir / timing_cache_file(compute_capability, version)
+    built = []
+    for precision in precisions:
+        for graph, entry in manifest["graphs"][precision].items():
+            rel = engine_file(graph, precision, compute_capability, version)
+            log(f"building {rel} (batch {settings.min_batch}..{settings.max_batch}, opt {settings.opt_batch})")
+            shapes = {t["name"]: list(t["shape"]) for t in entry["inputs"]}
+            builder(bundle_dir / entry["file"], bundle_dir / rel, shapes, settings, cache)
+            built.append({"graph": graph, "precision": precision, "file": rel,
+                          "compute_capability": compute_capability, "tensorrt_version": version,
+                          "min_batch": settings.min_batch, "opt_batch": settings.opt_batch,
+                          "max_batch": settings.max_batch})
+    replaced = {(e["graph"], e["precision"], e["compute_capability"], e["tensorrt_version"]) for e in built}
+    kept = [e for e in manifest.get("engines") or []
+            if (e["graph"], e["precision"], e["compute_capability"], e["tensorrt_version"]) not in replaced]
+    manifest["engines"] = kept + built
+    write_manifest(bundle_dir, manifest)
+    return built
+
+
+def _prepare_bundle(source: Path, out: Path | None, precisions: list[str]) -> Path:
+    """The bundle to build into: exported from a checkpoint, copied, or ``source`` itself."""
+    if (source / MANIFEST_NAME).is_file():
+        if out is None or out.resolve() == source.resolve():
+            return source
+        if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+            raise ValueError(f"{out}: not empty and not a bundle; refusing to overwrite it")
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(source, out)
+        return out
+    if not (source / "model.json").is_file():
+        raise ValueError(f"{source}: neither a bundle (manifest.json) nor a checkpoint (model.json)")
+    if out is None:
+        raise ValueError("a checkpoint needs -o BUNDLE_DIR")
+    from export.onnx import export_bundle
+
+    return export_bundle(source, out, precisions)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build TensorRT engines for a bundle (exit 3: no GPU/TensorRT).")
+    parser.add_argument("source", type=Path, help="checkpoint directory or bundle directory")
+    parser.add_argument("-o", "--output", type=Path, default=None,
+                        help="bundle directory (default: the given bundle, updated in place)")
+    parser.add_argument("--fp16", action="store_true", help="build FP16 engines (default: FP32)")
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--opt-batch", type=int, default=8)
+    parser.add_argument("--workspace-gib", type=float, default=4.0)
+    args = parser.parse_args(argv)
+    precisions = ["fp16"] if args.fp16 else ["fp32"]
+    try:
+        settings = BuildSettings(1, min(args.opt_batch, args.max_batch), args.max_batch, args.workspace_gib)
+    except ValueError as exc:
+        parser.error(str(exc))
+    from export.onnx import ExportError
+
+    try:
+        bundle = _prepare_bundle(args.source, args.output, ["fp32", *precisions])
+    except (ExportError, ValueError, OSError) as exc:
+        print(f"export.trt: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        cc, version = detect()
+    except TensorRTUnavailable as exc:
+        print(f"export.trt: no TensorRT engines built: {exc}. The ONNX bundle at {bundle} is complete "
+              f"and runs on onnxruntime (exit code {EXIT_NO_TENSORRT}).", file=sys.stderr)
+        return EXIT_NO_TENSORRT
+    try:
+        built = build_engines(bundle, precisions, settings, compute_capability=cc, version=version,
+                              log=lambda m: print(m, file=sys.stderr))
+    except Exception as exc:  # TensorRT raises its own types; the bundle keeps its old manifest
+        print(f"export.trt: engine build failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for entry in built:
+        print(bundle / entry["file"])
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
