@@ -20,7 +20,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from typing import Any
 
 import numpy as np
@@ -130,7 +130,8 @@ def iter_encoded(n: int, seed: int, charset: str, max_length: int, workers: int 
         for job in jobs:
             yield from _encode_range(job)
         return
-    with get_context("spawn").Pool(workers) as pool:
+    method = "fork" if "fork" in get_all_start_methods() else "spawn"  # fork: no re-import of torch
+    with get_context(method).Pool(workers) as pool:
         for part in pool.imap(_encode_range, jobs):
             yield from part
 
