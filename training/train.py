@@ -255,6 +255,8 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, pretrained: str | None = No
                 bar.set_postfix(loss=f"{values['train/loss']:.3f}")
             if step % tcfg.val_every == 0:
                 validate()
+                if rank == 0:
+                    save_train_state(out / "last", model, optimizer, step, best, rng, time.time() - start)
             if step >= tcfg.max_steps or progress() >= 1.0:
                 done = True
                 break
