@@ -8,7 +8,7 @@ import torch
 
 from training.config import model_config
 from training.model.clip4str import CLIP4STR
-from training.model.decoder import autoregressive, causal_mask, cloze_mask, refine
+from training.model.decoder import autoregressive, causal_mask, cloze_mask, padding_bias, permutation_logits, refine
 from training.model.permutations import attention_masks, generate_permutations
 
 torch.set_num_threads(1)
@@ -147,42 +147,53 @@ def test_cross_branch_gradients_never_reach_the_image_encoder() -> None:
     assert any(p.grad is not None and p.grad.any() for p in model.image_encoder.parameters())
 
 
-class _FixedDecoder(torch.nn.Module):
-    """Stands in for a decoder: returns the same logits whatever the masks."""
+def test_batched_permutations_equal_one_pass_per_permutation() -> None:
+    torch.manual_seed(0)
+    cfg = model_config("clip4str-tiny")
+    cfg.decoder.depth = 2  # the content stream is updated too
+    model = CLIP4STR(cfg).eval()
+    codec = model.codec
+    targets = torch.from_numpy(codec.encode(["hello", "ab", "xyz12"]))
+    context = targets[:, :-1]
+    padding = padding_bias((context == codec.pad_id) | (context == codec.eos_id))
+    memory = torch.randn(3, 20, cfg.embed_dim)
+    masks = [attention_masks(p) for p in generate_permutations(5, 6, np.random.default_rng(0))]
+    batched = permutation_logits(model.visual_decoder, context, memory, torch.stack([m[1] for m in masks]),
+                                 torch.stack([m[0] for m in masks]), padding)
+    for k, (content_mask, query_mask) in enumerate(masks):
+        single = model.visual_decoder(context, memory, query_mask=query_mask, content_mask=content_mask,
+                                      padding_mask=padding)
+        assert torch.allclose(single, batched[k], atol=1e-5)
 
-    def __init__(self, logits: torch.Tensor) -> None:
-        super().__init__()
-        self.logits = logits
 
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        return self.logits
+def test_loss_ignores_pad_and_scores_eos_only_in_canonical_orders(tiny: CLIP4STR, monkeypatch) -> None:
+    import training.model.clip4str as clip4str_module
 
-
-def test_loss_ignores_pad_and_scores_eos_only_in_canonical_orders(tiny: CLIP4STR) -> None:
     codec = tiny.codec
-    targets = torch.from_numpy(codec.encode(["ab", "c"]))
-    context, expected = targets[:, :-1], targets[:, 1:]
-    logits = torch.randn(2, 3, codec.num_classes)
-    perms = generate_permutations(2, 6, np.random.default_rng(0))
-    assert len(perms) == 2
-    loss, _ = tiny._perm_loss(_FixedDecoder(logits), torch.zeros(2, 1, 8), context, expected, perms, None)
     ce = torch.nn.functional.cross_entropy
-    flat, tgt = logits.flatten(0, 1), expected.flatten()
-    keep = tgt != codec.pad_id
-    assert torch.isclose(loss, ce(flat[keep], tgt[keep]))
+
+    def run(labels: list[str], num_chars: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        targets = torch.from_numpy(codec.encode(labels))
+        context, expected = targets[:, :-1], targets[:, 1:]
+        perms = generate_permutations(num_chars, 6, np.random.default_rng(0))
+        logits = torch.randn(len(perms), len(labels), expected.shape[1], codec.num_classes)
+        monkeypatch.setattr(clip4str_module, "permutation_logits", lambda *args: logits)
+        loss, _ = tiny._perm_loss(tiny.visual_decoder, torch.zeros(2, 1, 8), context, expected, perms, None)
+        return loss, logits, expected, len(perms)
+
+    loss, logits, expected, k = run(["ab", "c"], 2)
+    assert k == 2
+    keep = expected.flatten() != codec.pad_id
+    reference = sum(ce(logits[i].flatten(0, 1)[keep], expected.flatten()[keep], reduction="sum") for i in range(2))
+    assert torch.isclose(loss, reference / (2 * keep.sum()))
     # with 3+ characters there are later orders: EOS must not be a target there
-    targets = torch.from_numpy(codec.encode(["abc", "de"]))
-    context, expected = targets[:, :-1], targets[:, 1:]
-    logits = torch.randn(2, 4, codec.num_classes)
-    perms = generate_permutations(3, 6, np.random.default_rng(0))
-    loss, _ = tiny._perm_loss(_FixedDecoder(logits), torch.zeros(2, 1, 8), context, expected, perms, None)
-    flat, tgt = logits.flatten(0, 1), expected.flatten()
+    loss, logits, expected, k = run(["abc", "de"], 3)
+    tgt = expected.flatten()
     with_eos = tgt != codec.pad_id
     no_eos = with_eos & (tgt != codec.eos_id)
-    n1, n2 = int(with_eos.sum()), int(no_eos.sum())
-    expected_loss = (2 * n1 * ce(flat[with_eos], tgt[with_eos]) + (len(perms) - 2) * n2 * ce(flat[no_eos], tgt[no_eos]))
-    expected_loss = expected_loss / (2 * n1 + (len(perms) - 2) * n2)
-    assert torch.isclose(loss, expected_loss)
+    total = sum(ce(logits[i].flatten(0, 1)[with_eos], tgt[with_eos], reduction="sum") for i in range(2))
+    total += sum(ce(logits[i].flatten(0, 1)[no_eos], tgt[no_eos], reduction="sum") for i in range(2, k))
+    assert torch.isclose(loss, total / (2 * with_eos.sum() + (k - 2) * no_eos.sum()))
 
 
 def test_fast_variant_and_refinement_count(tiny: CLIP4STR) -> None:

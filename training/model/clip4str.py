@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from runtime.decoding import CharCodec, Prediction, softmax
 from runtime.tokenizer import BPETokenizer, TextBridge
 from training.config import ModelConfig
-from training.model.decoder import CharDecoder, autoregressive, padding_bias, refine
+from training.model.decoder import CharDecoder, autoregressive, padding_bias, permutation_logits, refine
 from training.model.permutations import attention_masks, generate_permutations
 from training.model.towers import ImageEncoder, TextEncoder, build_clip
 
@@ -125,21 +125,12 @@ class CLIP4STR(nn.Module):
                    perms: Tensor, padding: Tensor) -> tuple[Tensor, Tensor]:
         """Token-count-weighted cross entropy over the permutations; EOS is a target only
         for the first two (canonical) orders. Also returns the left-to-right logits."""
-        pad = self.codec.pad_id
-        total, count = memory.new_zeros(()), 0
-        first_logits = None
-        targets = expected
-        n = int((targets != pad).sum())
-        for i, perm in enumerate(perms):
-            content_mask, query_mask = attention_masks(perm)
-            logits = decoder(context, memory, query_mask=query_mask, content_mask=content_mask,
-                             padding_mask=padding)
-            if i == 0:
-                first_logits = logits
-            total = total + n * F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=pad)
-            count += n
-            if i == 1:
-                targets = torch.where(targets == self.codec.eos_id, pad, targets)
-                n = int((targets != pad).sum())
-        assert first_logits is not None
-        return total / count, first_logits
+        pad, eos = self.codec.pad_id, self.codec.eos_id
+        masks = [attention_masks(perm) for perm in perms]
+        content_masks = torch.stack([m[0] for m in masks])
+        query_masks = torch.stack([m[1] for m in masks])
+        logits = permutation_logits(decoder, context, memory, query_masks, content_masks, padding)
+        targets = expected.unsqueeze(0).repeat(len(perms), 1, 1)
+        targets[2:] = torch.where(targets[2:] == eos, pad, targets[2:])
+        total = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=pad, reduction="sum")
+        return total / (targets != pad).sum(), logits[0]

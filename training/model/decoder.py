@@ -12,6 +12,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from training.config import DecoderConfig
 
@@ -188,3 +189,57 @@ def refine(decoder: CharDecoder, memory: Tensor, logits: Tensor, bos_id: int, eo
         tokens, memory, query=queries, query_mask=cloze_mask(steps, logits.device),
         content_mask=causal_mask(steps, logits.device), padding_mask=padding,
     )
+
+
+def _attend(attn: nn.MultiheadAttention, query: Tensor, key_value: Tensor, bias: Tensor | None) -> Tensor:
+    """``attn`` (its own weights) on inputs with any leading dims that broadcast, e.g. a
+    permutation axis on the queries and none on a shared memory. Same maths as
+    ``nn.MultiheadAttention`` with an additive float mask."""
+    heads = attn.num_heads
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+
+    def split(x: Tensor) -> Tensor:
+        return x.unflatten(-1, (heads, -1)).transpose(-2, -3)
+
+    q = split(F.linear(query, w_q, b_q))
+    k, v = split(F.linear(key_value, w_k, b_k)), split(F.linear(key_value, w_v, b_v))
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if bias is not None:
+        scores = scores + bias
+    weights = F.dropout(scores.softmax(-1), attn.dropout, attn.training)
+    return attn.out_proj((weights @ v).transpose(-2, -3).flatten(-2))
+
+
+def permutation_logits(decoder: CharDecoder, tokens: Tensor, memory: Tensor, query_masks: Tensor,
+                       content_masks: Tensor, padding: Tensor | None) -> Tensor:
+    """Logits ``(K, B, L, C+1)`` for K permutation masks in one pass (training).
+
+    Equal to calling ``decoder(tokens, memory, query_mask=query_masks[k],
+    content_mask=content_masks[k], padding_mask=padding)`` for each k, but the memory's and
+    the shared content's keys and values are projected once instead of K times.
+    """
+    batch, length = tokens.shape
+    content = torch.cat(
+        [decoder.embed(tokens[:, :1]), decoder.pos_queries[:, : length - 1] + decoder.embed(tokens[:, 1:])], dim=1
+    )
+    content = decoder.dropout(content)
+    query = decoder.dropout(decoder.pos_queries[:, :length]).unsqueeze(0)  # (1, 1, L, D)
+    pad = padding[:, None, None, :] if padding is not None else 0.0  # (B, 1, 1, L) over keys
+    query_bias = query_masks[:, None, None] + pad  # (K, B, 1, L, L)
+    content_bias = content_masks[:, None, None] + pad
+    last = len(decoder.layers) - 1
+    for i, layer in enumerate(decoder.layers):
+        content_norm = layer.norm_content(content)
+
+        def stream(x: Tensor, x_norm: Tensor, bias: Tensor, layer: TwoStreamLayer = layer,
+                   content_norm: Tensor = content_norm) -> Tensor:
+            x = x + layer.drop_self(_attend(layer.self_attn, x_norm, content_norm, bias))
+            x = x + layer.drop_cross(_attend(layer.cross_attn, layer.norm_cross(x), memory, None))
+            return x + layer.drop_mlp(layer.mlp(layer.norm_mlp(x)))
+
+        new_query = stream(query, layer.norm_query(query), query_bias)
+        if i != last:
+            content = stream(content, content_norm, content_bias)
+        query = new_query
+    return decoder.head(decoder.norm(query))
