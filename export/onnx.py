@@ -250,7 +250,10 @@ def export_bundle(ckpt_dir: str | Path, out_dir: str | Path, precisions: Sequenc
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:
-        model = _decode_model(load_checkpoint(source))
+        try:
+            model = _decode_model(load_checkpoint(source))
+        except Exception as exc:  # safetensors and torch raise their own types
+            raise ExportError(f"{source}: cannot load the weights ({type(exc).__name__}: {exc})") from None
         with _staging(out) as stage:
             graphs, report = _write_graphs(model, stage, opset, exporter, slim, lint, threads)
             minimum = {name: info["min_layernorms"] for name, info in report.items()}
