@@ -1,0 +1,148 @@
+"""The ways this project reads a batch, behind one timing interface.
+
+* :class:`TorchEngine`: the PyTorch model in eager mode (``training.checkpoint``), the
+  baseline: the same preprocessing code, ``forward`` and the same decoding and gate.
+* :class:`BundleEngine`: the bundle through ``runtime.recognizer.Recognizer`` on one
+  backend and precision (onnxruntime CPU/CUDA/TensorRT, TensorRT engines).
+
+``run(images)`` returns the batch's wall time and the milliseconds spent per stage (the
+recognizer's stage names; the PyTorch model has one ``forward`` stage for all graphs).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from runtime.recognizer import STAGES
+
+#: The stages that run inside a graph (or the eager model), not on the host.
+GRAPH_STAGES = ("image_encoder", "visual_decoder", "text_encoder", "cross_decoder", "forward")
+#: Stage columns of the reports, in pipeline order.
+ALL_STAGES = ("preprocess", "forward", *STAGES[1:])
+
+
+@dataclass
+class BatchTiming:
+    """One timed batch: wall time and the time per stage, both for the whole batch."""
+
+    wall_ms: float
+    stages_ms: dict[str, float] = field(default_factory=dict)
+    gated: int = 0
+    errors: int = 0
+
+    @property
+    def graph_ms(self) -> float:
+        return sum(v for k, v in self.stages_ms.items() if k in GRAPH_STAGES)
+
+    @property
+    def host_ms(self) -> float:
+        """Time outside the graphs (and outside llama.cpp)."""
+        return max(0.0, self.wall_ms - self.graph_ms - self.stages_ms.get("llm", 0.0))
+
+
+class TorchEngine:
+    """The checkpoint in PyTorch, eager, on the CPU (or ``device``)."""
+
+    kind = "pytorch"
+
+    def __init__(self, ckpt: str | Path, threads: int | None = None, device: str = "cpu") -> None:
+        import torch
+
+        from training.checkpoint import load_checkpoint
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = load_checkpoint(ckpt, device=device)
+        self.key = "pytorch"
+        self.label = f"PyTorch eager {device} fp32"
+        self.backend, self.precision = f"torch-{device}", "fp32"
+        self.threshold = float(self.model.cfg.threshold)
+
+    def run(self, images: list[Image.Image]) -> BatchTiming:
+        from runtime.decoding import softmax
+        from runtime.gate import gate
+        from runtime.preprocess import load_image, preprocess
+
+        torch, model, stages = self.torch, self.model, {}
+        start = time.perf_counter()
+        batch = preprocess([load_image(image) for image in images], model.cfg.image)
+        x = torch.from_numpy(batch).to(model.device)
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            logits = model(x)["final"].float().cpu().numpy()
+        t2 = time.perf_counter()
+        predictions = model.codec.decode(softmax(logits), topk=5)
+        gated = sum(gate(p, self.threshold).needs_llm for p in predictions)
+        t3 = time.perf_counter()
+        stages = {"preprocess": 1000 * (t1 - start), "forward": 1000 * (t2 - t1), "decode_gate": 1000 * (t3 - t2)}
+        return BatchTiming(1000 * (t3 - start), stages, gated)
+
+    def close(self) -> None:
+        pass
+
+
+class BundleEngine:
+    """The bundle on one backend and precision, through the runtime's recognizer."""
+
+    kind = "onnx"
+
+    def __init__(self, bundle: str | Path, backend: str, precision: str, threads: int | None = None,
+                 corrector: Any | None = None, llm_mode: str = "rescore") -> None:
+        from runtime.backends import select_backend
+        from runtime.bundle import load_bundle
+        from runtime.recognizer import Recognizer
+
+        loaded = load_bundle(bundle)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            chosen = select_backend(loaded, backend, precision, threads)
+        self.recognizer = Recognizer(loaded, chosen, corrector, llm_mode=llm_mode)
+        self.backend, self.precision = chosen.name, precision
+        self.key = f"{chosen.name}/{precision}"
+        self.label = f"{chosen.name} {precision}"
+        self.threshold = self.recognizer.threshold
+
+    def run(self, images: list[Image.Image]) -> BatchTiming:
+        start = time.perf_counter()
+        results = self.recognizer.read(images, batch_size=max(1, len(images)))
+        wall = 1000 * (time.perf_counter() - start)
+        stages: dict[str, float] = {}
+        for result in results:
+            for stage, ms in result.timings_ms.items():
+                stages[stage] = stages.get(stage, 0.0) + ms
+        timing = BatchTiming(wall, stages, sum(r.gated for r in results), sum(not r.ok for r in results))
+        timing.results = results  # type: ignore[attr-defined]
+        return timing
+
+    def close(self) -> None:
+        self.recognizer.close()
+
+
+def backend_choices(bundle_path: str | Path) -> list[tuple[str, str]]:
+    """Every (backend, precision) this machine can run for the bundle: onnxruntime CPU for
+    each precision, CUDA and TensorRT providers when installed with a GPU, TensorRT engines
+    that match this GPU."""
+    import onnxruntime as ort
+
+    from runtime.backends import gpu_compute_capability, matching_engines
+    from runtime.bundle import load_bundle
+
+    bundle = load_bundle(bundle_path, verify=False)
+    providers = ort.get_available_providers()
+    gpu = gpu_compute_capability() is not None
+    out = [("ort-cpu", p) for p in bundle.precisions]
+    if gpu and "CUDAExecutionProvider" in providers:
+        out += [("ort-cuda", p) for p in bundle.precisions]
+    if gpu and "TensorrtExecutionProvider" in providers:
+        out += [("ort-trt", p) for p in bundle.precisions]
+    for precision in sorted({e.precision for e in bundle.engines}):
+        if gpu and len(matching_engines(bundle, precision, warn=False)) == 4:
+            out.append(("trt", precision))
+    return out
