@@ -40,6 +40,9 @@ from runtime.charset import WordAccuracy, weighted_total
 from runtime.inputs import InputError
 
 ALL_READERS = PROJECT + PEERS
+#: Row names of readers that did not load.
+NAMES = {"project": "this project (no LLM)", "project+llm": "this project + LLM", "rapidocr": "RapidOCR PP-OCRv4 rec",
+         "tesseract": "Tesseract LSTM, PSM 7", "easyocr": "EasyOCR english_g2"}
 
 
 def load_readers(keys: Sequence[str], args: argparse.Namespace) -> tuple[list[Reader], dict[str, str]]:
@@ -109,19 +112,26 @@ def summarise(readers: Sequence[Reader], missing: dict[str, str], sets: Sequence
             ok = [t for t in entry["ms"] if t == t]
             per_set[data.name] = {**meter.as_dict(), "median_ms": median(ok), "p95_ms": percentile(ok, 95),
                                   "errors": entry["errors"], "first_error": entry["first_error"]}
+            if baseline:
+                per_set[data.name]["ratio_to_baseline"] = _ratio(entry["ms"], run[baseline]["ms"])
             all_ms += entry["ms"]
         total = weighted_total(list(per_set.values()))
         ok = [t for t in all_ms if t == t]
         total.update(median_ms=median(ok), p95_ms=percentile(ok, 95),
                      errors=sum(s["errors"] for s in per_set.values()))
         if baseline:
-            pairs = [(t, b) for t, b in zip(all_ms, base_ms) if t == t and b == b]
-            total["ratio_to_baseline"] = paired_ratio([p[0] for p in pairs], [p[1] for p in pairs])
+            total["ratio_to_baseline"] = _ratio(all_ms, base_ms)
         rows.append({"key": reader.key, "name": reader.name, "status": "ok", "version": reader.version,
                      "info": reader.info, "sets": per_set, "total": total})
     for key, reason in missing.items():
-        rows.append({"key": key, "name": key, "status": "missing", "reason": reason})
+        rows.append({"key": key, "name": NAMES.get(key, key), "status": "missing", "reason": reason})
     return {"baseline": baseline, "readers": rows}
+
+
+def _ratio(times: Sequence[float], baseline: Sequence[float]) -> float:
+    """Median per-image ratio, over the images both readers read without failing."""
+    pairs = [(t, b) for t, b in zip(times, baseline, strict=True) if t == t and b == b]
+    return paired_ratio([p[0] for p in pairs], [p[1] for p in pairs])
 
 
 def table(summary: dict[str, Any], sets: Sequence[EvalSet]) -> str:
@@ -132,7 +142,7 @@ def table(summary: dict[str, Any], sets: Sequence[EvalSet]) -> str:
     rows = []
     for row in summary["readers"]:
         if row["status"] != "ok":
-            rows.append([row["name"], "missing", *["-"] * (len(header) - 2)])
+            rows.append([row["name"], "missing", *["-"] * (len(header) - 2)])  # never scored as zero
             continue
         total = row["total"]
         rows.append([row["name"], row["version"], *[fmt(row["sets"][s.name]["accuracy"]) for s in sets],

@@ -100,7 +100,8 @@ def test_run_set_interleaves_and_counts_failures(tmp_path: Path) -> None:
     assert rows["good"]["total"]["ratio_to_baseline"] == 1.0
     assert rows["gone"]["status"] == "missing" and "total" not in rows["gone"]
     text = peers.table(summary, [data])
-    assert "| GONE" not in text and "| gone | missing |" in text and "gone: missing: not installed" in text
+    assert "| gone | missing | - |" in text and "gone: missing: not installed" in text
+    assert "0.0" not in text.split("| gone |")[1].splitlines()[0]  # missing is not scored as zero
 
 
 def test_main_reports_missing_project_bundle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
