@@ -157,7 +157,7 @@ def save_train_state(path: Path, model: CLIP4STR, optimizer: torch.optim.Optimiz
 
 
 def train(model_cfg: ModelConfig, tcfg: TrainConfig, pretrained: str | None = None,
-          resume: str | None = None) -> dict[str, Any]:
+          resume: str | None = None, init: str | None = None) -> dict[str, Any]:
     """Run training; returns a summary (steps, best validation accuracy, time)."""
     rank, world, device = _setup_distributed()
     torch.manual_seed(tcfg.seed)
@@ -169,6 +169,11 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, pretrained: str | None = No
     model = CLIP4STR(model_cfg, pretrained=pretrained).to(device)
     optimizer = build_optimizer(model, tcfg, tcfg.batch_size * world)
     rng = np.random.default_rng(tcfg.seed)  # same on every rank: the same permutations
+    if init:  # start from a checkpoint's weights (a new run: fresh optimizer and schedule)
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(init) / "model.safetensors"))
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     step, best, elapsed_before = 0, -1.0, 0.0
     if resume:
         from safetensors.torch import load_file
@@ -283,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value (value as JSON)")
     parser.add_argument("--pretrained", help="open_clip tag (e.g. openai) or a local CLIP weights file")
     parser.add_argument("--resume", help="a previous run's OUTPUT/last directory")
+    parser.add_argument("--init", help="start from this checkpoint's weights (fresh optimizer and schedule)")
     parser.add_argument("--output", help="output directory (overrides train.output_dir)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     args = parser.parse_args(argv)
@@ -294,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         document.setdefault("train", {})["output_dir"] = args.output
     model_cfg = ModelConfig.from_dict(document["model"])
     tcfg = TrainConfig.from_dict(document.get("train", {}))
-    summary = train(model_cfg, tcfg, pretrained=args.pretrained, resume=args.resume)
+    summary = train(model_cfg, tcfg, pretrained=args.pretrained, resume=args.resume, init=args.init)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     if dist.is_initialized():
