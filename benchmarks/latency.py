@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -218,7 +219,7 @@ def tables(rows: Sequence[dict[str, Any]], llm: dict[str, Any] | None, baseline:
     body = [[r["label"], r["batch"], fmt(r["p50_ms"], 2), fmt(r["p95_ms"], 2), fmt(r["throughput"], 1),
              fmt(r.get("ratio_to_baseline"), 2, "x"), fmt(100 * r["host_share"], 1, "%")] for r in rows]
     parts = ["End to end (per image = batch time / batch size):", "", markdown_table(head, body)]
-    stages = [s for s in ALL_STAGES if any(s in r["stages_p50_ms"] for r in rows)]
+    stages = [s for s in ALL_STAGES if any(r["stages_p50_ms"].get(s, 0.0) > 0 for r in rows)]
     body = [[r["label"], r["batch"], *[fmt(r["stages_p50_ms"].get(s), 2) for s in stages]] for r in rows]
     parts += ["", "Stage p50, ms per image:", "", markdown_table(["engine", "batch", *stages], body)]
     if llm is not None:
@@ -360,7 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print("\n".join(f"- {k}: skipped: {v}" for k, v in missing.items()))
     if args.plot:
-        plot(rows, args.plot, f"{bundle.name}: {source}; {info['cpu']}, {info['nproc']} CPUs")
+        model = json.loads((bundle / "manifest.json").read_text()).get("model", {}).get("name", bundle.name)
+        plot(rows, args.plot, f"{model} bundle ({bundle}): {source}; {info['cpu']}, {info['nproc']} CPUs")
         print(f"\nplot written to {args.plot}", file=sys.stderr)
     if args.json:
         print_json(clean_nan({"benchmark": "latency", "machine": info, "bundle": str(bundle),
