@@ -66,3 +66,22 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> CLI
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.checkpoint SRC -o DST [--half]``: rewrite a checkpoint (e.g. in FP16)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Copy a checkpoint, optionally with FP16 weights.")
+    parser.add_argument("src")
+    parser.add_argument("-o", "--output", required=True)
+    parser.add_argument("--half", action="store_true", help="store floating-point weights as float16")
+    args = parser.parse_args(argv)
+    _, meta = read_config(args.src)
+    save_checkpoint(load_checkpoint(args.src), args.output, meta={**meta, "half": args.half}, half=args.half)
+    print(args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
