@@ -18,7 +18,7 @@ python -m training.data.split "$DATA/iiit5k_train_2000" "$DATA/ic15_train_4468" 
 # Phase 2: real crops (scene-text sets three times over, born-digital once) mixed with new
 # synthetic words, with CLIP4STR's RandAugment, starting from phase 1's best weights.
 S=runs/splits
-python -m training.train --config clipllama-small --threads 2 --init runs/phase1-synth20/best \
+python -m training.train --config clipllama-small --threads 2 --init runs/phase1-synth20/last \
   --output runs/phase2-real \
   train.max_minutes="${PHASE2_MINUTES:-50}" train.num_workers=1 train.augment=true train.lr=0.008 \
   train.synthetic_train=30000 train.synthetic_val=0 train.seed=1 \
