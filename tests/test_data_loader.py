@@ -79,12 +79,15 @@ def test_collate_shapes_and_errors():
 
 
 def test_parse_synth_spec():
-    assert parse_synth_spec("synth:100") == (100, 0)
-    assert parse_synth_spec("synth:100:9", seed=3) == (100, 9)
-    assert parse_synth_spec("synth:100", seed=3) == (100, 3)
+    assert parse_synth_spec("synth:100") == (100, 0, 1.0)
+    assert parse_synth_spec("synth:100:9", seed=3) == (100, 9, 1.0)
+    assert parse_synth_spec("synth:100", seed=3) == (100, 3, 1.0)
+    assert parse_synth_spec("synth:100:9:0.25") == (100, 9, 0.25)
     assert parse_synth_spec("/data/x") is None
     with pytest.raises(ValueError, match="synth:N"):
         parse_synth_spec("synth:lots")
+    with pytest.raises(ValueError, match="DIFFICULTY"):
+        parse_synth_spec("synth:100:9:2")
 
 
 def test_build_dataset_synth_and_path(lmdb_dir):

@@ -111,3 +111,31 @@ def test_cli_sheet(tmp_path):
     path = tmp_path / "sheet.png"
     assert synth_main(["--sheet", str(path)]) == 0
     assert path.stat().st_size > 10_000
+
+
+def _colours(image) -> int:
+    return len(np.unique(np.asarray(image).reshape(-1, 3), axis=0))
+
+
+def test_difficulty_zero_is_flat_text_with_the_same_words():
+    easy, full = SynthWords(30, seed=3, difficulty=0.0), SynthWords(30, seed=3)
+    assert [easy[i][1] for i in range(30)] == [full[i][1] for i in range(30)]
+    # a plain background and one fill colour: few distinct colours (anti-aliasing only);
+    # the full mix adds noise, gradients, textures and JPEG artefacts
+    easy_colours = [_colours(easy[i][0]) for i in range(30)]
+    full_colours = [_colours(full[i][0]) for i in range(30)]
+    assert np.median(easy_colours) * 4 < np.median(full_colours)
+    for i in range(30):  # flat text: the most common colour covers much of the crop
+        pixels = np.asarray(easy[i][0]).reshape(-1, 3)
+        _, counts = np.unique(pixels, axis=0, return_counts=True)
+        assert counts.max() > 0.3 * len(pixels)
+    with pytest.raises(ValueError, match="difficulty"):
+        WordRenderer(difficulty=1.5)
+
+
+def test_cli_difficulty_matches_the_dataset(tmp_path):
+    out = tmp_path / "easy"
+    assert synth_main(["-n", "4", "-o", str(out), "--seed", "2", "--difficulty", "0"]) == 0
+    lmdb_set, ref = open_set(out, train=True), SynthWords(4, seed=2, difficulty=0.0)
+    assert np.array_equal(np.asarray(lmdb_set[3][0]), np.asarray(ref[3][0]))
+    assert ref.name == "synth:4:2:0"

@@ -97,3 +97,14 @@ def test_two_gloo_processes_train_the_same_replica(tmp_path: Path) -> None:
     torch.manual_seed(0)
     fresh = CLIP4STR(model_config("clip4str-tiny"))
     assert first["param_checksum"] != float(sum(p.double().abs().sum() for p in fresh.parameters()))
+
+
+def test_synthetic_difficulty_reaches_both_synthetic_sets() -> None:
+    from training.train import _train_dataset, _val_dataset
+
+    model_cfg, tcfg = load_config("clipllama-small")
+    tcfg = TrainConfig(**{**tcfg.__dict__, "synthetic_train": 50, "synthetic_val": 5,
+                          "synthetic_difficulty": 0.25, "train_data": [], "val_data": []})
+    train_set, val_set = _train_dataset(model_cfg, tcfg), _val_dataset(model_cfg, tcfg)
+    assert train_set.difficulty == val_set.difficulty == 0.25
+    assert train_set.seed != val_set.seed  # held-out words

@@ -99,6 +99,8 @@ class TrainConfig:
     #: synthetic words generated on the fly (0: none); mixed with ``train_data``
     synthetic_train: int = 0
     synthetic_val: int = 0
+    #: the generator's difficulty for both (0: flat text on plain backgrounds, 1: every effect)
+    synthetic_difficulty: float = 1.0
     batch_size: int = 64
     #: base learning rate for a batch of 512 (CLIP4STR: 8.4e-5); scaled by batch/512
     lr: float = 8.4e-5

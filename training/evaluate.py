@@ -3,7 +3,7 @@
     python -m training.evaluate --ckpt CKPT SET... [--json] [--batch-size 64]
 
 A SET is a folder with ``images/`` and ``labels.tsv``, a labels ``.tsv`` file, an LMDB
-(tree), or ``synth:N[:SEED]`` for generated words. Prediction and label are lowercased and
+(tree), or ``synth:N[:SEED[:DIFFICULTY]]`` for generated words. Prediction and label are lowercased and
 reduced to ``[0-9a-z]``; labels over 25 characters are dropped; the total is
 sample-weighted. ``--json`` prints one JSON object as the last line.
 """
@@ -45,7 +45,7 @@ def evaluate_loader(model: CLIP4STR, batches: Iterable, progress: bool = False) 
 
 def evaluate_set(model: CLIP4STR, spec: str, batch_size: int = 64, workers: int = 0,
                  progress: bool = False) -> dict:
-    """Score ``model`` on one set (path or ``synth:N[:SEED]``) under the protocol."""
+    """Score ``model`` on one set (path or ``synth:N[:SEED[:DIFFICULTY]]``) under the protocol."""
     cfg = model.cfg
     dataset = build_dataset(spec, cfg.image, cfg.charset_train, cfg.max_label_length,
                             train=False, augment=False, seed=0)

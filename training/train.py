@@ -75,7 +75,8 @@ def _train_dataset(cfg: ModelConfig, tcfg: TrainConfig) -> Dataset:
     parts = [build_dataset(s, cfg.image, cfg.charset_train, cfg.max_label_length, train=True,
                            augment=tcfg.augment, seed=tcfg.seed) for s in tcfg.train_data]
     if tcfg.synthetic_train:
-        parts.append(build_dataset(f"synth:{tcfg.synthetic_train}:{tcfg.seed}", cfg.image, cfg.charset_train,
+        spec = f"synth:{tcfg.synthetic_train}:{tcfg.seed}:{tcfg.synthetic_difficulty}"
+        parts.append(build_dataset(spec, cfg.image, cfg.charset_train,
                                    cfg.max_label_length, train=True, augment=tcfg.augment, seed=tcfg.seed))
     if not parts:
         raise ValueError("no training data: set train.train_data and/or train.synthetic_train")
@@ -87,7 +88,8 @@ def _val_dataset(cfg: ModelConfig, tcfg: TrainConfig) -> Dataset | None:
                            augment=False, seed=0) for s in tcfg.val_data]
     if tcfg.synthetic_val:
         # a seed far from the training one: held-out words
-        parts.append(build_dataset(f"synth:{tcfg.synthetic_val}:{tcfg.seed + 1_000_003}", cfg.image,
+        spec = f"synth:{tcfg.synthetic_val}:{tcfg.seed + 1_000_003}:{tcfg.synthetic_difficulty}"
+        parts.append(build_dataset(spec, cfg.image,
                                    cfg.charset_train, cfg.max_label_length, train=False, augment=False,
                                    seed=0))
     if not parts:

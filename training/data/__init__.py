@@ -17,7 +17,7 @@ The API the trainer, the evaluator, export checks and benchmarks use::
 * ``build_dataset(spec, preprocessing, charset, max_length, train, augment, seed,
   verify=None) -> Dataset`` of ``(tensor (3,H,W), label)``; ``preprocessing=None`` gives
   PIL images. ``spec``: a path (folder with ``labels.tsv``, a labels ``.tsv``, an LMDB
-  tree) or ``synth:N[:SEED]``.
+  tree) or ``synth:N[:SEED[:DIFFICULTY]]``.
 * ``open_set(path, charset, max_length, train=False, transform=None, verify=None)``:
   the reader for a path, ``(PIL image, label)`` items (:mod:`.readers`, which documents
   the label policy and how broken images are handled).

@@ -4,8 +4,9 @@ A *spec* names one source of samples:
 
 * a path: a folder with ``labels.tsv``, a labels ``.tsv`` file or an LMDB tree
   (:func:`.readers.open_set`);
-* ``synth:N`` or ``synth:N:SEED``: N synthetic words rendered on the fly
-  (:class:`.synth.SynthWords`; SEED defaults to the ``seed`` argument).
+* ``synth:N``, ``synth:N:SEED`` or ``synth:N:SEED:DIFFICULTY``: N synthetic words rendered
+  on the fly (:class:`.synth.SynthWords`; SEED defaults to the ``seed`` argument,
+  DIFFICULTY in [0, 1] to 1).
 """
 
 from __future__ import annotations
@@ -23,18 +24,23 @@ from .readers import ConcatSets, open_set
 from .transforms import build_transform
 
 
-def parse_synth_spec(spec: str, seed: int = 0) -> tuple[int, int] | None:
-    """``(N, seed)`` for ``synth:N[:SEED]``; ``None`` when ``spec`` is not synthetic."""
+def parse_synth_spec(spec: str, seed: int = 0) -> tuple[int, int, float] | None:
+    """``(N, seed, difficulty)`` for ``synth:N[:SEED[:DIFFICULTY]]``; ``None`` when ``spec``
+    is not synthetic."""
     if not spec.startswith("synth:"):
         return None
     parts = spec.split(":")
     try:
-        if len(parts) not in (2, 3):
+        if len(parts) not in (2, 3, 4):
             raise ValueError
         n = int(parts[1])
-        return n, int(parts[2]) if len(parts) == 3 else seed
+        difficulty = float(parts[3]) if len(parts) == 4 else 1.0
+        if not 0.0 <= difficulty <= 1.0:
+            raise ValueError
+        return n, int(parts[2]) if len(parts) >= 3 else seed, difficulty
     except ValueError:
-        raise ValueError(f"bad synthetic spec {spec!r}: expected synth:N or synth:N:SEED") from None
+        raise ValueError(f"bad synthetic spec {spec!r}: expected synth:N, synth:N:SEED or "
+                         "synth:N:SEED:DIFFICULTY (0 to 1)") from None
 
 
 def build_dataset(
@@ -57,8 +63,8 @@ def build_dataset(
     if synthetic is not None:
         from .synth import SynthWords  # imported here so `python -m training.data.synth` runs cleanly
 
-        n, synth_seed = synthetic
-        return SynthWords(n, synth_seed, charset, max_length, transform)
+        n, synth_seed, difficulty = synthetic
+        return SynthWords(n, synth_seed, charset, max_length, transform, difficulty=difficulty)
     return open_set(spec, charset, max_length, train=train, transform=transform, verify=verify)
 
 

@@ -74,7 +74,13 @@ def _perspective_coeffs(dst: np.ndarray, src: np.ndarray) -> tuple[float, ...]:
 class WordRenderer:
     """Draws word crops; holds the font list and a per-process font cache."""
 
-    def __init__(self, fonts: tuple[FontInfo, ...] | None = None, sizes: tuple[int, ...] = FONT_SIZES) -> None:
+    def __init__(self, fonts: tuple[FontInfo, ...] | None = None, sizes: tuple[int, ...] = FONT_SIZES,
+                 difficulty: float = 1.0) -> None:
+        if not 0.0 <= difficulty <= 1.0:
+            raise ValueError(f"difficulty must be within [0, 1], got {difficulty}")
+        #: scales the chance and strength of every effect: 0 is flat text on a plain
+        #: background (a curriculum's first stage), 1 the full mix
+        self.difficulty = float(difficulty)
         self.fonts = fonts if fonts is not None else discover_fonts()
         self.sizes = sizes
         self.families: dict[str, list[FontInfo]] = {}
@@ -131,6 +137,10 @@ class WordRenderer:
         masks = [m.crop(box) for m in masks]
         return masks[0], (masks[1] if stroke else None)
 
+    def _chance(self, rng: random.Random, p: float) -> bool:
+        """True with probability ``p * difficulty`` (always draws, so streams stay aligned)."""
+        return rng.random() < p * self.difficulty
+
     @staticmethod
     def _curve(masks: list[Image.Image], rng: random.Random) -> list[Image.Image]:
         width, height = masks[0].size
@@ -152,8 +162,7 @@ class WordRenderer:
             mesh.append((box, quad))
         return [m.transform((width, out_h), Image.Transform.MESH, mesh, Image.Resampling.BILINEAR) for m in masks]
 
-    @staticmethod
-    def _geometry(masks: list[Image.Image], rng: random.Random, gen: np.random.Generator) -> list[Image.Image]:
+    def _geometry(self, masks: list[Image.Image], rng: random.Random, gen: np.random.Generator) -> list[Image.Image]:
         box = masks[-1].getbbox()
         if box is None:
             return masks
@@ -162,14 +171,14 @@ class WordRenderer:
         h = float(y1 - y0)
         centre = src.mean(axis=0)
         pts = src - centre
-        shear = rng.uniform(-0.35, 0.35) if rng.random() < 0.2 else 0.0
+        shear = rng.uniform(-0.35, 0.35) if self._chance(rng, 0.2) else 0.0
         pts[:, 0] -= shear * pts[:, 1]
-        angle = math.radians(float(np.clip(gen.normal(0, 3.0), -10, 10)))
-        if rng.random() < 0.05:
+        angle = math.radians(float(np.clip(gen.normal(0, 3.0), -10, 10)) * self.difficulty)
+        if self._chance(rng, 0.05):
             angle = math.radians(rng.uniform(-20, 20))
         rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
         pts = pts @ rot.T
-        if rng.random() < 0.35:  # perspective: move the corners independently
+        if self._chance(rng, 0.35):  # perspective: move the corners independently
             pts += gen.uniform(-1, 1, size=(4, 2)) * np.array([0.08, 0.08]) * h
             if rng.random() < 0.5:  # one side shorter (a sign seen from aside), down to ~70%
                 side = rng.choice(((1, 2), (0, 3)))
@@ -183,11 +192,12 @@ class WordRenderer:
         return [m.transform(size, Image.Transform.PERSPECTIVE, coeffs, Image.Resampling.BILINEAR) for m in masks]
 
     # -- backgrounds ---------------------------------------------------------------------
-    @staticmethod
-    def _background(size: tuple[int, int], rng: random.Random, gen: np.random.Generator) -> np.ndarray:
+    def _background(self, size: tuple[int, int], rng: random.Random, gen: np.random.Generator) -> np.ndarray:
         width, height = size
         base = np.array(_random_colour(rng), np.float32)
         kind = rng.random()
+        if rng.random() >= self.difficulty:  # easier: more plain backgrounds
+            kind = 0.0
         if kind < 0.35:
             bg = np.broadcast_to(base, (height, width, 3)).copy()
         elif kind < 0.6:  # linear gradient in a random direction
@@ -226,13 +236,13 @@ class WordRenderer:
             return None
         size = rng.choice(self.sizes)
         font = self.font(info.path, size)
-        stroke = rng.randint(1, max(1, size // 16)) if rng.random() < 0.15 else 0
-        tracking = rng.uniform(0.05, 0.35) * size if rng.random() < 0.12 and len(text) > 1 else 0.0
+        stroke = rng.randint(1, max(1, size // 16)) if self._chance(rng, 0.15) else 0
+        tracking = rng.uniform(0.05, 0.35) * size if self._chance(rng, 0.12) and len(text) > 1 else 0.0
         fill_mask, stroke_mask = self._masks(text, font, stroke, tracking)
         if fill_mask is None:  # nothing drawn: a glyph-less render
             return None
         masks = [fill_mask] if stroke_mask is None else [fill_mask, stroke_mask]
-        if rng.random() < 0.2:
+        if self._chance(rng, 0.2):
             masks = self._curve(masks, rng)
         masks = self._geometry(masks, rng, gen)
         ink = masks[-1].getbbox()
@@ -241,7 +251,7 @@ class WordRenderer:
         x0, y0, x1, y1 = ink
         h = y1 - y0
         margins = [rng.uniform(0.0, 0.25) * h for _ in range(2)] + [rng.uniform(0.0, 0.2) * h for _ in range(2)]
-        if rng.random() < 0.05:  # a crop that cuts into the text a little
+        if self._chance(rng, 0.05):  # a crop that cuts into the text a little
             margins[rng.randrange(4)] = -rng.uniform(0.0, 0.12) * h
         box = (int(x0 - margins[0]), int(y0 - margins[2]), int(x1 + margins[1]) + 1, int(y1 + margins[3]) + 1)
         masks = [m.crop(box) for m in masks]
@@ -252,7 +262,7 @@ class WordRenderer:
         lumas = _lumas(background)
         bg_luma = sum(lumas) / len(lumas)
         fill = _contrasting(rng, lumas)
-        if rng.random() < 0.12:  # drop shadow
+        if self._chance(rng, 0.12):  # drop shadow
             shadow = masks[-1].filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5)))
             dx, dy = rng.randint(-3, 3), rng.randint(1, 3)
             tone = (20, 20, 20) if bg_luma > 90 else (0, 0, 0)
@@ -260,7 +270,7 @@ class WordRenderer:
         if stroke_mask is not None:
             outline = _contrasting(rng, [_luma(fill)], 60.0) if rng.random() < 0.7 else fill
             image.paste(outline, (0, 0, *crop_size), masks[1])
-        if rng.random() < 0.1:  # two-tone (gradient) letters
+        if self._chance(rng, 0.1):  # two-tone (gradient) letters
             other = _contrasting(rng, lumas)
             t = np.linspace(0, 1, crop_size[1], dtype=np.float32)[:, None, None]
             grad = (np.array(fill, np.float32) * (1 - t) + np.array(other, np.float32) * t)
@@ -270,10 +280,9 @@ class WordRenderer:
             image.paste(fill, (0, 0, *crop_size), masks[0])
         return self._degrade(image, rng, gen)
 
-    @staticmethod
-    def _degrade(image: Image.Image, rng: random.Random, gen: np.random.Generator) -> Image.Image:
+    def _degrade(self, image: Image.Image, rng: random.Random, gen: np.random.Generator) -> Image.Image:
         width, height = image.size
-        if rng.random() < 0.1:  # partial occlusion: a bar, a wire or a blob over the word
+        if self._chance(rng, 0.1):  # partial occlusion: a bar, a wire or a blob over the word
             draw = ImageDraw.Draw(image)
             colour = _random_colour(rng)
             if rng.random() < 0.5:
@@ -285,18 +294,18 @@ class WordRenderer:
                 r = rng.uniform(0.15, 0.35) * height
                 draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
         scale = height / 32.0  # degradations are relative to the crop size
-        if rng.random() < 0.25:
+        if self._chance(rng, 0.25):
             image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 0.8) * scale))
-        elif rng.random() < 0.15 and height >= 24:  # a low-resolution crop, upsampled
+        elif self._chance(rng, 0.15) and height >= 24:  # a low-resolution crop, upsampled
             f = rng.uniform(0.45, 0.8)
             small = image.resize((max(1, int(width * f)), max(1, int(height * f))), Image.Resampling.BILINEAR)
             image = small.resize((width, height), Image.Resampling.BILINEAR)
-        if rng.random() < 0.1:  # low contrast / haze
+        if self._chance(rng, 0.1):  # low contrast / haze
             image = Image.blend(image, Image.new("RGB", image.size, _random_colour(rng)), rng.uniform(0.15, 0.35))
-        if rng.random() < 0.3:
+        if self._chance(rng, 0.3):
             noisy = np.asarray(image, np.float32) + gen.normal(0, rng.uniform(2, 10), size=(height, width, 1))
             image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
-        if rng.random() < 0.3:
+        if self._chance(rng, 0.3):
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=rng.randint(25, 80))
             image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")

@@ -43,6 +43,7 @@ class SynthWords(Dataset):
         charset: str = "94",
         max_length: int = MAX_LABEL_LENGTH,
         transform: Callable[[Image.Image], Any] | None = None,
+        difficulty: float = 1.0,
     ) -> None:
         if num_samples <= 0:
             raise ValueError("num_samples must be positive")
@@ -51,7 +52,8 @@ class SynthWords(Dataset):
         self.charset = charset
         self.max_length = max_length
         self.transform = transform
-        self.name = f"synth:{num_samples}:{seed}"
+        self.difficulty = float(difficulty)
+        self.name = f"synth:{num_samples}:{seed}" + (f":{difficulty:g}" if difficulty != 1.0 else "")
         self.num_dropped = 0
         self._words: WordSampler | None = None
         self._renderer: WordRenderer | None = None
@@ -70,7 +72,7 @@ class SynthWords(Dataset):
             raise IndexError(index)
         if self._words is None:
             self._words = WordSampler(self.charset, self.max_length)
-            self._renderer = WordRenderer()
+            self._renderer = WordRenderer(difficulty=self.difficulty)
         assert self._renderer is not None
         rng = random.Random(f"{self.seed}:{index}")
         gen = np.random.default_rng([self.seed, index])
@@ -104,14 +106,14 @@ def contact_sheet(dataset: SynthWords, count: int = 48, cols: int = 4,
     return sheet
 
 
-_WRITER_SETS: dict[tuple[int, str, int], SynthWords] = {}
+_WRITER_SETS: dict[tuple[int, str, int, float], SynthWords] = {}
 
 
-def _encode_range(args: tuple[int, int, int, str, int]) -> list[tuple[bytes, str]]:
-    start, stop, seed, charset, max_length = args
-    key = (seed, charset, max_length)
+def _encode_range(args: tuple[int, int, int, str, int, float]) -> list[tuple[bytes, str]]:
+    start, stop, seed, charset, max_length, difficulty = args
+    key = (seed, charset, max_length, difficulty)
     if key not in _WRITER_SETS:  # one per process: fonts and words load once
-        _WRITER_SETS[key] = SynthWords(2**62, seed, charset, max_length)
+        _WRITER_SETS[key] = SynthWords(2**62, seed, charset, max_length, difficulty=difficulty)
     dataset = _WRITER_SETS[key]
     out = []
     for i in range(start, stop):
@@ -123,9 +125,9 @@ def _encode_range(args: tuple[int, int, int, str, int]) -> list[tuple[bytes, str
 
 
 def iter_encoded(n: int, seed: int, charset: str, max_length: int, workers: int = 1,
-                 chunk: int = 256) -> Iterator[tuple[bytes, str]]:
+                 chunk: int = 256, difficulty: float = 1.0) -> Iterator[tuple[bytes, str]]:
     """PNG bytes and labels of items ``0..n-1``, in order (``workers`` processes)."""
-    jobs = [(s, min(s + chunk, n), seed, charset, max_length) for s in range(0, n, chunk)]
+    jobs = [(s, min(s + chunk, n), seed, charset, max_length, difficulty) for s in range(0, n, chunk)]
     if workers <= 1:
         for job in jobs:
             yield from _encode_range(job)
@@ -170,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--charset", default="94", help="charset name or characters (default 94)")
     parser.add_argument("--max-length", type=int, default=MAX_LABEL_LENGTH)
+    parser.add_argument("--difficulty", type=float, default=1.0,
+                        help="0 = flat text on plain backgrounds ... 1 = every effect (default)")
     parser.add_argument("-j", "--workers", type=int, default=1, help="processes for writing")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing LMDB")
     parser.add_argument("--sheet", help="write a contact sheet PNG of 48 samples instead")
@@ -181,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key}: {value:.0f}")
         return 0
     if args.sheet:
-        contact_sheet(SynthWords(48, args.seed, args.charset, args.max_length)).save(args.sheet)
+        sheet_set = SynthWords(48, args.seed, args.charset, args.max_length, difficulty=args.difficulty)
+        contact_sheet(sheet_set).save(args.sheet)
         print(f"wrote {args.sheet}")
         return 0
     if not args.output:
@@ -189,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     from .lmdb_io import write_lmdb
 
     start = time.perf_counter()
-    samples = iter_encoded(args.num, args.seed, args.charset, args.max_length, args.workers)
+    samples = iter_encoded(args.num, args.seed, args.charset, args.max_length, args.workers,
+                           difficulty=args.difficulty)
     written = write_lmdb(args.output, samples, overwrite=args.overwrite)
     print(f"wrote {written} samples to {args.output} in {time.perf_counter() - start:.1f}s")
     return 0
