@@ -87,7 +87,9 @@ def test_parse_synth_spec():
     with pytest.raises(ValueError, match="synth:N"):
         parse_synth_spec("synth:lots")
     with pytest.raises(ValueError, match="DIFFICULTY"):
-        parse_synth_spec("synth:100:9:2")
+        parse_synth_spec("synth:100:9:hard")
+    with pytest.raises(ValueError, match=r"difficulty must be within \[0, 1\]"):
+        build_dataset("synth:100:9:2", SPEC)  # refused when the set is built
 
 
 def test_build_dataset_synth_and_path(lmdb_dir):

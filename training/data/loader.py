@@ -35,12 +35,10 @@ def parse_synth_spec(spec: str, seed: int = 0) -> tuple[int, int, float] | None:
             raise ValueError
         n = int(parts[1])
         difficulty = float(parts[3]) if len(parts) == 4 else 1.0
-        if not 0.0 <= difficulty <= 1.0:
-            raise ValueError
         return n, int(parts[2]) if len(parts) >= 3 else seed, difficulty
     except ValueError:
         raise ValueError(f"bad synthetic spec {spec!r}: expected synth:N, synth:N:SEED or "
-                         "synth:N:SEED:DIFFICULTY (0 to 1)") from None
+                         "synth:N:SEED:DIFFICULTY") from None
 
 
 def build_dataset(

@@ -71,16 +71,21 @@ def _perspective_coeffs(dst: np.ndarray, src: np.ndarray) -> tuple[float, ...]:
     return tuple(np.linalg.solve(np.asarray(rows, float), np.asarray(rhs, float)).tolist())
 
 
+def check_difficulty(difficulty: float) -> float:
+    """``difficulty`` as a float, or a ``ValueError`` when it is outside [0, 1]."""
+    if not 0.0 <= difficulty <= 1.0:
+        raise ValueError(f"difficulty must be within [0, 1], got {difficulty}")
+    return float(difficulty)
+
+
 class WordRenderer:
     """Draws word crops; holds the font list and a per-process font cache."""
 
     def __init__(self, fonts: tuple[FontInfo, ...] | None = None, sizes: tuple[int, ...] = FONT_SIZES,
                  difficulty: float = 1.0) -> None:
-        if not 0.0 <= difficulty <= 1.0:
-            raise ValueError(f"difficulty must be within [0, 1], got {difficulty}")
         #: scales the chance and strength of every effect: 0 is flat text on a plain
         #: background (a curriculum's first stage), 1 the full mix
-        self.difficulty = float(difficulty)
+        self.difficulty = check_difficulty(difficulty)
         self.fonts = fonts if fonts is not None else discover_fonts()
         self.sizes = sizes
         self.families: dict[str, list[FontInfo]] = {}
@@ -138,7 +143,8 @@ class WordRenderer:
         return masks[0], (masks[1] if stroke else None)
 
     def _chance(self, rng: random.Random, p: float) -> bool:
-        """True with probability ``p * difficulty`` (always draws, so streams stay aligned)."""
+        """True with probability ``p * difficulty``; one draw, as ``rng.random() < p`` made
+        before, so difficulty 1 renders exactly what the generator always rendered."""
         return rng.random() < p * self.difficulty
 
     @staticmethod
@@ -196,7 +202,7 @@ class WordRenderer:
         width, height = size
         base = np.array(_random_colour(rng), np.float32)
         kind = rng.random()
-        if rng.random() >= self.difficulty:  # easier: more plain backgrounds
+        if self.difficulty < 1.0 and rng.random() >= self.difficulty:  # easier: more plain backgrounds
             kind = 0.0
         if kind < 0.35:
             bg = np.broadcast_to(base, (height, width, 3)).copy()

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from runtime.charset import MAX_LABEL_LENGTH, normalize_label
 
-from .render import WordRenderer
+from .render import WordRenderer, check_difficulty
 from .words import WordSampler
 
 
@@ -52,7 +52,7 @@ class SynthWords(Dataset):
         self.charset = charset
         self.max_length = max_length
         self.transform = transform
-        self.difficulty = float(difficulty)
+        self.difficulty = check_difficulty(difficulty)  # now, not in a worker at the first item
         self.name = f"synth:{num_samples}:{seed}" + (f":{difficulty:g}" if difficulty != 1.0 else "")
         self.num_dropped = 0
         self._words: WordSampler | None = None
