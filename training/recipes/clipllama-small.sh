@@ -19,7 +19,8 @@ python -m training.data.split "$DATA/iiit5k_train_2000" "$DATA/ic15_train_4468" 
   -o runs/splits --val-fraction 0.06 --seed 0
 
 # Phase 2: real crops (scene-text sets three times over, born-digital once) mixed with new
-# synthetic words, with CLIP4STR's RandAugment, starting from phase 1's best weights.
+# synthetic words, with CLIP4STR's RandAugment, starting from phase 1's last weights (its
+# held-out synthetic accuracy stayed at 0%, so "best" would be its first validation).
 S=runs/splits
 python -m training.train --config clipllama-small --threads 2 --init runs/phase1-synth20/last \
   --output runs/phase2-real \
