@@ -8,15 +8,19 @@ the traced graphs and eager PyTorch share one implementation of the decode
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from runtime.preprocess import Preprocessing
 from training.model.clip4str import CLIP4STR
 from training.model.decoder import autoregressive, refine
 
 GRAPH_NAMES = ("image_encoder", "visual_decoder", "text_encoder", "cross_decoder")
+#: names of the dynamic axes of an aspect-keeping tower's graphs (docs/bundle.md)
+WIDTH_AXIS = "width"
+TOKENS_AXIS = "tokens"
 #: Batch of the example inputs the graphs are traced with (not 1, so no size-1
 #: broadcasting is baked in; the batch axis is dynamic anyway).
 TRACE_BATCH = 2
@@ -85,6 +89,8 @@ class GraphDef:
     example: tuple[Tensor, ...]
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    #: axes besides the batch that stay dynamic, by tensor name: ``{name: {axis: label}}``
+    dynamic: dict[str, dict[int, str]] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -93,20 +99,34 @@ def graph_defs(model: CLIP4STR, batch: int = TRACE_BATCH, seed: int = 0) -> list
     model.eval()
     cfg = model.cfg
     generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, cfg.image.height, cfg.image.width, generator=generator)
+    # an aspect-keeping tower takes any width up to cfg.image.width: trace below the maximum
+    # so a width the trace saw cannot be mistaken for a constant
+    width = trace_width(cfg.image)
+    images = torch.randn(batch, 3, cfg.image.height, width, generator=generator)
     image_features = model.encode_image(images)
     vocab = int(model.text_encoder.token_embedding.num_embeddings)
     text_ids = torch.randint(0, vocab, (batch, cfg.text_context_length), generator=generator)
     text_features = model.encode_text(text_ids)
+    tokens = {"image_features": {1: TOKENS_AXIS}} if cfg.image.keep_aspect else {}
+    pixels = {"images": {3: WIDTH_AXIS}} if cfg.image.keep_aspect else {}
     return [
-        GraphDef("image_encoder", ImageEncoderGraph(model), (images,), ("images",), ("image_features",)),
+        GraphDef("image_encoder", ImageEncoderGraph(model), (images,), ("images",), ("image_features",),
+                 {**pixels, **tokens}),
         GraphDef("visual_decoder", VisualDecoderGraph(model), (image_features,), ("image_features",),
-                 ("ar_logits", "refined_logits")),
+                 ("ar_logits", "refined_logits"), tokens),
         GraphDef("text_encoder", TextEncoderGraph(model), (text_ids,), ("text_ids",), ("text_features",)),
         GraphDef("cross_decoder", CrossDecoderGraph(model), (image_features, text_features, text_features),
                  ("image_features", "text_features_ar", "text_features_refined"),
-                 ("ar_logits", "refined_logits")),
+                 ("ar_logits", "refined_logits"), tokens),
     ]
+
+
+def trace_width(spec: Preprocessing) -> int:
+    """The example input width: the model width, or for a dynamic width a typical word's
+    (half the maximum, a multiple of the width step)."""
+    if not spec.keep_aspect:
+        return spec.width
+    return max(spec.width_multiple, spec.width // 2 // spec.width_multiple * spec.width_multiple)
 
 
 def count_layernorms(module: nn.Module) -> int:

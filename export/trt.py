@@ -21,7 +21,7 @@ import argparse
 import shutil
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ EXIT_FAILED = 1
 EXIT_NO_TENSORRT = 3
 ENGINE_DIR = "trt"
 PRECISIONS = ("fp32", "fp16")
+#: pixels per image token of the aspect-keeping towers (PP-OCR's backbone downsamples by 8)
+TOWER_WIDTH_STRIDE = 8
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -47,6 +49,9 @@ class BuildSettings:
     opt_batch: int = 8
     max_batch: int = 64
     workspace_gib: float = 4.0
+    #: ``(min, opt, max)`` of each named dynamic axis besides the batch (an aspect-keeping
+    #: tower's ``width`` and ``tokens``; :func:`dynamic_axis_ranges` reads them from a manifest)
+    axes: tuple[tuple[str, tuple[int, int, int]], ...] = ()
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
@@ -109,10 +114,7 @@ def tensorrt_builder(onnx_path: Path, engine_path: Path, input_shapes: dict[str,
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
-        shape = input_shapes[tensor.name]
-        shapes = [tuple(b if d == "batch" else int(d) for d in shape)
-                  for b in (settings.min_batch, settings.opt_batch, settings.max_batch)]
-        profile.set_shape(tensor.name, *shapes)
+        profile.set_shape(tensor.name, *profile_shapes(input_shapes[tensor.name], settings))
     config.add_optimization_profile(profile)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
@@ -121,6 +123,28 @@ def tensorrt_builder(onnx_path: Path, engine_path: Path, input_shapes: dict[str,
         raise RuntimeError(f"{onnx_path.name}: TensorRT could not build the engine (see its log above)")
     engine_path.write_bytes(bytes(serialized))
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+
+
+def dynamic_axis_ranges(manifest: dict[str, Any]) -> tuple[tuple[str, tuple[int, int, int]], ...]:
+    """The profile ranges of an aspect-keeping bundle's ``width`` and ``tokens`` axes:
+    from the narrowest input to the widest, optimised for a typical word (half the widest)."""
+    pre = manifest["preprocessing"]
+    if not pre.get("keep_aspect"):
+        return ()
+    step, widest = int(pre.get("width_multiple", 8)), int(pre["width"])
+    typical = max(step, widest // 2 // step * step)
+    width = (step, typical, widest)
+    return (("width", width), ("tokens", tuple(max(1, w // TOWER_WIDTH_STRIDE) for w in width)))
+
+
+def profile_shapes(shape: Sequence[Any], settings: BuildSettings) -> list[tuple[int, ...]]:
+    """The (min, opt, max) shapes of one input: ``batch`` and the named axes from
+    ``settings``, every other axis as the manifest gives it."""
+    ranges = {"batch": (settings.min_batch, settings.opt_batch, settings.max_batch), **dict(settings.axes)}
+    for d in shape:
+        if isinstance(d, str) and d not in ranges:
+            raise ValueError(f"no profile range for the dynamic axis {d!r}")
+    return [tuple(ranges[d][k] if isinstance(d, str) else int(d) for d in shape) for k in range(3)]
 
 
 def build_engines(bundle_dir: str | Path, precisions: Sequence[str], settings: BuildSettings,
@@ -136,6 +160,7 @@ def build_engines(bundle_dir: str | Path, precisions: Sequence[str], settings: B
         compute_capability, version = detect()
     builder = builder or tensorrt_builder
     manifest = read_manifest(bundle_dir)
+    settings = replace(settings, axes=settings.axes or dynamic_axis_ranges(manifest))
     missing = [p for p in precisions if p not in manifest["graphs"]]
     if missing:
         from export.onnx import add_precisions

@@ -2,13 +2,20 @@
 
 Training, evaluation, export parity checks and the runtime all turn a picture into the
 model's input with :func:`preprocess`, so the pixels a model sees never depend on who
-calls it. Images are resized to the model size *without* keeping the aspect ratio
-(bicubic), scaled to [0, 1] and normalised with the checkpoint's mean and std.
+calls it. Images are scaled to [0, 1] and normalised with the checkpoint's mean and std
+after one of two resizes, as the checkpoint's :class:`Preprocessing` says:
+
+* ``keep_aspect=False`` (CLIP towers): the model size *without* keeping the aspect ratio;
+* ``keep_aspect=True`` (text-recognition towers such as PP-OCR's): the model height, the
+  width that keeps the aspect ratio (at most ``width``, at least ``width_multiple``), then
+  right-padding with zeros (after normalisation) to the widest image of the batch rounded
+  up to ``width_multiple``.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -31,13 +38,46 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How a model wants its input: size, normalisation and interpolation."""
+    """How a model wants its input: size, normalisation, interpolation and aspect policy.
+
+    With ``keep_aspect`` the input width is dynamic: ``width`` is the largest, and every
+    batch width is a multiple of ``width_multiple``.
+    """
 
     height: int
     width: int
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     interpolation: str = "bicubic"
+    keep_aspect: bool = False
+    width_multiple: int = 8
+
+    def __post_init__(self) -> None:
+        if self.height <= 0 or self.width <= 0 or self.width_multiple <= 0:
+            raise ValueError(f"bad preprocessing size {self.height}x{self.width} (multiple {self.width_multiple})")
+        if self.keep_aspect and self.width % self.width_multiple:
+            raise ValueError(f"width {self.width} is not a multiple of {self.width_multiple}")
+        if self.interpolation not in _INTERPOLATION:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}; known: {sorted(_INTERPOLATION)}")
+
+    @property
+    def min_width(self) -> int:
+        """The narrowest input the model sees (``width`` for a fixed size)."""
+        return self.width_multiple if self.keep_aspect else self.width
+
+    def image_width(self, size: tuple[int, int]) -> int:
+        """The resized width of an image of ``(width, height)`` pixels."""
+        if not self.keep_aspect:
+            return self.width
+        w, h = size
+        return min(self.width, max(self.width_multiple, math.ceil(self.height * w / h)))
+
+    def batch_width(self, widths: Sequence[int]) -> int:
+        """The padded width of a batch whose images resize to ``widths``."""
+        if not self.keep_aspect:
+            return self.width
+        m = self.width_multiple
+        return min(self.width, max(m, -(-max(widths) // m) * m))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,6 +90,8 @@ class Preprocessing:
             mean=tuple(float(v) for v in data["mean"]),
             std=tuple(float(v) for v in data["std"]),
             interpolation=str(data.get("interpolation", "bicubic")),
+            keep_aspect=bool(data.get("keep_aspect", False)),
+            width_multiple=int(data.get("width_multiple", 8)),
         )
 
 
@@ -121,16 +163,26 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def resize(image: Image.Image, spec: Preprocessing) -> Image.Image:
-    """Resize to the model size, ignoring the aspect ratio."""
-    return image.resize((spec.width, spec.height), _INTERPOLATION[spec.interpolation])
+    """Resize to the model height and :meth:`Preprocessing.image_width`."""
+    return image.resize((spec.image_width(image.size), spec.height), _INTERPOLATION[spec.interpolation])
 
 
 def preprocess(images: Sequence[Image.Image], spec: Preprocessing) -> np.ndarray:
-    """RGB PIL images -> normalised float32 batch ``(B, 3, H, W)``."""
-    batch = np.empty((len(images), spec.height, spec.width, 3), dtype=np.uint8)
+    """RGB PIL images -> normalised float32 batch ``(B, 3, H, W)`` (W: the batch width)."""
+    resized = [np.asarray(resize(_to_rgb(image) if image.mode != "RGB" else image, spec)) for image in images]
+    if not spec.keep_aspect:
+        return normalize(np.stack(resized) if resized else np.empty((0, spec.height, spec.width, 3), np.uint8), spec)
+    return pad_batch([normalize(r[None], spec)[0] for r in resized], spec)
+
+
+def pad_batch(images: Sequence[np.ndarray], spec: Preprocessing) -> np.ndarray:
+    """Normalised ``(3, H, w_i)`` arrays -> one ``(B, 3, H, W)`` batch, right-padded with
+    zeros to :meth:`Preprocessing.batch_width`."""
+    width = spec.batch_width([image.shape[-1] for image in images] or [spec.min_width])
+    batch = np.zeros((len(images), 3, spec.height, width), dtype=np.float32)
     for i, image in enumerate(images):
-        batch[i] = np.asarray(resize(_to_rgb(image) if image.mode != "RGB" else image, spec))
-    return normalize(batch, spec)
+        batch[i, :, :, : image.shape[-1]] = image[..., :width]
+    return batch
 
 
 def normalize(batch_hwc_uint8: np.ndarray, spec: Preprocessing) -> np.ndarray:

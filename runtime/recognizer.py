@@ -26,7 +26,7 @@ from runtime.bundle import Bundle, load_bundle
 from runtime.decoding import CharCodec, Prediction, softmax
 from runtime.gate import check_threshold, gate
 from runtime.inputs import Sample, Source, array_to_image, source_name
-from runtime.preprocess import ImageError, load_image, preprocess
+from runtime.preprocess import ImageError, load_image, pad_batch, preprocess
 from runtime.tokenizer import BPETokenizer, TextBridge
 
 #: Stage names of :attr:`ReadResult.timings_ms`, in the order they run.
@@ -237,11 +237,11 @@ class Recognizer:
             rows, kept = [], []
             for i, picture in zip(good, pictures):
                 try:
-                    rows.append(preprocess([picture], self.bundle.preprocessing))
+                    rows.append(preprocess([picture], self.bundle.preprocessing)[0])
                     kept.append(i)
                 except Exception as exc:
                     results[i].error = f"cannot preprocess input ({type(exc).__name__}: {exc})"
-            return (np.concatenate(rows) if rows else None), kept
+            return (pad_batch(rows, self.bundle.preprocessing) if rows else None), kept
 
     def _decode(self, images: np.ndarray, timer: _Timer) -> list[Prediction]:
         run, n = self.backend.run, len(images)

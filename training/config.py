@@ -16,6 +16,7 @@ from runtime.charset import resolve_charset
 from runtime.preprocess import Preprocessing
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+IMAGE_TOWERS = ("clip-vit", "ppocrv6-rec-small")
 
 
 @dataclass
@@ -37,6 +38,10 @@ class ModelConfig:
     clip: dict[str, Any]
     #: open_clip's registered model name, used to fetch a pretrained tag (None: custom)
     open_clip_name: str | None = None
+    #: the image tower: "clip-vit" (the paper's: ``clip.vision_cfg``) or a pretrained
+    #: text-recognition backbone shipped in a PyPI package, "ppocrv6-rec-small"
+    #: (PP-OCRv6's, from the rapidocr wheel; ``clip.vision_cfg`` is then unused)
+    image_tower: str = "clip-vit"
     #: QuickGELU in every tower (the OpenAI/CLIP4STR checkpoints) or plain GELU
     quick_gelu: bool = True
     image: Preprocessing = field(default_factory=lambda: Preprocessing(224, 224))
@@ -85,6 +90,8 @@ class ModelConfig:
         if "decoder" in data:
             data["decoder"] = DecoderConfig(**data["decoder"])
         config = cls(**data)
+        if config.image_tower not in IMAGE_TOWERS:
+            raise ValueError(f"unknown image_tower {config.image_tower!r}; known: {', '.join(IMAGE_TOWERS)}")
         resolve_charset(config.charset_train)
         resolve_charset(config.charset_test)
         return config

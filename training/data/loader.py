@@ -11,6 +11,7 @@ A *spec* names one source of samples:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from runtime.charset import MAX_LABEL_LENGTH
-from runtime.preprocess import Preprocessing
+from runtime.preprocess import Preprocessing, pad_batch
 
 from .readers import ConcatSets, open_set
 from .transforms import build_transform
@@ -66,8 +67,12 @@ def build_dataset(
     return open_set(spec, charset, max_length, train=train, transform=transform, verify=verify)
 
 
-def collate(batch: Sequence[tuple[torch.Tensor | np.ndarray, str]]) -> tuple[torch.Tensor, list[str]]:
-    """``[(image (3,H,W), label), ...]`` -> ``(images (B,3,H,W) float32, labels)``."""
+def collate(batch: Sequence[tuple[torch.Tensor | np.ndarray, str]],
+            preprocessing: Preprocessing | None = None) -> tuple[torch.Tensor, list[str]]:
+    """``[(image (3,H,W), label), ...]`` -> ``(images (B,3,H,W) float32, labels)``.
+
+    Images of different widths (an aspect-keeping ``preprocessing``) are right-padded to
+    the batch width by :func:`runtime.preprocess.pad_batch`."""
     images, labels = [], []
     for image, label in batch:
         if isinstance(image, np.ndarray):
@@ -79,6 +84,8 @@ def collate(batch: Sequence[tuple[torch.Tensor | np.ndarray, str]]) -> tuple[tor
         labels.append(label)
     if not images:
         raise ValueError("empty batch")
+    if preprocessing is not None and preprocessing.keep_aspect:
+        return torch.from_numpy(pad_batch([image.float().numpy() for image in images], preprocessing)), labels
     return torch.stack(images).float(), labels
 
 
@@ -128,7 +135,7 @@ def build_loader(
         shuffle=shuffle,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=functools.partial(collate, preprocessing=preprocessing),
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,

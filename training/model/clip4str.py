@@ -18,6 +18,7 @@ from runtime.tokenizer import BPETokenizer, TextBridge
 from training.config import ModelConfig
 from training.model.decoder import CharDecoder, autoregressive, padding_bias, permutation_logits, refine
 from training.model.permutations import attention_masks, generate_permutations
+from training.model.ppocr_tower import WIDTH_STRIDE, PPOCRImageEncoder
 from training.model.towers import ImageEncoder, TextEncoder, build_clip
 
 
@@ -33,7 +34,11 @@ class CLIP4STR(nn.Module):
         super().__init__()
         self.cfg = cfg
         clip = build_clip(cfg, pretrained)
-        self.image_encoder = ImageEncoder(clip.visual)
+        if cfg.image_tower == "clip-vit":
+            self.image_encoder: nn.Module = ImageEncoder(clip.visual)
+        else:  # a pretrained text-recognition backbone; its weights come from its package
+            self.image_encoder = PPOCRImageEncoder(cfg.image_tower, cfg.embed_dim, cfg.image.width // WIDTH_STRIDE)
+            clip.visual = None
         self.text_encoder = TextEncoder(clip, cfg.text_context_length, cfg.frozen_text_layers)
         self.codec = CharCodec(cfg.charset_train)
         self.bridge = TextBridge(self.codec, cfg.charset_test, BPETokenizer(default_bpe_path()),
@@ -63,8 +68,11 @@ class CLIP4STR(nn.Module):
     def forward(self, images: Tensor, early_exit: bool = True) -> dict[str, Tensor]:
         """Dual predict-and-refine. Returns the logits of every stage; ``final`` is the
         cross-modal output."""
+        return self.decode(self.encode_image(images), early_exit)
+
+    def decode(self, image_features: Tensor, early_exit: bool = True) -> dict[str, Tensor]:
+        """Dual predict-and-refine from ``F_i`` (see :meth:`forward`)."""
         cfg, bos = self.cfg, self.codec.bos_id
-        image_features = self.encode_image(images)
         visual = autoregressive(self.visual_decoder, image_features, bos, cfg.num_steps, early_exit)
         text_features = self.encode_text(self.text_ids(visual))
         memory = torch.cat([image_features, text_features], dim=1)
@@ -93,19 +101,24 @@ class CLIP4STR(nn.Module):
     # -- training -----------------------------------------------------------------------
     def losses(self, images: Tensor, labels: list[str], rng: np.random.Generator,
                num_perms: int = 6) -> dict[str, Tensor]:
+        """Visual and cross-modal permutation losses for a batch of images (see
+        :meth:`losses_from_features`)."""
+        return self.losses_from_features(self.encode_image(images), labels, rng, num_perms)
+
+    def losses_from_features(self, image_features: Tensor, labels: list[str], rng: np.random.Generator,
+                             num_perms: int = 6) -> dict[str, Tensor]:
         """Visual and cross-modal permutation losses for a batch of labels.
 
         The cross branch reads the ground truth as context and a memory made of the image
         features (detached) and the text encoding of the visual left-to-right prediction
         (detached), so its gradients never reach the image encoder.
         """
-        codec = self.codec
-        targets = torch.from_numpy(codec.encode(labels)).to(images.device)
-        perms = generate_permutations(targets.shape[1] - 2, num_perms, rng).to(images.device)
+        codec, device = self.codec, image_features.device
+        targets = torch.from_numpy(codec.encode(labels)).to(device)
+        perms = generate_permutations(targets.shape[1] - 2, num_perms, rng).to(device)
         context, expected = targets[:, :-1], targets[:, 1:]
         padding = padding_bias((context == codec.pad_id) | (context == codec.eos_id))
 
-        image_features = self.encode_image(images)
         visual_loss, first_logits = self._perm_loss(self.visual_decoder, image_features, context,
                                                    expected, perms, padding)
         text_features = self.encode_text(self.text_ids(first_logits.detach()))
@@ -116,7 +129,12 @@ class CLIP4STR(nn.Module):
     def loss(self, images: Tensor, labels: list[str], rng: np.random.Generator,
              num_perms: int = 6) -> tuple[Tensor, dict[str, float]]:
         """The training loss (visual + cross) and its parts as floats for logging."""
-        parts = self.losses(images, labels, rng, num_perms)
+        return self.loss_from_features(self.encode_image(images), labels, rng, num_perms)
+
+    def loss_from_features(self, image_features: Tensor, labels: list[str], rng: np.random.Generator,
+                           num_perms: int = 6) -> tuple[Tensor, dict[str, float]]:
+        """:meth:`loss` from ``F_i`` (e.g. a frozen tower's cached features, projected)."""
+        parts = self.losses_from_features(image_features, labels, rng, num_perms)
         total = parts["visual"] + parts["cross"]
         stats = {"loss": total.item(), "visual_loss": parts["visual"].item(), "cross_loss": parts["cross"].item()}
         return total, stats

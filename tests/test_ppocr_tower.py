@@ -1,0 +1,109 @@
+"""The PP-OCRv6 image tower: weights from the rapidocr wheel, same features as its ONNX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("rapidocr", reason="the PP-OCR tower needs the rapidocr package (train extra)")
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+
+from runtime.preprocess import Preprocessing, load_image, preprocess  # noqa: E402
+from training.config import model_config  # noqa: E402
+from training.model.ppocr_tower import FEATURE_DIM, PPOCRFeatures, feature_graph, onnx_path  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "ic13"
+
+
+def _real_crops(count: int) -> list:
+    """The first ``count`` IC13 crops (real scene text) when the shared data is present,
+    else synthetic words (same shapes of problem: text of several aspect ratios)."""
+    labels = DATA / "labels_857.tsv"
+    if labels.is_file():
+        names = [line.split("\t")[0] for line in labels.read_text(encoding="utf-8").splitlines()[:count]]
+        return [load_image(DATA / "images" / name) for name in names]
+    from training.data.synth import SynthWords
+
+    return [SynthWords(count, 3)[i][0] for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def tower() -> PPOCRFeatures:
+    return PPOCRFeatures().eval()
+
+
+def test_onnx_file_is_found_through_the_import_system() -> None:
+    path = onnx_path("ppocrv6-rec-small")
+    assert path.is_file() and path.stat().st_size > 1_000_000
+
+
+def test_torch_tower_matches_the_packaged_onnx_on_20_real_crops(tower: PPOCRFeatures, tmp_path: Path) -> None:
+    """The module's maths (float64) is within 1e-4 of onnxruntime's features on each of 20
+    real crops at its own width; in float32 the two differ by float32 rounding only.
+
+    The features reach |f| ~ 30, so 1e-4 is ~3e-6 relative: float32 itself is that coarse
+    (onnxruntime's float32 features differ from the float64 ones by up to ~1e-4 per crop
+    and ~3e-4 on a padded batch, measured), hence the float32 bounds below."""
+    spec = model_config("clipllama-ppocr").image
+    session = ort.InferenceSession(str(feature_graph("ppocrv6-rec-small", tmp_path / "f.onnx")),
+                                   providers=["CPUExecutionProvider"])
+    exact = PPOCRFeatures().eval().double()
+    crops = _real_crops(20)
+    worst64 = worst32 = 0.0
+    for image in crops:
+        x = preprocess([image], spec)
+        expected = session.run(None, {"x": x})[0]
+        with torch.no_grad():
+            got = tower(torch.from_numpy(x)).numpy()
+            got64 = exact(torch.from_numpy(x).double()).numpy()
+        assert got.shape == expected.shape == (1, x.shape[-1] // 8, FEATURE_DIM)
+        worst64 = max(worst64, float(np.abs(got64 - expected).max()))
+        worst32 = max(worst32, float(np.abs(got - expected).max()))
+    assert worst64 <= 1e-4, worst64
+    assert worst32 <= 3e-4, worst32
+    batch = preprocess(crops, spec)
+    with torch.no_grad():
+        got = tower(torch.from_numpy(batch)).numpy()
+    assert float(np.abs(got - session.run(None, {"x": batch})[0]).max()) <= 2e-3
+
+
+def test_random_init_differs_from_the_loaded_weights(tower: PPOCRFeatures) -> None:
+    """The weights really come from the file (not the module's own initialisation)."""
+    fresh = PPOCRFeatures(load_weights=False).eval()
+    x = torch.zeros(1, 3, 48, 64)
+    with torch.no_grad():
+        assert not torch.allclose(fresh(x), tower(x))
+
+
+def test_batch_norms_keep_their_statistics_in_training_mode(tower: PPOCRFeatures) -> None:
+    tower.train()
+    try:
+        norms = [m for m in tower.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert norms and not any(m.training for m in norms)
+    finally:
+        tower.eval()
+
+
+def test_aspect_keeping_preprocessing() -> None:
+    """Height 48, width from the aspect (capped), right-padded with zeros to the batch width."""
+    from PIL import Image
+
+    spec = Preprocessing(48, 320, (0.5,) * 3, (0.5,) * 3, "bilinear", keep_aspect=True, width_multiple=8)
+    wide, narrow, tall = Image.new("RGB", (400, 40), "white"), Image.new("RGB", (60, 30), "white"), \
+        Image.new("RGB", (10, 100), "white")
+    assert spec.image_width(wide.size) == 320
+    assert spec.image_width(narrow.size) == 96
+    assert spec.image_width(tall.size) == 8
+    alone = preprocess([narrow], spec)
+    assert alone.shape == (1, 3, 48, 96)
+    batch = preprocess([narrow, wide, tall], spec)
+    assert batch.shape == (3, 3, 48, 320)
+    assert np.allclose(batch[0, :, :, :96], 1.0) and np.all(batch[0, :, :, 96:] == 0)
+    assert np.array_equal(batch[0, :, :, :96], alone[0])
+    odd = Image.new("RGB", (101, 48), "white")  # 101 px -> 104 (next multiple of 8)
+    assert preprocess([odd], spec).shape[-1] == 104
+    with pytest.raises(ValueError):
+        Preprocessing(48, 100, keep_aspect=True, width_multiple=8)

@@ -1,0 +1,307 @@
+"""Train CLIP4STR's decoders on a frozen pretrained image tower, from cached tower features.
+
+With the image tower frozen (the PP-OCR tower of ``image_tower: ppocrv6-rec-small``), the
+tower's output for a training image never changes, so it is computed once and cached;
+the rest of CLIP4STR (projection, visual decoder, text encoder, cross-modal decoder)
+trains on the cache with the same permuted-sequence loss as :mod:`training.train`, at a
+small fraction of the cost of running the tower every step.
+
+    python -m training.frozen_tower cache --config clipllama-ppocr -o CACHE \\
+        --real DIR... [--val-fraction 0.05] [--aug-copies 2] [--synth-shards 40]
+    python -m training.frozen_tower train --config clipllama-ppocr --cache CACHE -o RUN \\
+        [--minutes 30]
+
+``cache`` writes shards (``CACHE/<name>.npz``: float16 tokens, lengths, labels); an
+existing shard is kept, so an interrupted run resumes where it stopped. Images go through
+:func:`runtime.preprocess.preprocess` one at a time (exactly the runtime's batch-1
+input) and through the tower in groups of equal width. ``train`` writes a normal
+checkpoint (``RUN/best``, chosen on the validation shard) and resumes from
+``RUN/train_state.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from runtime.charset import WordAccuracy
+from runtime.decoding import softmax
+from runtime.preprocess import preprocess
+from training.checkpoint import save_checkpoint
+from training.config import ModelConfig, model_config
+from training.model.clip4str import CLIP4STR
+from training.model.ppocr_tower import feature_graph
+
+VAL_SHARD = "val"
+
+
+# -- the cache --------------------------------------------------------------------------
+class TowerFeatures:
+    """The frozen tower over PIL images: ``(T_i, C)`` float16 features each, in order.
+
+    Runs the package's ONNX graph cut at the features with onnxruntime (the PyTorch tower
+    gives the same features within 1e-4, tests/test_ppocr_tower.py, at several times the
+    cost on a CPU)."""
+
+    def __init__(self, cfg: ModelConfig, workdir: Path, batch_size: int = 64) -> None:
+        import onnxruntime as ort
+
+        graph = feature_graph(cfg.image_tower, workdir / "tower.onnx")
+        self.session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        self.spec = cfg.image
+        self.batch_size = batch_size
+
+    def tower(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"x": images.numpy()})[0])
+
+    @torch.inference_mode()
+    def __call__(self, images: list[Image.Image]) -> list[np.ndarray]:
+        inputs = [preprocess([image], self.spec)[0] for image in images]
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, x in enumerate(inputs):
+            groups[x.shape[-1]].append(i)
+        out: list[np.ndarray | None] = [None] * len(images)
+        for members in groups.values():
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start : start + self.batch_size]
+                features = self.tower(torch.from_numpy(np.stack([inputs[i] for i in chunk])))
+                for i, f in zip(chunk, features.numpy().astype(np.float16)):
+                    out[i] = f
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def padding_token(self) -> np.ndarray:
+        """The tower's feature for a padded (all-zero) region: batches are filled with it."""
+        zeros = torch.zeros(1, 3, self.spec.height, self.spec.width)
+        features = self.tower(zeros)[0]
+        return features[features.shape[0] // 2].numpy().astype(np.float32)
+
+
+def write_shard(path: Path, features: list[np.ndarray], labels: list[str]) -> None:
+    lengths = np.array([len(f) for f in features], dtype=np.int32)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, tokens=np.concatenate(features), lengths=lengths, labels=np.array(labels))
+    tmp.rename(path)
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def cache_dataset(tower: TowerFeatures, dataset, path: Path, augment=None, seed: int = 0) -> None:
+    """Cache every ``(image, label)`` of ``dataset`` (optionally augmented) into ``path``."""
+    if path.exists():
+        print(f"{path.name}: kept", flush=True)
+        return
+    torch.manual_seed(seed)
+    start, features, labels = time.time(), [], []
+    for chunk in _chunks(range(len(dataset)), 256):
+        items = [dataset[i] for i in chunk]
+        images = [augment(image) if augment else image for image, _ in items]
+        features += tower(images)
+        labels += [label for _, label in items]
+    write_shard(path, features, labels)
+    print(f"{path.name}: {len(labels)} words in {time.time() - start:.0f} s", flush=True)
+
+
+def build_cache(args: argparse.Namespace) -> None:
+    from training.data.readers import ConcatSets, open_set
+    from training.data.synth import SynthWords
+    from training.data.transforms import augmentation
+
+    cfg = model_config(args.config)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    tower = TowerFeatures(cfg, out)
+    np.save(out / "padding.npy", tower.padding_token())
+    real = ConcatSets([open_set(p, cfg.charset_train, cfg.max_label_length, train=True) for p in args.real])
+    order = np.random.default_rng(args.seed).permutation(len(real))
+    n_val = int(round(len(real) * args.val_fraction))
+    val_keys = set(order[:n_val].tolist())
+    # the validation split: real scene-text crops only (never the born-digital set)
+    scene = [i for i in order[:n_val] if "borndigital" not in _set_name(real, i)]
+    train_index = [i for i in range(len(real)) if i not in val_keys]
+    cache_dataset(tower, _Subset(real, scene), out / f"{VAL_SHARD}.npz")
+    cache_dataset(tower, _Subset(real, train_index), out / "real.npz")
+    for k in range(args.aug_copies):
+        cache_dataset(tower, _Subset(real, train_index), out / f"real-aug{k}.npz", augmentation(), seed=args.seed + k)
+    for k in range(args.synth_shards):
+        synth = SynthWords(args.synth_shard_size, args.seed + 1000 + k, cfg.charset_train, cfg.max_label_length,
+                           difficulty=args.synth_difficulty)
+        cache_dataset(tower, synth, out / f"synth{k:03d}.npz")
+    (out / "cache.json").write_text(json.dumps({"config": args.config, "real": args.real, "seed": args.seed,
+                                                "val_fraction": args.val_fraction, "val_words": len(scene)}))
+
+
+def _set_name(sets, index: int) -> str:
+    import bisect
+
+    d = bisect.bisect_right(sets.cumulative_sizes, index)
+    return str(getattr(sets.datasets[d], "name", ""))
+
+
+class _Subset:
+    def __init__(self, data, index: list[int]) -> None:
+        self.data, self.index = data, list(index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        return self.data[self.index[i]]
+
+
+# -- training on the cache --------------------------------------------------------------
+class FeatureSet:
+    """Cached shards in memory: ragged float16 tokens with their labels."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        tokens, lengths, labels = [], [], []
+        for path in paths:
+            with np.load(path) as shard:
+                tokens.append(shard["tokens"])
+                lengths.append(shard["lengths"])
+                labels += shard["labels"].tolist()
+        self.tokens = np.concatenate(tokens)
+        self.lengths = np.concatenate(lengths)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, index: np.ndarray, padding: np.ndarray) -> tuple[torch.Tensor, list[str]]:
+        """Features ``(B, T, C)`` (T: the longest; shorter rows filled with ``padding``)."""
+        longest = int(self.lengths[index].max())
+        out = np.broadcast_to(padding, (len(index), longest, padding.shape[-1])).copy()
+        for row, i in enumerate(index):
+            start, n = self.offsets[i], self.lengths[i]
+            out[row, :n] = self.tokens[start : start + n]
+        return torch.from_numpy(out), [self.labels[i] for i in index]
+
+
+@torch.inference_mode()
+def evaluate(model: CLIP4STR, data: FeatureSet, padding: np.ndarray, batch_size: int = 256) -> dict:
+    """Word accuracy (evaluation protocol) of the final and the visual prediction."""
+    model.eval()
+    final, visual = WordAccuracy(), WordAccuracy()
+    order = np.argsort(data.lengths)  # similar lengths together, as little padding as possible
+    for start in range(0, len(data), batch_size):
+        features, labels = data.batch(order[start : start + batch_size], padding)
+        out = model.decode(model.image_encoder.project(features.float()))
+        final.update([p.text for p in model.codec.decode(softmax(out["final"].numpy()))], labels)
+        visual.update([p.text for p in model.codec.decode(softmax(out["visual_ar"].numpy()))], labels)
+    model.train()
+    return {"accuracy": final.accuracy, "visual_accuracy": visual.accuracy, "one_minus_ned": final.one_minus_ned}
+
+
+def train(args: argparse.Namespace) -> None:
+    cache, run = Path(args.cache), Path(args.output)
+    run.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    cfg = model_config(args.config)
+    model = CLIP4STR(cfg)
+    model.image_encoder.features.requires_grad_(False)
+    shards = sorted(p for p in cache.glob("*.npz") if p.stem != VAL_SHARD and not p.name.endswith(".tmp.npz"))
+    data, val = FeatureSet(shards), FeatureSet([cache / f"{VAL_SHARD}.npz"])
+    padding = np.load(cache / "padding.npy").astype(np.float16)
+    print(f"train {len(data)} words from {len(shards)} shards, validation {len(val)}", flush=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    state_path, step, best, elapsed = run / "train_state.pt", 0, -1.0, 0.0
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, best, elapsed = state["step"], state["best"], state["elapsed"]
+        print(f"resumed at step {step} ({elapsed / 60:.1f} min, best {best:.4f})", flush=True)
+    budget = args.minutes * 60
+    log = (run / "log.csv").open("a")
+    model.train()
+    started = time.time() - elapsed
+    while True:
+        elapsed = time.time() - started
+        progress = min(1.0, elapsed / budget)
+        warm = min(1.0, step / max(1, args.warmup_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
+        features, labels = data.batch(rng.integers(0, len(data), args.batch_size), padding)
+        loss, stats = model.loss_from_features(model.image_encoder.project(features.float()), labels, rng,
+                                               args.num_perms)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+        step += 1
+        done = elapsed >= budget
+        if step % args.val_every == 0 or done:
+            result = evaluate(model, val, padding)
+            line = {"step": step, "minutes": round(elapsed / 60, 2), **stats, **result}
+            print(json.dumps(line), flush=True)
+            log.write(json.dumps(line) + "\n")
+            log.flush()
+            if result["accuracy"] > best:
+                best = result["accuracy"]
+                save_checkpoint(model, run / "best", meta={"step": step, "val": result, "recipe": vars(args)})
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                        "best": best, "elapsed": elapsed}, state_path)
+        if done:
+            break
+    save_checkpoint(model, run / "last", meta={"step": step, "recipe": vars(args)})
+    print(f"done: {step} steps, best validation accuracy {best:.4f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("cache", help="cache the frozen tower's features of training data")
+    c.add_argument("--config", required=True)
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--real", nargs="+", default=[], help="labelled training sets (folders, .tsv, LMDB)")
+    c.add_argument("--val-fraction", type=float, default=0.05)
+    c.add_argument("--aug-copies", type=int, default=2, help="augmented copies of the real crops")
+    c.add_argument("--synth-shards", type=int, default=20)
+    c.add_argument("--synth-shard-size", type=int, default=5000)
+    c.add_argument("--synth-difficulty", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("train", help="train the decoders on cached features")
+    t.add_argument("--config", required=True)
+    t.add_argument("--cache", required=True)
+    t.add_argument("-o", "--output", required=True)
+    t.add_argument("--minutes", type=float, default=30)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--warmup-steps", type=int, default=300)
+    t.add_argument("--grad-clip", type=float, default=5.0)
+    t.add_argument("--num-perms", type=int, default=6)
+    t.add_argument("--val-every", type=int, default=500)
+    t.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    build_cache(args) if args.command == "cache" else train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
