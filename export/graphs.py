@@ -108,14 +108,17 @@ def graph_defs(model: CLIP4STR, batch: int = TRACE_BATCH, seed: int = 0) -> list
     text_ids = torch.randint(0, vocab, (batch, cfg.text_context_length), generator=generator)
     text_features = model.encode_text(text_ids)
     tokens = {"image_features": {1: TOKENS_AXIS}} if cfg.image.keep_aspect else {}
+    # the wrappers are new modules (training mode by default): the exporter restores the
+    # mode it found after tracing, which would switch dropout (and the tower's training
+    # behaviour) on in the model they wrap
     pixels = {"images": {3: WIDTH_AXIS}} if cfg.image.keep_aspect else {}
     return [
-        GraphDef("image_encoder", ImageEncoderGraph(model), (images,), ("images",), ("image_features",),
+        GraphDef("image_encoder", ImageEncoderGraph(model).eval(), (images,), ("images",), ("image_features",),
                  {**pixels, **tokens}),
-        GraphDef("visual_decoder", VisualDecoderGraph(model), (image_features,), ("image_features",),
+        GraphDef("visual_decoder", VisualDecoderGraph(model).eval(), (image_features,), ("image_features",),
                  ("ar_logits", "refined_logits"), tokens),
-        GraphDef("text_encoder", TextEncoderGraph(model), (text_ids,), ("text_ids",), ("text_features",)),
-        GraphDef("cross_decoder", CrossDecoderGraph(model), (image_features, text_features, text_features),
+        GraphDef("text_encoder", TextEncoderGraph(model).eval(), (text_ids,), ("text_ids",), ("text_features",)),
+        GraphDef("cross_decoder", CrossDecoderGraph(model).eval(), (image_features, text_features, text_features),
                  ("image_features", "text_features_ar", "text_features_refined"),
                  ("ar_logits", "refined_logits"), tokens),
     ]

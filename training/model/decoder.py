@@ -50,7 +50,9 @@ class TwoStreamLayer(nn.Module):
             need_weights=False,
         )[0]
         x = x + self.drop_self(attended)
-        crossed = self.cross_attn(self.norm_cross(x), memory, memory, need_weights=False)[0]
+        # the memory's length varies with the image width of aspect-keeping towers: _attend
+        # splits heads without naming it, so a traced graph keeps it dynamic
+        crossed = _attend(self.cross_attn, self.norm_cross(x), memory, None)
         x = x + self.drop_cross(crossed)
         return x + self.drop_mlp(self.mlp(self.norm_mlp(x)))
 

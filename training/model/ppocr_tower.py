@@ -142,6 +142,13 @@ def _check(name: str, reference: Tensor, array: np.ndarray, onnx_name: str) -> T
     return torch.from_numpy(np.array(array, dtype=np.float32))
 
 
+class MapToSequence(nn.Module):
+    """``(B, C, 1, W)`` -> ``(B, W, C)``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flatten(2).transpose(1, 2)
+
+
 class PPOCRFeatures(nn.Module):
     """PP-OCRv6's backbone and SVTR neck: ``(B, 3, 48, W)`` -> ``(B, W/8, 120)``."""
 
@@ -155,13 +162,18 @@ class PPOCRFeatures(nn.Module):
             network.load_state_dict(state, strict=False)
         self.backbone = network.backbone
         self.neck = network.head.ctc_encoder
+        # rapidocr's Im2Seq squeezes the height axis, which a dynamic-width ONNX export turns
+        # into an If node (TensorRT-unfriendly control flow); the height is 1 here, so a
+        # flatten says the same without a branch
+        self.neck.encoder_reshape = MapToSequence()
 
     def train(self, mode: bool = True) -> PPOCRFeatures:
-        """Batch norms keep their pretrained statistics: fine-tuning batches are small."""
+        """The tower always computes as at inference, also while it is fine-tuned: in
+        training mode Paddle's backbone pools every image to 40 tokens whatever its width,
+        and its batch norms would drift on small batches."""
         super().train(mode)
         for module in self.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+            module.training = False
         return self
 
     def forward(self, images: Tensor) -> Tensor:
