@@ -19,6 +19,7 @@ import gc
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
@@ -39,9 +40,13 @@ from benchmarks.readers import LOADERS, PEERS, PROJECT, Missing, Reader, load_pr
 from runtime.charset import WordAccuracy, weighted_total
 from runtime.inputs import InputError
 
-ALL_READERS = PROJECT + PEERS
+#: another bundle of this project (``--other-engine``), e.g. the previous default model
+OTHER = "other-bundle"
+ALL_READERS = PROJECT + PEERS + (OTHER,)
+DEFAULT_READERS = PROJECT + PEERS
 #: Row names of readers that did not load.
 NAMES = {"project": "this project (no LLM)", "project+llm": "this project + LLM", "rapidocr": "RapidOCR PP-OCRv4 rec",
+         "rapidocr3": "RapidOCR 3 PP-OCRv6 rec", OTHER: "another bundle (no LLM)",
          "tesseract": "Tesseract LSTM, PSM 7", "easyocr": "EasyOCR english_g2"}
 
 
@@ -53,6 +58,11 @@ def load_readers(keys: Sequence[str], args: argparse.Namespace) -> tuple[list[Re
             if key in PROJECT:
                 reader = load_project(args.engine, llm=args.llm if key == "project+llm" else None,
                                       llm_mode=args.llm_mode, threads=args.threads, backend=args.backend)
+            elif key == OTHER:
+                if not args.other_engine:
+                    raise Missing("no --other-engine given")
+                reader = load_project(args.other_engine, threads=args.threads, backend=args.backend)
+                reader.key, reader.name = OTHER, f"{reader.name} [{Path(args.other_engine).name}]"
             else:
                 reader = LOADERS[key](threads=args.threads)
         except Missing as exc:
@@ -160,8 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sets", nargs="+", metavar="SET", help="labelled set: folder or labels .tsv")
     parser.add_argument("--engine", help="this project's bundle (default: runtime/assets/default_bundle)")
-    parser.add_argument("--readers", nargs="+", choices=ALL_READERS, default=list(ALL_READERS),
-                        help="readers to run (default: all)")
+    parser.add_argument("--readers", nargs="+", choices=ALL_READERS, default=list(DEFAULT_READERS),
+                        help=f"readers to run (default: all but {OTHER})")
+    parser.add_argument("--other-engine", help=f"a second bundle of this project, the {OTHER} reader "
+                                               "(e.g. a previous default model), no LLM")
     parser.add_argument("--baseline", help="reader key the time ratios refer to "
                                            "(default: project if it runs, else the first that runs)")
     parser.add_argument("--llm", default="default", help="GGUF for project+llm: default or a path")

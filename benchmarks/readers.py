@@ -5,6 +5,9 @@ raises :class:`Missing` with the reason (not installed, no data, no bundle), so 
 can say "missing" instead of scoring it zero. Recognition only, on the whole crop: no
 text detection runs for any reader.
 
+* ``rapidocr3``: PP-OCRv6 (small)'s recognizer as shipped by ``rapidocr`` 3.10 (its
+  ``TextRecognizer`` on the crop, BGR): the same backbone as the default model's image
+  tower with its own CTC head, so the honest baseline for what the decoders add.
 * ``rapidocr``: PP-OCRv4's recognizer as shipped by ``rapidocr-onnxruntime``
   (its ``TextRecognizer`` class on the crop, BGR as the library reads files).
 * ``tesseract``: Tesseract through ``tesserocr``, single-line mode (PSM 7), English
@@ -28,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-PEERS = ("rapidocr", "tesseract", "easyocr")
+PEERS = ("rapidocr3", "rapidocr", "tesseract", "easyocr")
 PROJECT = ("project", "project+llm")
 
 
@@ -79,6 +82,31 @@ def load_rapidocr(threads: int | None = None) -> Reader:
 
     return Reader("rapidocr", "RapidOCR PP-OCRv4 rec", read, _version("rapidocr-onnxruntime"),
                   {"model": Path(config["model_path"]).name})
+
+
+def load_rapidocr3(threads: int | None = None) -> Reader:
+    """PP-OCRv6 small text recognizer of rapidocr 3.x (recognition only, the wheel's model)."""
+    try:
+        from rapidocr import RapidOCR
+        from rapidocr.ch_ppocr_rec.typings import TextRecInput
+    except ImportError as exc:
+        raise Missing(f"rapidocr is not installed ({exc})") from None
+    import logging
+
+    logging.getLogger("RapidOCR").setLevel(logging.WARNING)
+    params: dict[str, Any] = {}
+    if threads:
+        params = {"EngineConfig.onnxruntime.intra_op_num_threads": threads,
+                  "EngineConfig.onnxruntime.inter_op_num_threads": 1}
+    engine = RapidOCR(params=params)
+    recognizer = engine._load_rec_model()
+
+    def read(image: Image.Image) -> str:
+        bgr = np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
+        return recognizer(TextRecInput(img=bgr)).txts[0]
+
+    return Reader("rapidocr3", "RapidOCR 3 PP-OCRv6 rec", read, _version("rapidocr"),
+                  {"model": Path(str(engine.cfg.Rec.model_path or "PP-OCRv6_rec_small.onnx")).name})
 
 
 # -- tesseract -------------------------------------------------------------------------
@@ -208,5 +236,5 @@ def load_project(engine: str | Path | None, llm: str | None = None, llm_mode: st
 
 
 LOADERS: dict[str, Callable[..., Reader]] = {
-    "rapidocr": load_rapidocr, "tesseract": load_tesseract, "easyocr": load_easyocr,
+    "rapidocr3": load_rapidocr3, "rapidocr": load_rapidocr, "tesseract": load_tesseract, "easyocr": load_easyocr,
 }

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from runtime.preprocess import Preprocessing
 from training.model.clip4str import CLIP4STR
-from training.model.decoder import autoregressive, refine
+from training.model.decoder import predict, refine
 
 GRAPH_NAMES = ("image_encoder", "visual_decoder", "text_encoder", "cross_decoder")
 #: names of the dynamic axes of an aspect-keeping tower's graphs (docs/bundle.md)
@@ -56,9 +56,11 @@ class VisualDecoderGraph(nn.Module):
         self.decoder = model.visual_decoder
         self.bos_id = model.codec.bos_id
         self.num_steps = model.cfg.num_steps
+        self.autoregressive = model.cfg.autoregressive
 
     def forward(self, image_features: Tensor) -> tuple[Tensor, Tensor]:
-        ar = autoregressive(self.decoder, image_features, self.bos_id, self.num_steps, early_exit=False)
+        ar = predict(self.decoder, image_features, self.bos_id, self.num_steps, self.autoregressive,
+                     early_exit=False)
         return ar, refine(self.decoder, image_features, ar, self.bos_id)
 
 
@@ -71,11 +73,12 @@ class CrossDecoderGraph(nn.Module):
         self.decoder = model.cross_decoder
         self.bos_id = model.codec.bos_id
         self.num_steps = model.cfg.num_steps
+        self.autoregressive = model.cfg.autoregressive
 
     def forward(self, image_features: Tensor, text_features_ar: Tensor,
                 text_features_refined: Tensor) -> tuple[Tensor, Tensor]:
         memory = torch.cat([image_features, text_features_ar], dim=1)
-        ar = autoregressive(self.decoder, memory, self.bos_id, self.num_steps, early_exit=False)
+        ar = predict(self.decoder, memory, self.bos_id, self.num_steps, self.autoregressive, early_exit=False)
         memory = torch.cat([image_features, text_features_refined], dim=1)
         return ar, refine(self.decoder, memory, ar, self.bos_id)
 

@@ -212,6 +212,27 @@ def test_fast_variant_and_refinement_count(tiny: CLIP4STR) -> None:
     assert torch.equal(out["final"], out["cross_ar"])
 
 
+def test_non_autoregressive_first_prediction(tiny: CLIP4STR) -> None:
+    """The parallel pass: one decoder pass, every position seeing only BOS; its first
+    position equals the AR decode's first step, and the whole decode still refines."""
+    from training.model.decoder import autoregressive, parallel
+
+    memory = tiny.encode_image(torch.randn(2, 3, 32, 128))
+    bos, steps = tiny.codec.bos_id, tiny.cfg.num_steps
+    with torch.no_grad():
+        nar = parallel(tiny.visual_decoder, memory, bos, steps)
+        ar = autoregressive(tiny.visual_decoder, memory, bos, steps, early_exit=False)
+        assert nar.shape == ar.shape
+        assert torch.allclose(nar[:, 0], ar[:, 0], atol=1e-5)
+        assert not torch.allclose(nar[:, 1:], ar[:, 1:])
+        tiny.cfg.autoregressive = False
+        try:
+            out = tiny(torch.randn(2, 3, 32, 128))
+        finally:
+            tiny.cfg.autoregressive = True
+    assert out["final"].shape == (2, steps, tiny.codec.num_classes) and "cross_refined" in out
+
+
 def test_loss_falls_over_a_few_steps() -> None:
     torch.manual_seed(0)
     model = CLIP4STR(model_config("clip4str-tiny")).train()

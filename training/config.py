@@ -56,6 +56,10 @@ class ModelConfig:
     refine_iters: int = 1
     #: paper eq. 8: a single cross-modal pass with the visual prediction as context
     fast_decode: bool = False
+    #: each branch's first prediction: left-to-right, one step per character (True), or
+    #: PARSeq's non-autoregressive pass, every position at once from its position query
+    #: with only BOS as context (False); the refinement passes follow either way
+    autoregressive: bool = True
     #: the confidence gate's default threshold, carried into the bundle
     threshold: float = 0.8
 

@@ -211,6 +211,17 @@ def evaluate(model: CLIP4STR, data: FeatureSet, padding: np.ndarray, batch_size:
     return {"accuracy": final.accuracy, "visual_accuracy": visual.accuracy, "one_minus_ned": final.one_minus_ned}
 
 
+def ctc_loss(logits: torch.Tensor, lengths: torch.Tensor, labels: list[str], model: CLIP4STR) -> torch.Tensor:
+    """CTC over the image tokens (class 0, the decoders' EOS, is the blank); a word with
+    more characters than its image has tokens contributes nothing."""
+    targets = [torch.tensor(model.codec.encode([label])[0, 1 : len(label) + 1], dtype=torch.long)
+               for label in labels]
+    log_probs = logits.log_softmax(-1).transpose(0, 1)  # (T, B, C)
+    return torch.nn.functional.ctc_loss(log_probs, torch.cat(targets), lengths,
+                                        torch.tensor([len(t) for t in targets]), blank=0,
+                                        reduction="mean", zero_infinity=True)
+
+
 def train(args: argparse.Namespace) -> None:
     cache, run = Path(args.cache), Path(args.output)
     run.mkdir(parents=True, exist_ok=True)
@@ -223,7 +234,11 @@ def train(args: argparse.Namespace) -> None:
     data, val = FeatureSet(shards), FeatureSet([cache / f"{VAL_SHARD}.npz"])
     padding = np.load(cache / "padding.npy").astype(np.float16)
     print(f"train {len(data)} words from {len(shards)} shards, validation {len(val)}", flush=True)
-    params = [p for p in model.parameters() if p.requires_grad]
+    # an auxiliary CTC head on F_i (training only, not part of the checkpoint): it makes each
+    # image token say which character it shows, which the decoders' cross-attention then
+    # finds sooner; the features were trained for a CTC head, so this costs almost nothing
+    aux = torch.nn.Linear(cfg.embed_dim, model.codec.num_classes) if args.ctc_weight > 0 else None
+    params = [p for p in model.parameters() if p.requires_grad] + (list(aux.parameters()) if aux else [])
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -233,6 +248,8 @@ def train(args: argparse.Namespace) -> None:
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
         model.load_state_dict(state["model"])
+        if aux is not None and state.get("aux"):
+            aux.load_state_dict(state["aux"])
         optimizer.load_state_dict(state["optimizer"])
         step, best, elapsed = state["step"], state["best"], state["elapsed"]
         print(f"resumed at step {step} ({elapsed / 60:.1f} min, best {best:.4f})", flush=True)
@@ -246,9 +263,14 @@ def train(args: argparse.Namespace) -> None:
         warm = min(1.0, step / max(1, args.warmup_steps))
         for group in optimizer.param_groups:
             group["lr"] = args.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
-        features, labels = data.batch(rng.integers(0, len(data), args.batch_size), padding)
-        loss, stats = model.loss_from_features(model.image_encoder.project(features.float()), labels, rng,
-                                               args.num_perms)
+        index = rng.integers(0, len(data), args.batch_size)
+        features, labels = data.batch(index, padding)
+        image_features = model.image_encoder.project(features.float())
+        loss, stats = model.loss_from_features(image_features, labels, rng, args.num_perms)
+        if aux is not None:
+            ctc = ctc_loss(aux(image_features), torch.from_numpy(data.lengths[index]).long(), labels, model)
+            loss = loss + args.ctc_weight * ctc
+            stats["ctc_loss"] = ctc.item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -265,7 +287,7 @@ def train(args: argparse.Namespace) -> None:
                 best = result["accuracy"]
                 save_checkpoint(model, run / "best", meta={"step": step, "val": result, "recipe": vars(args)})
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "best": best, "elapsed": elapsed}, state_path)
+                        "best": best, "elapsed": elapsed, "aux": aux.state_dict() if aux else None}, state_path)
         if done:
             break
     save_checkpoint(model, run / "last", meta={"step": step, "recipe": vars(args)})
@@ -296,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--warmup-steps", type=int, default=300)
     t.add_argument("--grad-clip", type=float, default=5.0)
     t.add_argument("--num-perms", type=int, default=6)
+    t.add_argument("--ctc-weight", type=float, default=1.0, help="auxiliary CTC loss on F_i (0: off)")
     t.add_argument("--val-every", type=int, default=500)
     t.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from runtime.decoding import CharCodec, Prediction, softmax
 from runtime.tokenizer import BPETokenizer, TextBridge
 from training.config import ModelConfig
-from training.model.decoder import CharDecoder, autoregressive, padding_bias, permutation_logits, refine
+from training.model.decoder import CharDecoder, padding_bias, permutation_logits, predict, refine
 from training.model.permutations import attention_masks, generate_permutations
 from training.model.ppocr_tower import WIDTH_STRIDE, PPOCRImageEncoder
 from training.model.towers import ImageEncoder, TextEncoder, build_clip
@@ -73,7 +73,7 @@ class CLIP4STR(nn.Module):
     def decode(self, image_features: Tensor, early_exit: bool = True) -> dict[str, Tensor]:
         """Dual predict-and-refine from ``F_i`` (see :meth:`forward`)."""
         cfg, bos = self.cfg, self.codec.bos_id
-        visual = autoregressive(self.visual_decoder, image_features, bos, cfg.num_steps, early_exit)
+        visual = predict(self.visual_decoder, image_features, bos, cfg.num_steps, cfg.autoregressive, early_exit)
         text_features = self.encode_text(self.text_ids(visual))
         memory = torch.cat([image_features, text_features], dim=1)
         out = {"visual_ar": visual}
@@ -81,7 +81,7 @@ class CLIP4STR(nn.Module):
             cross = refine(self.cross_decoder, memory, visual, bos)
             out.update(cross_refined=cross, final=cross)
             return out
-        cross = autoregressive(self.cross_decoder, memory, bos, cfg.num_steps, early_exit)
+        cross = predict(self.cross_decoder, memory, bos, cfg.num_steps, cfg.autoregressive, early_exit)
         out["cross_ar"] = cross
         for _ in range(cfg.refine_iters):
             visual = refine(self.visual_decoder, image_features, visual, bos)

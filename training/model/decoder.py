@@ -41,7 +41,7 @@ class TwoStreamLayer(nn.Module):
         x: Tensor,
         x_norm: Tensor,
         content_norm: Tensor,
-        memory: Tensor,
+        memory_kv: tuple[Tensor, Tensor],
         mask: Tensor | None,
         padding_mask: Tensor | None,
     ) -> Tensor:
@@ -50,9 +50,10 @@ class TwoStreamLayer(nn.Module):
             need_weights=False,
         )[0]
         x = x + self.drop_self(attended)
-        # the memory's length varies with the image width of aspect-keeping towers: _attend
-        # splits heads without naming it, so a traced graph keeps it dynamic
-        crossed = _attend(self.cross_attn, self.norm_cross(x), memory, None)
+        # the memory's keys and values come projected (once per decode, not once per step);
+        # _attend splits heads without naming the memory length, so a traced graph keeps
+        # it dynamic (aspect-keeping towers give a memory as long as the image is wide)
+        crossed = _attend(self.cross_attn, self.norm_cross(x), None, None, memory_kv)
         x = x + self.drop_cross(crossed)
         return x + self.drop_mlp(self.mlp(self.norm_mlp(x)))
 
@@ -60,16 +61,16 @@ class TwoStreamLayer(nn.Module):
         self,
         query: Tensor,
         content: Tensor,
-        memory: Tensor,
+        memory_kv: tuple[Tensor, Tensor],
         query_mask: Tensor | None,
         content_mask: Tensor | None,
         padding_mask: Tensor | None,
         update_content: bool,
     ) -> tuple[Tensor, Tensor]:
         content_norm = self.norm_content(content)
-        query = self._stream(query, self.norm_query(query), content_norm, memory, query_mask, padding_mask)
+        query = self._stream(query, self.norm_query(query), content_norm, memory_kv, query_mask, padding_mask)
         if update_content:
-            content = self._stream(content, content_norm, content_norm, memory, content_mask, padding_mask)
+            content = self._stream(content, content_norm, content_norm, memory_kv, content_mask, padding_mask)
         return query, content
 
 
@@ -111,9 +112,11 @@ class CharDecoder(nn.Module):
         query_mask: Tensor | None = None,
         content_mask: Tensor | None = None,
         padding_mask: Tensor | None = None,
+        memory_kv: list[tuple[Tensor, Tensor]] | None = None,
     ) -> Tensor:
         """Logits for each query. ``tokens`` is ``[BOS, t1, ...]`` of length L; queries
-        default to the first L position queries."""
+        default to the first L position queries. ``memory_kv`` (:meth:`memory_kv`) saves
+        projecting the same memory again at every decode step."""
         batch, length = tokens.shape
         content = torch.cat(
             [self.embed(tokens[:, :1]), self.pos_queries[:, : length - 1] + self.embed(tokens[:, 1:])], dim=1
@@ -122,10 +125,15 @@ class CharDecoder(nn.Module):
         if query is None:
             query = self.pos_queries[:, :length].expand(batch, -1, -1)
         query = self.dropout(query)
+        memory_kv = memory_kv if memory_kv is not None else self.memory_kv(memory)
         last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            query, content = layer(query, content, memory, query_mask, content_mask, padding_mask, i != last)
+        for i, (layer, kv) in enumerate(zip(self.layers, memory_kv, strict=True)):
+            query, content = layer(query, content, kv, query_mask, content_mask, padding_mask, i != last)
         return self.head(self.norm(query))
+
+    def memory_kv(self, memory: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Each layer's cross-attention keys and values of ``memory``."""
+        return [project_kv(layer.cross_attn, memory) for layer in self.layers]
 
 
 def causal_mask(size: int, device: torch.device | None = None) -> Tensor:
@@ -159,9 +167,11 @@ def autoregressive(decoder: CharDecoder, memory: Tensor, bos_id: int, num_steps:
     # int32 token ids (not int64) and a 2-D argmax ([:, 0], keepdim): the traced graph then
     # has no 1-D ArgMax and no int64 data tensors, which TensorRT prefers
     tokens = torch.full((batch, 1), bos_id, dtype=torch.int32, device=memory.device)
+    memory_kv = decoder.memory_kv(memory)
     logits = []
     for i in range(num_steps):
-        step = decoder(tokens, memory, query=queries[:, i : i + 1], query_mask=mask[i : i + 1, : i + 1])
+        step = decoder(tokens, memory, query=queries[:, i : i + 1], query_mask=mask[i : i + 1, : i + 1],
+                       memory_kv=memory_kv)
         logits.append(step)
         if i + 1 < num_steps:
             next_token = step[:, 0].argmax(-1, keepdim=True).int()
@@ -174,6 +184,24 @@ def autoregressive(decoder: CharDecoder, memory: Tensor, bos_id: int, num_steps:
         pad[..., 0] = 1e4
         out = torch.cat([out, pad], dim=1)
     return out
+
+
+def parallel(decoder: CharDecoder, memory: Tensor, bos_id: int, num_steps: int) -> Tensor:
+    """PARSeq's non-autoregressive prediction: all ``num_steps`` position queries at once,
+    each seeing only BOS (the context every permutation's first position is trained with);
+    logits ``(B, steps, C+1)``. One decoder pass instead of ``num_steps``."""
+    batch = memory.shape[0]
+    tokens = torch.full((batch, 1), bos_id, dtype=torch.int32, device=memory.device)
+    queries = decoder.pos_queries[:, :num_steps].expand(batch, -1, -1)
+    return decoder(tokens, memory, query=queries)
+
+
+def predict(decoder: CharDecoder, memory: Tensor, bos_id: int, num_steps: int, autoregressive_: bool,
+            early_exit: bool) -> Tensor:
+    """A branch's first prediction: :func:`autoregressive` or :func:`parallel`."""
+    if autoregressive_:
+        return autoregressive(decoder, memory, bos_id, num_steps, early_exit)
+    return parallel(decoder, memory, bos_id, num_steps)
 
 
 def refine(decoder: CharDecoder, memory: Tensor, logits: Tensor, bos_id: int, eos_id: int = 0) -> Tensor:
@@ -193,19 +221,28 @@ def refine(decoder: CharDecoder, memory: Tensor, logits: Tensor, bos_id: int, eo
     )
 
 
-def _attend(attn: nn.MultiheadAttention, query: Tensor, key_value: Tensor, bias: Tensor | None) -> Tensor:
-    """``attn`` (its own weights) on inputs with any leading dims that broadcast, e.g. a
-    permutation axis on the queries and none on a shared memory. Same maths as
-    ``nn.MultiheadAttention`` with an additive float mask."""
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    return x.unflatten(-1, (heads, -1)).transpose(-2, -3)
+
+
+def project_kv(attn: nn.MultiheadAttention, key_value: Tensor) -> tuple[Tensor, Tensor]:
+    """``attn``'s keys and values of ``key_value``, split into heads ``(..., H, S, D/H)``."""
+    _, w_k, w_v = attn.in_proj_weight.chunk(3)
+    _, b_k, b_v = attn.in_proj_bias.chunk(3)
     heads = attn.num_heads
-    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
-    b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+    return _split_heads(F.linear(key_value, w_k, b_k), heads), _split_heads(F.linear(key_value, w_v, b_v), heads)
 
-    def split(x: Tensor) -> Tensor:
-        return x.unflatten(-1, (heads, -1)).transpose(-2, -3)
 
-    q = split(F.linear(query, w_q, b_q))
-    k, v = split(F.linear(key_value, w_k, b_k)), split(F.linear(key_value, w_v, b_v))
+def _attend(attn: nn.MultiheadAttention, query: Tensor, key_value: Tensor | None, bias: Tensor | None,
+            kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """``attn`` (its own weights) on inputs with any leading dims that broadcast, e.g. a
+    permutation axis on the queries and none on a shared memory; ``kv`` are the keys and
+    values of ``key_value`` already projected (:func:`project_kv`). Same maths as
+    ``nn.MultiheadAttention`` with an additive float mask."""
+    w_q = attn.in_proj_weight.chunk(3)[0]
+    b_q = attn.in_proj_bias.chunk(3)[0]
+    q = _split_heads(F.linear(query, w_q, b_q), attn.num_heads)
+    k, v = kv if kv is not None else project_kv(attn, key_value)
     scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
     if bias is not None:
         scores = scores + bias
@@ -233,11 +270,12 @@ def permutation_logits(decoder: CharDecoder, tokens: Tensor, memory: Tensor, que
     last = len(decoder.layers) - 1
     for i, layer in enumerate(decoder.layers):
         content_norm = layer.norm_content(content)
+        memory_kv = project_kv(layer.cross_attn, memory)
 
         def stream(x: Tensor, x_norm: Tensor, bias: Tensor, layer: TwoStreamLayer = layer,
-                   content_norm: Tensor = content_norm) -> Tensor:
+                   content_norm: Tensor = content_norm, memory_kv: tuple[Tensor, Tensor] = memory_kv) -> Tensor:
             x = x + layer.drop_self(_attend(layer.self_attn, x_norm, content_norm, bias))
-            x = x + layer.drop_cross(_attend(layer.cross_attn, layer.norm_cross(x), memory, None))
+            x = x + layer.drop_cross(_attend(layer.cross_attn, layer.norm_cross(x), None, None, memory_kv))
             return x + layer.drop_mlp(layer.mlp(layer.norm_mlp(x)))
 
         new_query = stream(query, layer.norm_query(query), query_bias)
