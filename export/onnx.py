@@ -34,7 +34,7 @@ from onnx import numpy_helper
 from export.graphs import GraphDef, count_layernorms, graph_defs
 from export.lint import lint_model
 from export.manifest import BATCH_AXIS, base_manifest, current_umask, graph_entry, read_manifest, write_manifest
-from export.precision import INT8_GRAPHS, to_fp16, to_int8
+from export.precision import INT8_GRAPHS, store_exact_half, to_fp16, to_int8
 from runtime.bundle import MANIFEST_NAME
 from training.checkpoint import CONFIG_NAME, WEIGHTS_NAME, checkpoint_dir, load_checkpoint, read_config
 from training.model.clip4str import CLIP4STR, default_bpe_path
@@ -45,6 +45,8 @@ PRECISIONS = ("fp32", "fp16", "int8")
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = 18
 BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
+#: an int8 graph is kept only when it is at most this fraction of the fp32 graph's size
+INT8_MIN_SAVING = 0.75
 #: largest |ONNX - PyTorch| accepted on the trace inputs, relative to max(1, max |PyTorch|)
 PARITY_TOLERANCE = 1e-3
 
@@ -285,6 +287,7 @@ def export_bundle(ckpt_dir: str | Path, out_dir: str | Path, precisions: Sequenc
             graphs, report = _write_graphs(model, stage, opset, exporter, slim, lint, threads)
             minimum = {name: info["min_layernorms"] for name, info in report.items()}
             derive_precisions(stage, graphs, wanted, lint, minimum)
+            _store_exact_half(stage, graphs)
             shutil.copyfile(default_bpe_path(), stage / BPE_NAME)
             if include_checkpoint:
                 for name in (CONFIG_NAME, WEIGHTS_NAME):
@@ -297,6 +300,15 @@ def export_bundle(ckpt_dir: str | Path, out_dir: str | Path, precisions: Sequenc
         torch.set_num_threads(previous_threads)
     log.info("bundle written to %s in %.1f s", out, time.perf_counter() - start)
     return out
+
+
+def _store_exact_half(stage: Path, graphs: dict[str, Any]) -> None:
+    """FP32 graph files with FP16 storage where exact (an FP16 checkpoint); after the other
+    precisions were derived from the plain files."""
+    for name, entry in graphs["fp32"].items():
+        converted = store_exact_half(stage / entry["file"])
+        if converted:
+            log.info("fp32 %s: %d weights stored as float16 (exactly their values)", name, converted)
 
 
 def _sha256(path: Path) -> str:
@@ -339,8 +351,15 @@ def derive_precisions(bundle_dir: Path, graphs: dict[str, Any], precisions: Sequ
                 if lint:
                     lint_or_raise(bundle_dir / rel, (min_layernorms or {}).get(name, 1))
             elif name in INT8_GRAPHS:
-                log.info("int8 %s", name)
                 to_int8(src, bundle_dir / rel)
+                ratio = (bundle_dir / rel).stat().st_size / src.stat().st_size
+                if ratio > INT8_MIN_SAVING:  # e.g. a convolutional tower: MatMuls are few
+                    (bundle_dir / rel).unlink()
+                    rel = entry["file"]
+                    log.info("int8 %s: quantization keeps %.0f%% of the size; the fp32 graph serves", name,
+                             100 * ratio)
+                else:
+                    log.info("int8 %s", name)
             else:
                 rel = entry["file"]  # the decoders stay fp32
             entries[name] = graph_entry(bundle_dir, rel)

@@ -182,3 +182,49 @@ def to_int8(src: Path, dst: Path) -> None:
         )
     finally:
         root.setLevel(level)
+
+
+#: initializers smaller than this stay as they are when weights are stored in FP16
+HALF_STORAGE_MIN_ELEMENTS = 4096
+
+
+def store_exact_half(path: Path) -> int:
+    """Store the float32 weights of the graph at ``path`` as float16 where that is exact.
+
+    A checkpoint saved in FP16 (the shipped default) gives FP32 graphs whose weights are
+    all FP16 values; storing those as float16 with a ``Cast`` to float32 halves the file
+    and changes no number: the graph still computes in FP32 (onnxruntime folds the casts
+    when it loads the graph). Weights that float16 cannot hold exactly are left alone, so a
+    graph exported from FP32 weights is unchanged. Returns the number of initializers
+    converted (the file is rewritten only when that is not 0).
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    renamed: dict[str, str] = {}
+    casts = []
+    for init in graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or int(np.prod(init.dims)) < HALF_STORAGE_MIN_ELEMENTS:
+            continue
+        array = numpy_helper.to_array(init)
+        half = array.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), array):
+            continue
+        init.CopyFrom(numpy_helper.from_array(half, init.name))
+        renamed[init.name] = f"{init.name}__as_float32"
+        casts.append(helper.make_node("Cast", [init.name], [renamed[init.name]], to=onnx.TensorProto.FLOAT,
+                                      name=f"{init.name}__cast"))
+    if not casts:
+        return 0
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return len(casts)

@@ -130,23 +130,29 @@ def build_cache(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tower = TowerFeatures(cfg, out)
     np.save(out / "padding.npy", tower.padding_token())
-    real = ConcatSets([open_set(p, cfg.charset_train, cfg.max_label_length, train=True) for p in args.real])
-    order = np.random.default_rng(args.seed).permutation(len(real))
-    n_val = int(round(len(real) * args.val_fraction))
-    val_keys = set(order[:n_val].tolist())
-    # the validation split: real scene-text crops only (never the born-digital set)
-    scene = [i for i in order[:n_val] if "borndigital" not in _set_name(real, i)]
-    train_index = [i for i in range(len(real)) if i not in val_keys]
-    cache_dataset(tower, _Subset(real, scene), out / f"{VAL_SHARD}.npz")
-    cache_dataset(tower, _Subset(real, train_index), out / "real.npz")
-    for k in range(args.aug_copies):
-        cache_dataset(tower, _Subset(real, train_index), out / f"real-aug{k}.npz", augmentation(), seed=args.seed + k)
+    if args.real:
+        real = ConcatSets([open_set(p, cfg.charset_train, cfg.max_label_length, train=True) for p in args.real])
+        order = np.random.default_rng(args.seed).permutation(len(real))
+        n_val = int(round(len(real) * args.val_fraction))
+        val_keys = set(order[:n_val].tolist())
+        # the validation split: real scene-text crops only (never the born-digital set)
+        val = _Subset(real, [i for i in order[:n_val] if "borndigital" not in _set_name(real, i)])
+        train_index = [i for i in range(len(real)) if i not in val_keys]
+        cache_dataset(tower, val, out / f"{VAL_SHARD}.npz")
+        cache_dataset(tower, _Subset(real, train_index), out / "real.npz")
+        for k in range(args.aug_copies):
+            cache_dataset(tower, _Subset(real, train_index), out / f"real-aug{k}.npz", augmentation(),
+                          seed=args.seed + k)
+    else:  # synthetic words only: validate on words of another seed
+        val = SynthWords(args.synth_shard_size, args.seed + 999, cfg.charset_train, cfg.max_label_length,
+                         difficulty=args.synth_difficulty)
+        cache_dataset(tower, val, out / f"{VAL_SHARD}.npz")
     for k in range(args.synth_shards):
         synth = SynthWords(args.synth_shard_size, args.seed + 1000 + k, cfg.charset_train, cfg.max_label_length,
                            difficulty=args.synth_difficulty)
         cache_dataset(tower, synth, out / f"synth{k:03d}.npz")
     (out / "cache.json").write_text(json.dumps({"config": args.config, "real": args.real, "seed": args.seed,
-                                                "val_fraction": args.val_fraction, "val_words": len(scene)}))
+                                                "val_fraction": args.val_fraction, "val_words": len(val)}))
 
 
 def _set_name(sets, index: int) -> str:

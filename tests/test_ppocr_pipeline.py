@@ -1,0 +1,156 @@
+"""The PP-OCR-tower model through the pipeline: a dynamic-width bundle that gives PyTorch's
+answers at every width, TensorRT profiles over the width, the frozen-tower trainer, and the
+embedded default bundle reading the quick start's samples."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "runtime" / "assets" / "samples"
+
+
+def test_default_bundle_reads_every_sample() -> None:
+    """The quick start's promise: every shipped sample image (named after its word) is read."""
+    from runtime.bundle import DEFAULT_BUNDLE
+    from runtime.recognizer import Recognizer
+
+    recognizer = Recognizer.from_bundle(DEFAULT_BUNDLE, backend="ort-cpu", llm="none", threads=1)
+    try:
+        paths = sorted(SAMPLES.glob("*.png"))
+        results = recognizer.read([str(p) for p in paths], batch_size=4)
+    finally:
+        recognizer.close()
+    assert len(paths) >= 8
+    assert {p.stem: r.text.lower() for p, r in zip(paths, results)} == {p.stem: p.stem.lower() for p in paths}
+
+
+def test_default_bundle_is_the_ppocr_tower_model() -> None:
+    from runtime.bundle import DEFAULT_BUNDLE
+
+    manifest = json.loads((DEFAULT_BUNDLE / "manifest.json").read_text())
+    assert manifest["model"]["image_tower"] == "ppocrv6-rec-small"
+    assert manifest["preprocessing"]["keep_aspect"] is True and manifest["preprocessing"]["height"] == 48
+    sizes = sum(p.stat().st_size for p in DEFAULT_BUNDLE.rglob("*") if p.is_file())
+    assert sizes <= 50 * 2**20, sizes  # checkpoint + fp32 + int8 graphs within 50 MB
+    image = manifest["graphs"]["fp32"]["image_encoder"]
+    assert image["inputs"][0]["shape"] == ["batch", 3, 48, "width"]
+    assert image["outputs"][0]["shape"][:2] == ["batch", "tokens"]
+
+
+def test_trt_profiles_cover_the_dynamic_width() -> None:
+    from export.trt import BuildSettings, dynamic_axis_ranges, profile_shapes
+
+    manifest = {"preprocessing": {"height": 48, "width": 320, "keep_aspect": True, "width_multiple": 8}}
+    axes = dynamic_axis_ranges(manifest)
+    assert dict(axes) == {"width": (8, 160, 320), "tokens": (1, 20, 40)}
+    settings = BuildSettings(1, 8, 32, axes=axes)
+    assert profile_shapes(["batch", 3, 48, "width"], settings) == [(1, 3, 48, 8), (8, 3, 48, 160), (32, 3, 48, 320)]
+    assert profile_shapes(["batch", "tokens", 256], settings)[2] == (32, 40, 256)
+    assert dynamic_axis_ranges({"preprocessing": {"height": 32, "width": 128}}) == ()
+    with pytest.raises(ValueError, match="no profile range"):
+        profile_shapes(["batch", "width"], BuildSettings())
+
+
+# -- a small model with the real tower, exported -------------------------------------------
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("rapidocr", reason="the PP-OCR tower needs the rapidocr package (train extra)")
+pytest.importorskip("onnx", reason="export needs the export extra")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A PP-OCR-tower checkpoint with narrow decoders (random) and its fp32 + int8 bundle."""
+    from export.onnx import export_bundle
+    from training.checkpoint import save_checkpoint
+    from training.config import DecoderConfig, model_config
+    from training.model.clip4str import CLIP4STR
+
+    cfg = model_config("clipllama-ppocr")
+    clip = {**cfg.clip, "embed_dim": 32,
+            "text_cfg": {**cfg.clip["text_cfg"], "width": 32, "heads": 2, "layers": 1, "vocab_size": 49408}}
+    cfg = replace(cfg, clip=clip, decoder=DecoderConfig(depth=1, heads=2, mlp_ratio=2.0, dropout=0.0))
+    torch.manual_seed(0)
+    model = CLIP4STR(cfg).eval()
+    ckpt = save_checkpoint(model, tmp_path_factory.mktemp("ppocr_ckpt"), half=True)
+    bundle = export_bundle(ckpt, tmp_path_factory.mktemp("ppocr_bundle") / "b", precisions=("fp32", "int8"))
+    return ckpt, Path(bundle)
+
+
+def _words() -> list[Image.Image]:
+    from training.data.synth import SynthWords
+
+    data = SynthWords(6, 5)
+    return [data[i][0] for i in range(len(data))] + [Image.new("RGB", (400, 30), "gray")]
+
+
+def test_dynamic_width_bundle_equals_pytorch_at_every_width(small: tuple[Path, Path]) -> None:
+    """Crops of different aspect ratios, alone and in one padded batch: the ONNX graphs give
+    PyTorch's logits (the same weights: an FP16 checkpoint, FP32 graphs with FP16 storage)."""
+    from runtime.backends import OrtBackend
+    from runtime.bundle import load_bundle
+    from runtime.preprocess import preprocess
+    from training.checkpoint import load_checkpoint
+
+    ckpt, path = small
+    model = load_checkpoint(ckpt)
+    bundle = load_bundle(path)
+    backend = OrtBackend(bundle, "fp32", threads=1)
+    images = _words()
+    widths = set()
+    for batch in [[image] for image in images] + [images]:
+        x = preprocess(batch, bundle.preprocessing)
+        widths.add(x.shape[-1])
+        got = backend.run("image_encoder", {"images": x})["image_features"]
+        with torch.no_grad():
+            expected = model.encode_image(torch.from_numpy(x)).numpy()
+        assert got.shape == expected.shape == (len(batch), x.shape[-1] // 8, 32)
+        assert np.abs(got - expected).max() < 1e-3
+        visual = backend.run("visual_decoder", {"image_features": got})
+        with torch.no_grad():
+            reference = model.decode(torch.from_numpy(expected), early_exit=False)
+        assert np.abs(visual["ar_logits"] - reference["visual_ar"].numpy()).max() < 1e-3
+    assert len(widths) >= 4  # the graphs really ran at several widths
+    backend.close()
+
+
+def test_weights_are_stored_half_only_where_exact(small: tuple[Path, Path]) -> None:
+    import onnx
+
+    _, path = small
+    graph = onnx.load(str(path / "fp32" / "image_encoder.onnx")).graph
+    halves = [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    assert halves and all(any(n.op_type == "Cast" and i.name in n.input for n in graph.node) for i in halves)
+    manifest = json.loads((path / "manifest.json").read_text())
+    # the conv tower's int8 variant would barely shrink: the int8 entry reuses the fp32 file
+    assert manifest["graphs"]["int8"]["image_encoder"]["file"] == "fp32/image_encoder.onnx"
+    assert manifest["graphs"]["int8"]["text_encoder"]["file"] == "int8/text_encoder.onnx"
+
+
+def test_frozen_tower_trainer_learns_from_a_cache(tmp_path: Path) -> None:
+    """cache -> train on a few synthetic words: a checkpoint, and the loss falls."""
+    from training.frozen_tower import main
+
+    cache = ["cache", "--config", "clipllama-ppocr", "-o", str(tmp_path / "c"), "--synth-shards", "1",
+             "--synth-shard-size", "48"]
+    assert main(cache) == 0
+    shards = sorted(p.name for p in (tmp_path / "c").glob("*.npz"))
+    assert shards == ["synth000.npz", "val.npz"]
+    stamp = (tmp_path / "c" / "synth000.npz").stat().st_mtime_ns
+    assert main(cache) == 0 and (tmp_path / "c" / "synth000.npz").stat().st_mtime_ns == stamp  # resumes
+    with np.load(tmp_path / "c" / "synth000.npz") as shard:
+        assert len(shard["labels"]) == 48 and shard["tokens"].shape == (shard["lengths"].sum(), 120)
+    train = ["train", "--config", "clipllama-ppocr", "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "r"),
+             "--minutes", "0.2", "--val-every", "4", "--batch-size", "16", "--ctc-weight", "0.5"]
+    assert main(train) == 0
+    lines = [json.loads(line) for line in (tmp_path / "r" / "log.csv").read_text().splitlines()]
+    assert (tmp_path / "r" / "best" / "model.safetensors").is_file() and (tmp_path / "r" / "last").is_dir()
+    assert len(lines) >= 2 and min(x["loss"] for x in lines[1:]) < lines[0]["loss"]
+    assert all("ctc_loss" in x for x in lines)

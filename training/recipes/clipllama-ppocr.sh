@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The recipe of the embedded default model (clipllama-ppocr): CLIP4STR's decoders and a
+# small CLIP text tower trained on the frozen PP-OCRv6 image tower from the rapidocr wheel.
+# Run from the repository root with the dev install; ../shared/data holds the real crops.
+# Machine: 2 CPU cores, no GPU. Both steps resume where they stopped when run again.
+set -euo pipefail
+export HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE
+DATA=${DATA:-../shared/data/train}
+
+# 1. Cache the frozen tower's features (runs/ppocr-cache, ~1 GB): the real training crops
+#    once as they are and three times under RandAugment, a 5% validation split of them
+#    (scene-text sets only; seed 0), and synthetic words in shards of 5,000 (seeds 1000+k).
+#    As run for the shipped model the cache was stopped after 33 synthetic shards
+#    (165,000 words) to leave the CPU to step 2: SYNTH_SHARDS=33 reproduces it.
+python -m training.frozen_tower cache --config clipllama-ppocr -o runs/ppocr-cache \
+  --real "$DATA/ic15_train_4468" "$DATA/iiit5k_train_2000" "$DATA/svt_train_257" "$DATA/ic13_borndigital_4188" \
+  --val-fraction 0.05 --aug-copies 3 --synth-shards "${SYNTH_SHARDS:-33}" --synth-shard-size 5000 --seed 0
+
+# 2. Train everything after the tower on the cache (permuted sequence modelling, K = 6,
+#    both branches); the checkpoint is chosen on the validation split.
+python -m training.frozen_tower train --config clipllama-ppocr --cache runs/ppocr-cache -o runs/ppocr-frozen \
+  --minutes "${TRAIN_MINUTES:-65}" --batch-size 64 --lr 1e-3 --warmup-steps 300 --num-perms 6 \
+  --ctc-weight 0 --val-every 500 --seed 0
+
+# 3. Ship: the checkpoint with FP16 weights, and the bundle exported from exactly those weights.
+python -m training.checkpoint runs/ppocr-frozen/best -o runs/default-fp16 --half
+python -m export.onnx runs/default-fp16 -o runtime/assets/default_bundle --precision fp32 int8 --with-checkpoint
