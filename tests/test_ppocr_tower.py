@@ -112,3 +112,31 @@ def test_aspect_keeping_preprocessing() -> None:
     assert preprocess([odd], spec).shape[-1] == 104
     with pytest.raises(ValueError):
         Preprocessing(48, 100, keep_aspect=True, width_multiple=8)
+
+
+def test_char_index_counts_the_characters(tower: PPOCRFeatures) -> None:
+    """PP-OCR's own CTC classifier (restricted to blank + the charset) reads the word, and
+    the index it gives each token runs 0, 1, ... over the characters in order."""
+    from runtime.charset import resolve_charset
+    from runtime.decoding import CharCodec
+    from training.model.ppocr_tower import CharIndexEncoding
+
+    charset = resolve_charset("94")
+    encoding = CharIndexEncoding("ppocrv6-rec-small", charset, width=16, max_chars=26)
+    crops = _real_crops(5)
+    labels = (["Tiredness", "kills", "short", "break", "could"] if (DATA / "labels_857.tsv").is_file() else None)
+    spec = model_config("clipllama-ppocr").image
+    codec = CharCodec(charset)
+    for i, image in enumerate(crops):
+        with torch.no_grad():
+            features = tower(torch.from_numpy(preprocess([image], spec)))
+            best = encoding.classifier(features)[0].argmax(-1).tolist()
+            index = encoding.char_index(features)[0]
+        # greedy CTC reading: drop repeats and blanks
+        read = "".join(codec.charset[c - 1] for j, c in enumerate(best) if c and (j == 0 or c != best[j - 1]))
+        if labels is not None:
+            assert read == labels[i]
+        shown = [round(float(index[j])) for j, c in enumerate(best) if c and (j == 0 or c != best[j - 1])]
+        assert shown == list(range(len(read)))
+        assert torch.all(index[1:] >= index[:-1] - 1e-4)  # never decreases
+        assert encoding(features).shape == (1, features.shape[1], 16)

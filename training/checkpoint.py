@@ -12,6 +12,7 @@ No pickles: resuming training uses a separate ``train_state.pt`` read with
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -69,16 +70,23 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> CLI
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m training.checkpoint SRC -o DST [--half]``: rewrite a checkpoint (e.g. in FP16)."""
+    """``python -m training.checkpoint SRC -o DST [--half] [--decode ar|nar]``: rewrite a
+    checkpoint (e.g. in FP16, or with the other first-prediction mode)."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Copy a checkpoint, optionally with FP16 weights.")
     parser.add_argument("src")
     parser.add_argument("-o", "--output", required=True)
     parser.add_argument("--half", action="store_true", help="store floating-point weights as float16")
+    parser.add_argument("--decode", choices=("ar", "nar"),
+                        help="first prediction of each branch: autoregressive or PARSeq's parallel pass")
     args = parser.parse_args(argv)
     _, meta = read_config(args.src)
-    save_checkpoint(load_checkpoint(args.src), args.output, meta={**meta, "half": args.half}, half=args.half)
+    model = load_checkpoint(args.src)
+    if args.decode:
+        model.cfg = replace(model.cfg, autoregressive=args.decode == "ar")
+        meta = {**meta, "decode": args.decode}
+    save_checkpoint(model, args.output, meta={**meta, "half": args.half}, half=args.half)
     print(args.output)
     return 0
 

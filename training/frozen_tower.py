@@ -204,17 +204,30 @@ class FeatureSet:
 
 @torch.inference_mode()
 def evaluate(model: CLIP4STR, data: FeatureSet, padding: np.ndarray, batch_size: int = 256) -> dict:
-    """Word accuracy (evaluation protocol) of the final and the visual prediction."""
+    """Word accuracy (evaluation protocol) of the final and the visual prediction, each
+    word read without padding (batches of equal length), as the runtime reads one crop."""
     model.eval()
     final, visual = WordAccuracy(), WordAccuracy()
-    order = np.argsort(data.lengths)  # similar lengths together, as little padding as possible
-    for start in range(0, len(data), batch_size):
-        features, labels = data.batch(order[start : start + batch_size], padding)
-        out = model.decode(model.image_encoder.project(features.float()))
-        final.update([p.text for p in model.codec.decode(softmax(out["final"].numpy()))], labels)
-        visual.update([p.text for p in model.codec.decode(softmax(out["visual_ar"].numpy()))], labels)
+    for length in np.unique(data.lengths):
+        group = np.flatnonzero(data.lengths == length)
+        for start in range(0, len(group), batch_size):
+            features, labels = data.batch(group[start : start + batch_size], padding)
+            out = model.decode(model.image_encoder.project(features.float()))
+            final.update([p.text for p in model.codec.decode(softmax(out["final"].numpy()))], labels)
+            visual.update([p.text for p in model.codec.decode(softmax(out["visual_ar"].numpy()))], labels)
     model.train()
     return {"accuracy": final.accuracy, "visual_accuracy": visual.accuracy, "one_minus_ned": final.one_minus_ned}
+
+
+def sample_batch(lengths: np.ndarray, order: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Half the batches are random (padded to their longest word, as a runtime batch of
+    mixed crops is), half are words of about the same length (``order`` sorts by length),
+    as a crop read alone is, with no padding: the decoders must find the end of a word
+    from the word itself, not from the padding after it."""
+    if rng.random() < 0.5:
+        return rng.integers(0, len(lengths), size)
+    start = int(rng.integers(0, max(1, len(order) - size)))
+    return order[start : start + size]
 
 
 def ctc_loss(logits: torch.Tensor, lengths: torch.Tensor, labels: list[str], model: CLIP4STR) -> torch.Tensor:
@@ -240,6 +253,7 @@ def train(args: argparse.Namespace) -> None:
     data, val = FeatureSet(shards), FeatureSet([cache / f"{VAL_SHARD}.npz"])
     padding = np.load(cache / "padding.npy").astype(np.float16)
     print(f"train {len(data)} words from {len(shards)} shards, validation {len(val)}", flush=True)
+    by_length = np.argsort(data.lengths, kind="stable")
     # an auxiliary CTC head on F_i (training only, not part of the checkpoint): it makes each
     # image token say which character it shows, which the decoders' cross-attention then
     # finds sooner; the features were trained for a CTC head, so this costs almost nothing
@@ -269,7 +283,7 @@ def train(args: argparse.Namespace) -> None:
         warm = min(1.0, step / max(1, args.warmup_steps))
         for group in optimizer.param_groups:
             group["lr"] = args.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
-        index = rng.integers(0, len(data), args.batch_size)
+        index = sample_batch(data.lengths, by_length, args.batch_size, rng)
         features, labels = data.batch(index, padding)
         image_features = model.image_encoder.project(features.float())
         loss, stats = model.loss_from_features(image_features, labels, rng, args.num_perms)

@@ -142,6 +142,66 @@ def _check(name: str, reference: Tensor, array: np.ndarray, onnx_name: str) -> T
     return torch.from_numpy(np.array(array, dtype=np.float32))
 
 
+def ctc_classifier(kind: str, charset: str) -> tuple[Tensor, Tensor]:
+    """PP-OCR's own CTC classifier restricted to blank + ``charset``: weight ``(1+C, 120)``
+    and bias ``(1+C,)``, rows in the decoders' class order (row 0: blank, in the place of
+    EOS; row i: the i-th character). Its dictionary is the ONNX file's ``character``
+    metadata (class k + 1 is line k; 0 is blank)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path(kind)))
+    lines = next(p.value for p in model.metadata_props if p.key == "character").split("\n")
+    classes = {c: i + 1 for i, c in reversed(list(enumerate(lines)))}
+    missing = [c for c in charset if c not in classes]
+    if missing:
+        raise ValueError(f"PP-OCR's dictionary lacks {missing!r}")
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name.startswith("linear_")}
+    head = max((n for n in weights if n.endswith(".w_0")), key=lambda n: weights[n].shape[1])
+    w, b = weights[head], weights[head.replace(".w_0", ".b_0")]  # (120, classes), (classes,)
+    rows = [0, *(classes[c] for c in charset)]
+    return torch.from_numpy(np.array(w[:, rows].T, dtype=np.float32)), torch.from_numpy(np.array(b[rows],
+                                                                                               dtype=np.float32))
+
+
+class CharIndexEncoding(nn.Module):
+    """Where each image token sits in the word, from PP-OCR's own CTC classifier (frozen).
+
+    Per token t the classifier (restricted to blank + the charset) gives ``p_t``; a new
+    character starts at t with probability ``sum_c p_t(c) (1 - p_{t-1}(c))`` over
+    non-blank c, and their running sum is the (expected) index of the character the token
+    shows. That index, linearly interpolated between learnt embeddings for 0..max_chars,
+    is added to the token: the decoders' query for the i-th character then finds its
+    tokens by index instead of having to learn to count glyphs from many examples.
+    """
+
+    def __init__(self, kind: str, charset: str, width: int, max_chars: int, load_weights: bool = True) -> None:
+        super().__init__()
+        classes = len(charset) + 1
+        if load_weights:
+            weight, bias = ctc_classifier(kind, charset)
+        else:
+            weight, bias = torch.zeros(classes, FEATURE_DIM), torch.zeros(classes)
+        self.classifier = nn.Linear(FEATURE_DIM, classes)
+        self.classifier.weight.data.copy_(weight)
+        self.classifier.bias.data.copy_(bias)
+        self.classifier.requires_grad_(False)
+        self.embedding = nn.Parameter(torch.empty(max_chars + 1, width).normal_(std=0.02))
+        self.register_buffer("steps", torch.arange(max_chars + 1, dtype=torch.float32), persistent=False)
+
+    def char_index(self, features: Tensor) -> Tensor:
+        """``(B, T)``: the expected 0-based index of the character at each token."""
+        probs = self.classifier(features).softmax(-1)[..., 1:]  # non-blank classes
+        previous = torch.cat([torch.zeros_like(probs[:, :1]), probs[:, :-1]], dim=1)
+        onset = (probs * (1.0 - previous)).sum(-1)
+        return onset.cumsum(1) - 1.0
+
+    def forward(self, features: Tensor) -> Tensor:
+        index = self.char_index(features).clamp(0.0, float(self.steps.shape[0] - 1))
+        weights = (1.0 - (index.unsqueeze(-1) - self.steps).abs()).clamp(min=0.0)  # (B, T, K+1)
+        return weights @ self.embedding
+
+
 class MapToSequence(nn.Module):
     """``(B, C, 1, W)`` -> ``(B, W, C)``."""
 
@@ -183,18 +243,24 @@ class PPOCRFeatures(nn.Module):
 class PPOCRImageEncoder(nn.Module):
     """The PP-OCR features, a LayerNorm, a projection to the decoder width and a learnt
     position embedding (the convolutional features say little about where a token is, and
-    the decoders' cross-attention has no other way to know): ``F_i``."""
+    the decoders' cross-attention has no other way to know), optionally plus the
+    :class:`CharIndexEncoding`: ``F_i``."""
 
-    def __init__(self, kind: str, width: int, max_tokens: int, load_weights: bool = True) -> None:
+    def __init__(self, kind: str, width: int, max_tokens: int, load_weights: bool = True,
+                 char_index: CharIndexEncoding | None = None) -> None:
         super().__init__()
         self.features = PPOCRFeatures(kind, load_weights)
         self.norm = nn.LayerNorm(FEATURE_DIM)
         self.proj = nn.Linear(FEATURE_DIM, width)
         self.positional_embedding = nn.Parameter(torch.empty(1, max_tokens, width).normal_(std=0.02))
+        self.char_index = char_index
 
     def project(self, features: Tensor) -> Tensor:
         """``F_i`` from tower features (the part trained while the tower is frozen)."""
-        return self.proj(self.norm(features)) + self.positional_embedding[:, : features.shape[1]]
+        out = self.proj(self.norm(features)) + self.positional_embedding[:, : features.shape[1]]
+        if self.char_index is not None:
+            out = out + self.char_index(features)
+        return out
 
     def forward(self, images: Tensor) -> Tensor:
         return self.project(self.features(images))
