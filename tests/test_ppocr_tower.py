@@ -119,10 +119,10 @@ def test_char_index_counts_the_characters(tower: PPOCRFeatures) -> None:
     the index it gives each token runs 0, 1, ... over the characters in order."""
     from runtime.charset import resolve_charset
     from runtime.decoding import CharCodec
-    from training.model.ppocr_tower import CharIndexEncoding
+    from training.model.ppocr_tower import CTCEncoding
 
     charset = resolve_charset("94")
-    encoding = CharIndexEncoding("ppocrv6-rec-small", charset, width=16, max_chars=26)
+    encoding = CTCEncoding("ppocrv6-rec-small", charset, width=16, max_chars=26)
     crops = _real_crops(5)
     labels = (["Tiredness", "kills", "short", "break", "could"] if (DATA / "labels_857.tsv").is_file() else None)
     spec = model_config("clipllama-ppocr").image

@@ -42,9 +42,10 @@ class ModelConfig:
     #: text-recognition backbone shipped in a PyPI package, "ppocrv6-rec-small"
     #: (PP-OCRv6's, from the rapidocr wheel; ``clip.vision_cfg`` is then unused)
     image_tower: str = "clip-vit"
-    #: PP-OCR tower only: add the character index from PP-OCR's own (frozen) CTC classifier
-    #: to each image token (``training.model.ppocr_tower.CharIndexEncoding``)
-    char_index_encoding: bool = False
+    #: PP-OCR tower only: add what PP-OCR's own (frozen) CTC classifier says about each image
+    #: token, its character and that character's index in the word
+    #: (``training.model.ppocr_tower.CTCEncoding``)
+    ctc_encoding: bool = False
     #: QuickGELU in every tower (the OpenAI/CLIP4STR checkpoints) or plain GELU
     quick_gelu: bool = True
     image: Preprocessing = field(default_factory=lambda: Preprocessing(224, 224))

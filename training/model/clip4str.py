@@ -19,7 +19,7 @@ from training.config import ModelConfig
 from training.model.decoder import CharDecoder, padding_bias, permutation_logits, predict, refine
 from training.model.permutations import attention_masks, generate_permutations
 from runtime.charset import resolve_charset
-from training.model.ppocr_tower import WIDTH_STRIDE, CharIndexEncoding, PPOCRImageEncoder
+from training.model.ppocr_tower import WIDTH_STRIDE, CTCEncoding, PPOCRImageEncoder
 from training.model.towers import ImageEncoder, TextEncoder, build_clip
 
 
@@ -38,10 +38,10 @@ class CLIP4STR(nn.Module):
         if cfg.image_tower == "clip-vit":
             self.image_encoder: nn.Module = ImageEncoder(clip.visual)
         else:  # a pretrained text-recognition backbone; its weights come from its package
-            index = (CharIndexEncoding(cfg.image_tower, resolve_charset(cfg.charset_train), cfg.embed_dim,
-                                       cfg.num_steps) if cfg.char_index_encoding else None)
+            ctc = (CTCEncoding(cfg.image_tower, resolve_charset(cfg.charset_train), cfg.embed_dim, cfg.num_steps)
+                   if cfg.ctc_encoding else None)
             self.image_encoder = PPOCRImageEncoder(cfg.image_tower, cfg.embed_dim, cfg.image.width // WIDTH_STRIDE,
-                                                   char_index=index)
+                                                   ctc=ctc)
             clip.visual = None
         self.text_encoder = TextEncoder(clip, cfg.text_context_length, cfg.frozen_text_layers)
         self.codec = CharCodec(cfg.charset_train)

@@ -164,15 +164,18 @@ def ctc_classifier(kind: str, charset: str) -> tuple[Tensor, Tensor]:
                                                                                                dtype=np.float32))
 
 
-class CharIndexEncoding(nn.Module):
-    """Where each image token sits in the word, from PP-OCR's own CTC classifier (frozen).
+class CTCEncoding(nn.Module):
+    """What PP-OCR's own CTC classifier (frozen) says about each image token, as embeddings
+    added to the token: which character it shows and where that character sits in the word.
 
-    Per token t the classifier (restricted to blank + the charset) gives ``p_t``; a new
-    character starts at t with probability ``sum_c p_t(c) (1 - p_{t-1}(c))`` over
-    non-blank c, and their running sum is the (expected) index of the character the token
-    shows. That index, linearly interpolated between learnt embeddings for 0..max_chars,
-    is added to the token: the decoders' query for the i-th character then finds its
-    tokens by index instead of having to learn to count glyphs from many examples.
+    Per token t the classifier (restricted to blank + the charset) gives ``p_t``. The
+    character part is ``p_t @ E_char`` (a learnt embedding per class, blank included). A new
+    character starts at t with probability ``sum_c p_t(c) (1 - p_{t-1}(c))`` over non-blank
+    c, and their running sum is the (expected) index of the character the token shows; that
+    index, linearly interpolated between learnt embeddings for 0..max_chars, is the position
+    part. The decoders' query for the i-th character then finds its tokens by index instead
+    of learning to count glyphs from many examples, and the CLIP4STR branches refine what
+    the classifier read with their visual and linguistic context.
     """
 
     def __init__(self, kind: str, charset: str, width: int, max_chars: int, load_weights: bool = True) -> None:
@@ -186,20 +189,26 @@ class CharIndexEncoding(nn.Module):
         self.classifier.weight.data.copy_(weight)
         self.classifier.bias.data.copy_(bias)
         self.classifier.requires_grad_(False)
-        self.embedding = nn.Parameter(torch.empty(max_chars + 1, width).normal_(std=0.02))
+        self.char_embedding = nn.Parameter(torch.empty(classes, width).normal_(std=0.02))
+        self.index_embedding = nn.Parameter(torch.empty(max_chars + 1, width).normal_(std=0.02))
         self.register_buffer("steps", torch.arange(max_chars + 1, dtype=torch.float32), persistent=False)
 
     def char_index(self, features: Tensor) -> Tensor:
         """``(B, T)``: the expected 0-based index of the character at each token."""
-        probs = self.classifier(features).softmax(-1)[..., 1:]  # non-blank classes
-        previous = torch.cat([torch.zeros_like(probs[:, :1]), probs[:, :-1]], dim=1)
-        onset = (probs * (1.0 - previous)).sum(-1)
+        return self._index(self.classifier(features).softmax(-1))
+
+    @staticmethod
+    def _index(probs: Tensor) -> Tensor:
+        chars = probs[..., 1:]  # non-blank classes
+        previous = torch.cat([torch.zeros_like(chars[:, :1]), chars[:, :-1]], dim=1)
+        onset = (chars * (1.0 - previous)).sum(-1)
         return onset.cumsum(1) - 1.0
 
     def forward(self, features: Tensor) -> Tensor:
-        index = self.char_index(features).clamp(0.0, float(self.steps.shape[0] - 1))
+        probs = self.classifier(features).softmax(-1)
+        index = self._index(probs).clamp(0.0, float(self.steps.shape[0] - 1))
         weights = (1.0 - (index.unsqueeze(-1) - self.steps).abs()).clamp(min=0.0)  # (B, T, K+1)
-        return weights @ self.embedding
+        return weights @ self.index_embedding + probs @ self.char_embedding
 
 
 class MapToSequence(nn.Module):
@@ -244,22 +253,22 @@ class PPOCRImageEncoder(nn.Module):
     """The PP-OCR features, a LayerNorm, a projection to the decoder width and a learnt
     position embedding (the convolutional features say little about where a token is, and
     the decoders' cross-attention has no other way to know), optionally plus the
-    :class:`CharIndexEncoding`: ``F_i``."""
+    :class:`CTCEncoding`: ``F_i``."""
 
     def __init__(self, kind: str, width: int, max_tokens: int, load_weights: bool = True,
-                 char_index: CharIndexEncoding | None = None) -> None:
+                 ctc: CTCEncoding | None = None) -> None:
         super().__init__()
         self.features = PPOCRFeatures(kind, load_weights)
         self.norm = nn.LayerNorm(FEATURE_DIM)
         self.proj = nn.Linear(FEATURE_DIM, width)
         self.positional_embedding = nn.Parameter(torch.empty(1, max_tokens, width).normal_(std=0.02))
-        self.char_index = char_index
+        self.ctc = ctc
 
     def project(self, features: Tensor) -> Tensor:
         """``F_i`` from tower features (the part trained while the tower is frozen)."""
         out = self.proj(self.norm(features)) + self.positional_embedding[:, : features.shape[1]]
-        if self.char_index is not None:
-            out = out + self.char_index(features)
+        if self.ctc is not None:
+            out = out + self.ctc(features)
         return out
 
     def forward(self, images: Tensor) -> Tensor:

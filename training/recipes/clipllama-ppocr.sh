@@ -19,7 +19,7 @@ python -m training.frozen_tower cache --config clipllama-ppocr -o runs/ppocr-cac
 # 2. Train everything after the tower on the cache (permuted sequence modelling, K = 6,
 #    both branches); the checkpoint is chosen on the validation split.
 python -m training.frozen_tower train --config clipllama-ppocr --cache runs/ppocr-cache -o runs/ppocr-frozen \
-  --minutes "${TRAIN_MINUTES:-50}" --batch-size 64 --lr 1e-3 --warmup-steps 300 --num-perms 6 \
+  --minutes "${TRAIN_MINUTES:-40}" --batch-size 64 --lr 1e-3 --warmup-steps 300 --num-perms 6 \
   --ctc-weight 0 --val-every 500 --seed 0
 
 # 3. Ship: the checkpoint with FP16 weights, and the bundle exported from exactly those weights.
