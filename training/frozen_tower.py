@@ -184,6 +184,7 @@ class FeatureSet:
                 tokens.append(shard["tokens"])
                 lengths.append(shard["lengths"])
                 labels += shard["labels"].tolist()
+        self.shard_sizes = [len(n) for n in lengths]
         self.tokens = np.concatenate(tokens)
         self.lengths = np.concatenate(lengths)
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
@@ -219,13 +220,14 @@ def evaluate(model: CLIP4STR, data: FeatureSet, padding: np.ndarray, batch_size:
     return {"accuracy": final.accuracy, "visual_accuracy": visual.accuracy, "one_minus_ned": final.one_minus_ned}
 
 
-def sample_batch(lengths: np.ndarray, order: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def sample_batch(lengths: np.ndarray, order: np.ndarray, size: int, rng: np.random.Generator,
+                 weights: np.ndarray | None = None) -> np.ndarray:
     """Half the batches are random (padded to their longest word, as a runtime batch of
-    mixed crops is), half are words of about the same length (``order`` sorts by length),
-    as a crop read alone is, with no padding: the decoders must find the end of a word
-    from the word itself, not from the padding after it."""
+    mixed crops is; drawn with ``weights`` when given), half are words of about the same
+    length (``order`` sorts by length), as a crop read alone is, with no padding: the
+    decoders must find the end of a word from the word itself, not from the padding after it."""
     if rng.random() < 0.5:
-        return rng.integers(0, len(lengths), size)
+        return rng.choice(len(lengths), size, p=weights) if weights is not None else rng.integers(0, len(lengths), size)
     start = int(rng.integers(0, max(1, len(order) - size)))
     return order[start : start + size]
 
@@ -251,6 +253,16 @@ def train(args: argparse.Namespace) -> None:
     model.image_encoder.features.requires_grad_(False)
     shards = sorted(p for p in cache.glob("*.npz") if p.stem != VAL_SHARD and not p.name.endswith(".tmp.npz"))
     data, val = FeatureSet(shards), FeatureSet([cache / f"{VAL_SHARD}.npz"])
+    weights = None
+    if args.real_share is not None:  # random batches draw real crops (shards real*) with this share
+        real = np.concatenate([np.full(n, p.stem.startswith("real")) for p, n in zip(shards, data.shard_sizes)])
+        weights = np.where(real, args.real_share / max(1, real.sum()), (1 - args.real_share) / max(1, (~real).sum()))
+        weights /= weights.sum()
+    if args.init:
+        from safetensors.torch import load_file
+
+        model.load_state_dict({k: v.float() for k, v in load_file(str(Path(args.init) / "model.safetensors")).items()})
+        print(f"weights from {args.init}", flush=True)
     padding = np.load(cache / "padding.npy").astype(np.float16)
     print(f"train {len(data)} words from {len(shards)} shards, validation {len(val)}", flush=True)
     by_length = np.argsort(data.lengths, kind="stable")
@@ -283,7 +295,7 @@ def train(args: argparse.Namespace) -> None:
         warm = min(1.0, step / max(1, args.warmup_steps))
         for group in optimizer.param_groups:
             group["lr"] = args.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
-        index = sample_batch(data.lengths, by_length, args.batch_size, rng)
+        index = sample_batch(data.lengths, by_length, args.batch_size, rng, weights)
         features, labels = data.batch(index, padding)
         image_features = model.image_encoder.project(features.float())
         loss, stats = model.loss_from_features(image_features, labels, rng, args.num_perms)
@@ -296,7 +308,7 @@ def train(args: argparse.Namespace) -> None:
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         optimizer.step()
         step += 1
-        done = elapsed >= budget
+        done = elapsed >= budget or (args.max_steps is not None and step >= args.max_steps)
         if step % args.val_every == 0 or done:
             result = evaluate(model, val, padding)
             line = {"step": step, "minutes": round(elapsed / 60, 2), **stats, **result}
@@ -338,9 +350,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--warmup-steps", type=int, default=300)
     t.add_argument("--grad-clip", type=float, default=5.0)
     t.add_argument("--num-perms", type=int, default=6)
-    t.add_argument("--ctc-weight", type=float, default=1.0, help="auxiliary CTC loss on F_i (0: off)")
+    t.add_argument("--ctc-weight", type=float, default=0.0, help="auxiliary CTC loss on F_i (0: off)")
     t.add_argument("--val-every", type=int, default=500)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--init", help="start from this checkpoint's weights (a new schedule)")
+    t.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps (the schedule still follows --minutes)")
+    t.add_argument("--real-share", type=float, default=None,
+                   help="share of real crops (shards real*) in the random batches (default: as cached)")
     args = parser.parse_args(argv)
     build_cache(args) if args.command == "cache" else train(args)
     return 0

@@ -13,12 +13,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from runtime.charset import resolve_charset
 from runtime.decoding import CharCodec, Prediction, softmax
 from runtime.tokenizer import BPETokenizer, TextBridge
 from training.config import ModelConfig
 from training.model.decoder import CharDecoder, padding_bias, permutation_logits, predict, refine
 from training.model.permutations import attention_masks, generate_permutations
-from runtime.charset import resolve_charset
 from training.model.ppocr_tower import WIDTH_STRIDE, CTCEncoding, PPOCRImageEncoder
 from training.model.towers import ImageEncoder, TextEncoder, build_clip
 
