@@ -138,5 +138,7 @@ def test_char_index_counts_the_characters(tower: PPOCRFeatures) -> None:
             assert read == labels[i]
         shown = [round(float(index[j])) for j, c in enumerate(best) if c and (j == 0 or c != best[j - 1])]
         assert shown == list(range(len(read)))
-        assert torch.all(index[1:] >= index[:-1] - 1e-4)  # never decreases
+        blanks = [j for j, c in enumerate(best) if c == 0]
+        assert all(abs(float(index[j]) % 1 - 0.5) < 0.1 for j in blanks)  # between two characters
+        assert torch.all(index[1:] >= index[:-1] - 0.25)  # runs forward
         assert encoding(features).shape == (1, features.shape[1], 16)

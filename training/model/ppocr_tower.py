@@ -171,8 +171,8 @@ class CTCEncoding(nn.Module):
     Per token t the classifier (restricted to blank + the charset) gives ``p_t``. The
     character part is ``p_t @ E_char`` (a learnt embedding per class, blank included). A new
     character starts at t with probability ``sum_c p_t(c) (1 - p_{t-1}(c))`` over non-blank
-    c, and their running sum is the (expected) index of the character the token shows; that
-    index, linearly interpolated between learnt embeddings for 0..max_chars, is the position
+    c, and their running sum is the (expected) index of the character the token shows (a
+    blank token after character k: k + 0.5); that index, linearly interpolated between learnt embeddings for 0..max_chars, is the position
     part. The decoders' query for the i-th character then finds its tokens by index instead
     of learning to count glyphs from many examples, and the CLIP4STR branches refine what
     the classifier read with their visual and linguistic context.
@@ -194,7 +194,9 @@ class CTCEncoding(nn.Module):
         self.register_buffer("steps", torch.arange(max_chars + 1, dtype=torch.float32), persistent=False)
 
     def char_index(self, features: Tensor) -> Tensor:
-        """``(B, T)``: the expected 0-based index of the character at each token."""
+        """``(B, T)``: the expected 0-based index of the character at each token; a blank
+        token after character k sits half-way, at k + 0.5 (so the tokens after a word's
+        last character do not look like that character's)."""
         return self._index(self.classifier(features).softmax(-1))
 
     @staticmethod
@@ -202,7 +204,7 @@ class CTCEncoding(nn.Module):
         chars = probs[..., 1:]  # non-blank classes
         previous = torch.cat([torch.zeros_like(chars[:, :1]), chars[:, :-1]], dim=1)
         onset = (chars * (1.0 - previous)).sum(-1)
-        return onset.cumsum(1) - 1.0
+        return onset.cumsum(1) - 1.0 + 0.5 * probs[..., 0]
 
     def forward(self, features: Tensor) -> Tensor:
         probs = self.classifier(features).softmax(-1)
