@@ -34,7 +34,7 @@ from onnx import numpy_helper
 from export.graphs import GraphDef, count_layernorms, graph_defs
 from export.lint import lint_model
 from export.manifest import BATCH_AXIS, base_manifest, current_umask, graph_entry, read_manifest, write_manifest
-from export.precision import INT8_GRAPHS, store_exact_half, to_fp16, to_int8
+from export.precision import INT8_GRAPHS, rename_inputs, store_exact_half, to_fp16, to_int8
 from runtime.bundle import MANIFEST_NAME
 from training.checkpoint import CONFIG_NAME, WEIGHTS_NAME, checkpoint_dir, load_checkpoint, read_config
 from training.model.clip4str import CLIP4STR, default_bpe_path
@@ -96,10 +96,7 @@ def dedupe_initializers(model: onnx.ModelProto) -> int:
             keep.append(init)
     if not rename:
         return 0
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
+    rename_inputs(graph, rename)
     outputs = {o.name for o in graph.output}
     if outputs & set(rename):
         raise ExportError("a graph output is a duplicated initializer")

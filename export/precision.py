@@ -184,6 +184,14 @@ def to_int8(src: Path, dst: Path) -> None:
         root.setLevel(level)
 
 
+def rename_inputs(graph: onnx.GraphProto, renamed: dict[str, str]) -> None:
+    """Point every node input named in ``renamed`` at its new name."""
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+
+
 #: initializers smaller than this stay as they are when weights are stored in FP16
 HALF_STORAGE_MIN_ELEMENTS = 4096
 
@@ -218,10 +226,7 @@ def store_exact_half(path: Path) -> int:
                                       name=f"{init.name}__cast"))
     if not casts:
         return 0
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in renamed:
-                node.input[i] = renamed[name]
+    rename_inputs(graph, renamed)
     nodes = casts + list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes)

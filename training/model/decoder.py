@@ -61,12 +61,14 @@ class TwoStreamLayer(nn.Module):
         self,
         query: Tensor,
         content: Tensor,
-        memory_kv: tuple[Tensor, Tensor],
+        memory: Tensor | tuple[Tensor, Tensor],
         query_mask: Tensor | None,
         content_mask: Tensor | None,
         padding_mask: Tensor | None,
         update_content: bool,
     ) -> tuple[Tensor, Tensor]:
+        """``memory``: the memory tokens, or their keys and values (:func:`project_kv`)."""
+        memory_kv = memory if isinstance(memory, tuple) else project_kv(self.cross_attn, memory)
         content_norm = self.norm_content(content)
         query = self._stream(query, self.norm_query(query), content_norm, memory_kv, query_mask, padding_mask)
         if update_content:
