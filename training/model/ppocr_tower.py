@@ -173,9 +173,10 @@ class CTCEncoding(nn.Module):
     character starts at t with probability ``sum_c p_t(c) (1 - p_{t-1}(c))`` over non-blank
     c, and their running sum is the (expected) index of the character the token shows (a
     blank token after character k: k + 0.5); that index, linearly interpolated between
-    learnt embeddings for 0..max_chars, is the position part. The decoders' query for the i-th character then finds its tokens by index instead
-    of learning to count glyphs from many examples, and the CLIP4STR branches refine what
-    the classifier read with their visual and linguistic context.
+    learnt embeddings for 0..max_chars, is the position part. The decoders' query for the
+    i-th character then finds its tokens by index instead of learning to count glyphs from
+    many examples, and the CLIP4STR branches refine what the classifier read with their
+    visual and linguistic context.
     """
 
     def __init__(self, kind: str, charset: str, width: int, max_chars: int, load_weights: bool = True) -> None:
