@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Subset
 
 from runtime.charset import WordAccuracy
 from runtime.decoding import softmax
@@ -136,12 +137,12 @@ def build_cache(args: argparse.Namespace) -> None:
         n_val = int(round(len(real) * args.val_fraction))
         val_keys = set(order[:n_val].tolist())
         # the validation split: real scene-text crops only (never the born-digital set)
-        val = _Subset(real, [i for i in order[:n_val] if "borndigital" not in _set_name(real, i)])
+        val = Subset(real, [i for i in order[:n_val] if "borndigital" not in _set_name(real, i)])
         train_index = [i for i in range(len(real)) if i not in val_keys]
         cache_dataset(tower, val, out / f"{VAL_SHARD}.npz")
-        cache_dataset(tower, _Subset(real, train_index), out / "real.npz")
+        cache_dataset(tower, Subset(real, train_index), out / "real.npz")
         for k in range(args.aug_copies):
-            cache_dataset(tower, _Subset(real, train_index), out / f"real-aug{k}.npz", augmentation(),
+            cache_dataset(tower, Subset(real, train_index), out / f"real-aug{k}.npz", augmentation(),
                           seed=args.seed + k)
     else:  # synthetic words only: validate on words of another seed
         val = SynthWords(args.synth_shard_size, args.seed + 999, cfg.charset_train, cfg.max_label_length,
@@ -161,16 +162,6 @@ def _set_name(sets, index: int) -> str:
     d = bisect.bisect_right(sets.cumulative_sizes, index)
     return str(getattr(sets.datasets[d], "name", ""))
 
-
-class _Subset:
-    def __init__(self, data, index: list[int]) -> None:
-        self.data, self.index = data, list(index)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int):
-        return self.data[self.index[i]]
 
 
 # -- training on the cache --------------------------------------------------------------
