@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from runtime.preprocess import Preprocessing
 from training.model.clip4str import CLIP4STR
 from training.model.decoder import predict, refine
 
@@ -104,7 +103,7 @@ def graph_defs(model: CLIP4STR, batch: int = TRACE_BATCH, seed: int = 0) -> list
     generator = torch.Generator().manual_seed(seed)
     # an aspect-keeping tower takes any width up to cfg.image.width: trace below the maximum
     # so a width the trace saw cannot be mistaken for a constant
-    width = trace_width(cfg.image)
+    width = cfg.image.typical_width
     images = torch.randn(batch, 3, cfg.image.height, width, generator=generator)
     image_features = model.encode_image(images)
     vocab = int(model.text_encoder.token_embedding.num_embeddings)
@@ -125,14 +124,6 @@ def graph_defs(model: CLIP4STR, batch: int = TRACE_BATCH, seed: int = 0) -> list
                  ("image_features", "text_features_ar", "text_features_refined"),
                  ("ar_logits", "refined_logits"), tokens),
     ]
-
-
-def trace_width(spec: Preprocessing) -> int:
-    """The example input width: the model width, or for a dynamic width a typical word's
-    (half the maximum, a multiple of the width step)."""
-    if not spec.keep_aspect:
-        return spec.width
-    return max(spec.width_multiple, spec.width // 2 // spec.width_multiple * spec.width_multiple)
 
 
 def count_layernorms(module: nn.Module) -> int:

@@ -27,6 +27,7 @@ from typing import Any
 
 from export.manifest import read_manifest, write_manifest
 from runtime.bundle import MANIFEST_NAME
+from runtime.preprocess import Preprocessing
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -128,12 +129,10 @@ def tensorrt_builder(onnx_path: Path, engine_path: Path, input_shapes: dict[str,
 def dynamic_axis_ranges(manifest: dict[str, Any]) -> tuple[tuple[str, tuple[int, int, int]], ...]:
     """The profile ranges of an aspect-keeping bundle's ``width`` and ``tokens`` axes:
     from the narrowest input to the widest, optimised for a typical word (half the widest)."""
-    pre = manifest["preprocessing"]
-    if not pre.get("keep_aspect"):
+    spec = Preprocessing.from_dict(manifest["preprocessing"])
+    if not spec.keep_aspect:
         return ()
-    step, widest = int(pre.get("width_multiple", 8)), int(pre["width"])
-    typical = max(step, widest // 2 // step * step)
-    width = (step, typical, widest)
+    width = (spec.min_width, spec.typical_width, spec.width)
     return (("width", width), ("tokens", tuple(max(1, w // TOWER_WIDTH_STRIDE) for w in width)))
 
 

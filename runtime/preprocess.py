@@ -65,6 +65,16 @@ class Preprocessing:
         """The narrowest input the model sees (``width`` for a fixed size)."""
         return self.width_multiple if self.keep_aspect else self.width
 
+    @property
+    def typical_width(self) -> int:
+        """A typical word's input width: half the widest (a multiple of ``width_multiple``)
+        with a dynamic width, else the width. Graphs are traced and TensorRT profiles
+        optimised at it."""
+        if not self.keep_aspect:
+            return self.width
+        m = self.width_multiple
+        return max(m, self.width // 2 // m * m)
+
     def image_width(self, size: tuple[int, int]) -> int:
         """The resized width of an image of ``(width, height)`` pixels."""
         if not self.keep_aspect:

@@ -47,13 +47,14 @@ def test_default_bundle_is_the_ppocr_tower_model() -> None:
 def test_trt_profiles_cover_the_dynamic_width() -> None:
     from export.trt import BuildSettings, dynamic_axis_ranges, profile_shapes
 
-    manifest = {"preprocessing": {"height": 48, "width": 320, "keep_aspect": True, "width_multiple": 8}}
+    pre = {"height": 48, "width": 320, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
+    manifest = {"preprocessing": {**pre, "keep_aspect": True, "width_multiple": 8}}
     axes = dynamic_axis_ranges(manifest)
     assert dict(axes) == {"width": (8, 160, 320), "tokens": (1, 20, 40)}
     settings = BuildSettings(1, 8, 32, axes=axes)
     assert profile_shapes(["batch", 3, 48, "width"], settings) == [(1, 3, 48, 8), (8, 3, 48, 160), (32, 3, 48, 320)]
     assert profile_shapes(["batch", "tokens", 256], settings)[2] == (32, 40, 256)
-    assert dynamic_axis_ranges({"preprocessing": {"height": 32, "width": 128}}) == ()
+    assert dynamic_axis_ranges({"preprocessing": {**pre, "width": 128}}) == ()
     with pytest.raises(ValueError, match="no profile range"):
         profile_shapes(["batch", "width"], BuildSettings())
 
