@@ -1,0 +1,193 @@
+"""The Ray Serve deployment: one recognizer per replica behind ``POST /read`` and ``GET /healthz``.
+
+Imports Ray at module level: use it through :mod:`serving.serve` (which checks the extra first).
+
+A request carries one image as its raw body, or many as ``multipart/form-data`` file parts
+(a part's file name becomes the record's ``source``; else ``<bytes i>``). The answer is
+``{"results": [record, ...]}`` with one record per image, the same record as
+``clipllama-run --json`` prints (:meth:`ReadResult.to_dict`). Status 200 when at least one
+image was read, 400 when none could be (the records still say why), 413 when the request is
+over a limit. Images of requests that arrive together are read together (``serve.batch``);
+:data:`MERGE_POLICIES` says how.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from runtime.inputs import Sample
+from runtime.preprocess import ImageError, load_image
+from runtime.recognizer import DEFAULT_BATCH_SIZE, ReadResult
+from serving.common import RecognizerSettings
+
+#: How the images of requests batched together are grouped into recognizer calls:
+#: ``width``: images of the same padded input width together, so no image is padded more
+#: than when read alone (results equal a read of that request alone, up to float rounding
+#: of the batch size); ``request``: each request is its own call (bit-identical to
+#: ``Recognizer.read`` of that request, slowest); ``pad``: all images in batches of
+#: ``DEFAULT_BATCH_SIZE`` (fastest; each word's confidences depend on its batch neighbours'
+#: widths, as with ``clipllama-run --batch``).
+MERGE_POLICIES = ("width", "request", "pad")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may carry."""
+
+    max_request_bytes: int = 32 * 1024 * 1024
+    max_images: int = 256
+    #: per image, checked from the header before it is decoded
+    max_pixels: int = 4_000_000
+
+
+@dataclass(frozen=True)
+class Batching:
+    """``serve.batch`` settings (requests, seconds) and the merge policy."""
+
+    max_batch_size: int = 8
+    wait_s: float = 0.005
+    merge: str = "width"
+
+    def __post_init__(self) -> None:
+        if self.merge not in MERGE_POLICIES:
+            raise ValueError(f"unknown merge policy {self.merge!r} (choose from {', '.join(MERGE_POLICIES)})")
+        if self.max_batch_size < 1 or self.wait_s < 0:
+            raise ValueError("max batch size must be at least 1 and the wait at least 0")
+
+
+class TooLarge(Exception):
+    """A request over :class:`Limits`."""
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused past ``limit`` bytes (the declared length is checked first)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"request body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _images(request: Request, limits: Limits) -> list[tuple[str, bytes]]:
+    """``(name, encoded bytes)`` per image of the request."""
+    body = await _body(request, limits.max_request_bytes)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return [("<bytes 0>", body)] if body else []
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    form = await Request(request.scope, replay).form(max_files=limits.max_images + 1,
+                                                     max_fields=limits.max_images + 1)
+    items = []
+    for i, (field, value) in enumerate(form.multi_items()):
+        if isinstance(value, str):  # a plain field: its text is not an image
+            items.append((f"<field {field}>", value.encode()))
+        else:
+            items.append((value.filename or f"<bytes {i}>", await value.read()))
+    await form.close()
+    return items
+
+
+class Reader:
+    """One replica: the bundle and the LLM are loaded once, in the constructor."""
+
+    def __init__(self, settings: dict[str, Any], limits: dict[str, Any], batching: dict[str, Any],
+                 num_cpus: float | None = None) -> None:
+        self.recognizer = RecognizerSettings(**settings).build(num_cpus)
+        self.limits = Limits(**limits)
+        self.batching = Batching(**batching)
+        self.read_requests.set_max_batch_size(self.batching.max_batch_size)
+        self.read_requests.set_batch_wait_timeout_s(self.batching.wait_s)
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        path = request.url.path.rstrip("/").rsplit("/", 1)[-1]
+        if path == "healthz":
+            return JSONResponse(self.health())
+        if path != "read":
+            return JSONResponse({"error": f"no route {request.url.path} (POST /read, GET /healthz)"}, 404)
+        if request.method != "POST":
+            return JSONResponse({"error": "POST images to /read"}, 405)
+        try:
+            items = await _images(request, self.limits)
+        except TooLarge as exc:
+            return JSONResponse({"error": str(exc)}, 413)
+        except Exception as exc:  # a malformed multipart body
+            return JSONResponse({"error": f"cannot parse the request ({type(exc).__name__}: {exc})"}, 400)
+        if not items:
+            return JSONResponse({"error": "no image in the request"}, 400)
+        if len(items) > self.limits.max_images:
+            return JSONResponse({"error": f"{len(items)} images exceed the {self.limits.max_images}-image limit"},
+                                413)
+        decoded = await asyncio.to_thread(self._decode, items)
+        good = [x for x in decoded if isinstance(x, Sample)]
+        read = iter(await self.read_requests(good) if good else [])
+        records = [next(read) if isinstance(x, Sample) else x for x in decoded]
+        if not good:
+            return JSONResponse({"error": "no usable image in the request", "results": records}, 400)
+        return JSONResponse({"results": records})
+
+    def _decode(self, items: list[tuple[str, bytes]]) -> list[Sample | dict[str, Any]]:
+        """A decoded sample per image, or its error record (pixel limit checked before decoding)."""
+        out: list[Sample | dict[str, Any]] = []
+        for name, data in items:
+            try:
+                out.append(Sample(name, load_image(data, max_pixels=self.limits.max_pixels)))
+            except ImageError as exc:
+                out.append(ReadResult(name, error=str(exc)).to_dict())
+        return out
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def read_requests(self, requests: list[list[Sample]]) -> list[list[dict[str, Any]]]:
+        """The records of each request of a ``serve.batch`` batch."""
+        return await asyncio.to_thread(self._read, requests)
+
+    def _read(self, requests: list[list[Sample]]) -> list[list[dict[str, Any]]]:
+        read = self.recognizer.read
+        if self.batching.merge == "request":
+            return [[r.to_dict() for r in read(samples)] for samples in requests]
+        flat = [(k, j) for k, samples in enumerate(requests) for j in range(len(samples))]
+        groups: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        for k, j in flat:
+            groups[self._width(requests[k][j].data) if self.batching.merge == "width" else 0].append((k, j))
+        records: list[list[dict[str, Any]]] = [[{} for _ in samples] for samples in requests]
+        for members in groups.values():
+            results = read([requests[k][j] for k, j in members], batch_size=DEFAULT_BATCH_SIZE)
+            for (k, j), result in zip(members, results):
+                records[k][j] = result.to_dict()
+        return records
+
+    def _width(self, image: Image.Image) -> int:
+        spec = self.recognizer.bundle.preprocessing
+        return spec.batch_width([spec.image_width(image.size)])
+
+    def health(self) -> dict[str, Any]:
+        model = self.recognizer.bundle.manifest.get("model", {}).get("name")
+        return {"status": "ok", "pid": os.getpid(), "model": model,
+                "backend": self.recognizer.backend.name, "precision": self.recognizer.backend.precision,
+                "llm": self.recognizer.llm_enabled, "threshold": self.recognizer.threshold}
+
+
+def build_app(settings: RecognizerSettings, limits: Limits, batching: Batching, replicas: int = 1,
+              num_cpus: float = 1.0, num_gpus: float = 0.0) -> Any:
+    """The Serve application: ``replicas`` copies of :class:`Reader`, each with its own CPUs/GPUs."""
+    deployment = serve.deployment(Reader, name="clipllama-reader").options(
+        num_replicas=replicas,
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
+        max_ongoing_requests=max(16, 4 * batching.max_batch_size),
+    )
+    return deployment.bind(settings.to_dict(), limits.__dict__, batching.__dict__, num_cpus)

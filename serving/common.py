@@ -1,0 +1,72 @@
+"""What the Serve deployment and the batch reader share: the recognizer's settings and the
+one-line message for a missing extra."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime.recognizer import Recognizer
+
+#: Modules of the ``serve`` extra, with the PyPI package that provides each.
+SERVE_MODULES = {"ray": "ray[serve,data]", "pyarrow": "pyarrow", "starlette": "ray[serve]",
+                 "python_multipart": "python-multipart"}
+
+
+def missing_serve_extra(modules: tuple[str, ...] = tuple(SERVE_MODULES)) -> str | None:
+    """None when ``modules`` import, else the one line telling which extra to install."""
+    missing = [SERVE_MODULES.get(m, m) for m in modules if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return (f"error: this command needs {', '.join(sorted(set(missing)))}: "
+            "pip install 'clipllama[serve]'")
+
+
+@dataclass(frozen=True)
+class RecognizerSettings:
+    """How each replica or actor builds its recognizer (the options of ``clipllama-run``)."""
+
+    engine: str | None = None
+    backend: str = "auto"
+    precision: str | None = None
+    llm: str | None = None
+    llm_mode: str = "rescore"
+    threshold: float | None = None
+    #: onnxruntime threads; None: the CPUs reserved for the replica or actor
+    threads: int | None = None
+
+    def build(self, num_cpus: float | None = None) -> Recognizer:
+        """Load the bundle and the LLM once (for one replica or actor)."""
+        threads = self.threads or (max(1, math.ceil(num_cpus)) if num_cpus else None)
+        return Recognizer.from_bundle(Path(self.engine) if self.engine else None, backend=self.backend,
+                                      llm=self.llm, threshold=self.threshold, llm_mode=self.llm_mode,
+                                      precision=self.precision, threads=threads)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def add_recognizer_options(parser: Any) -> None:
+    """The recognizer options shared with ``clipllama-run`` (same names and meanings)."""
+    from runtime.backends import BACKENDS, PRECISIONS
+    from runtime.recognizer import LLM_MODES
+
+    parser.add_argument("--engine", metavar="BUNDLE", help="bundle directory (default: the embedded bundle)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="inference backend (default: auto; GPU workers pick the GPU backends)")
+    parser.add_argument("--precision", choices=PRECISIONS, help="graph variant (default: fp16 on GPU, else fp32)")
+    parser.add_argument("--llm", default=None, metavar="PATH|default|none",
+                        help="GGUF model for the correction, 'default' or 'none' (default: the embedded "
+                             "model when llama-cpp-python is installed)")
+    parser.add_argument("--threshold", type=float, help="confidence gate threshold (default: the bundle's)")
+    parser.add_argument("--llm-mode", choices=LLM_MODES, default="rescore", help="LLM correction mode")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="onnxruntime threads per worker (default: its --num-cpus, rounded up)")
+
+
+def settings_from_args(args: Any) -> RecognizerSettings:
+    return RecognizerSettings(engine=args.engine, backend=args.backend, precision=args.precision, llm=args.llm,
+                              llm_mode=args.llm_mode, threshold=args.threshold, threads=args.threads)

@@ -1,0 +1,123 @@
+"""``clipllama-serve``: the recognizer as a Ray Serve application (``POST /read``, ``GET /healthz``).
+
+Without ``--address`` a local Ray instance is started on this machine; with it the application
+is deployed on a running cluster (every node needs clipllama installed). Stops on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from serving.common import add_recognizer_options, missing_serve_extra, settings_from_args
+
+APP_NAME = "clipllama"
+EXIT_OK, EXIT_CANNOT_RUN = 0, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipllama-serve",
+                                     description="Serve the recognizer over HTTP with Ray Serve: POST images to "
+                                                 "/read (raw body or multipart), GET /healthz.")
+    add_recognizer_options(parser)
+    group = parser.add_argument_group("deployment")
+    group.add_argument("--replicas", type=int, default=1, metavar="N", help="replicas (default: 1)")
+    group.add_argument("--num-cpus", type=float, default=1.0, metavar="C", help="CPUs per replica (default: 1)")
+    group.add_argument("--num-gpus", type=float, default=0.0, metavar="G",
+                       help="GPUs per replica (default: 0; with a GPU the backend picks the GPU backends)")
+    group.add_argument("--max-batch-size", type=int, default=8, metavar="N",
+                       help="requests batched together per replica (default: 8)")
+    group.add_argument("--batch-wait-ms", type=float, default=5.0, metavar="MS",
+                       help="longest wait for a batch to fill (default: 5)")
+    group.add_argument("--merge", choices=("width", "request", "pad"), default="width",
+                       help="how batched requests' images are grouped (default: width; see serving.app)")
+    group.add_argument("--address", metavar="ADDR",
+                       help="join a running Ray cluster ('auto' or ray://HOST:10001); default: a local instance")
+    group = parser.add_argument_group("HTTP")
+    group.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1; 0.0.0.0: all)")
+    group.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    group.add_argument("--route-prefix", default="/", help="URL prefix of the routes (default: /)")
+    group = parser.add_argument_group("limits")
+    group.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body (default: 32 MiB)")
+    group.add_argument("--max-images", type=int, default=256, help="most images per request (default: 256)")
+    group.add_argument("--max-pixels", type=int, default=4_000_000,
+                       help="largest image in pixels, checked before decoding (default: 4000000)")
+    return parser
+
+
+def check(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments or the bundle, before Ray starts (None: nothing)."""
+    from runtime.bundle import BundleError, load_bundle
+    from runtime.gate import check_threshold
+
+    if args.replicas < 1 or args.num_cpus <= 0 or args.num_gpus < 0:
+        return "--replicas must be at least 1, --num-cpus above 0 and --num-gpus at least 0"
+    if args.max_images < 1 or args.max_pixels < 1 or args.max_request_mb <= 0:
+        return "the limits must be positive"
+    try:
+        bundle = load_bundle(args.engine, verify=False)
+        check_threshold(bundle.threshold if args.threshold is None else args.threshold)
+    except (BundleError, ValueError, OSError) as exc:
+        return str(exc)
+    return None
+
+
+def deploy(args: argparse.Namespace) -> str:
+    """Start Serve (on the Ray instance already initialised) and deploy; the base URL."""
+    from ray import serve
+
+    from serving.app import Batching, Limits, build_app
+
+    limits = Limits(int(args.max_request_mb * 1024 * 1024), args.max_images, args.max_pixels)
+    batching = Batching(args.max_batch_size, args.batch_wait_ms / 1000.0, args.merge)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = build_app(settings_from_args(args), limits, batching, args.replicas, args.num_cpus, args.num_gpus)
+    serve.run(app, name=APP_NAME, route_prefix=args.route_prefix)
+    return f"http://{args.host}:{args.port}{args.route_prefix.rstrip('/')}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``clipllama-serve``; returns the exit status."""
+    message = missing_serve_extra()
+    if message:
+        print(message, file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    problem = check(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    import ray
+    from ray import serve
+
+    if args.address:
+        ray.init(address=args.address)
+    else:
+        ray.init(include_dashboard=False)
+    try:
+        url = deploy(args)
+        print(f"clipllama-serve: {args.replicas} replica(s) at {url}/read (health: {url}/healthz); "
+              "Ctrl-C stops", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    except RuntimeError as exc:  # deployment failed (the replica log says why)
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    finally:
+        if args.address:
+            serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
+        ray.shutdown()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
