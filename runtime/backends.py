@@ -1,16 +1,18 @@
 """Inference backends behind one interface: ``run(graph_name, feeds) -> outputs``.
 
-* :class:`OrtBackend` runs the bundle's ONNX graphs with onnxruntime (TensorRT EP, CUDA EP
-  or CPU).
+* :class:`OrtBackend` runs the bundle's ONNX graphs with onnxruntime (TensorRT provider,
+  CUDA provider or CPU); its ``name`` is the provider onnxruntime actually started.
 * :class:`TensorRTBackend` runs prebuilt TensorRT engines (``tensorrt`` plus
-  ``cuda-python``'s runtime bindings for device memory; no torch).
+  ``cuda-bindings`` for device memory; no torch; TensorRT 10 and 11, see ``runtime.trt_api``).
 * :class:`RoutedBackend` sends each graph to the backend that has it (engines for some
   graphs, ONNX for the rest).
 
 :func:`select_backend` picks one: ``auto`` takes TensorRT engines built for this GPU's
-compute capability and this TensorRT version, else onnxruntime with the best provider,
-else the CPU. An engine for another GPU or TensorRT version gives a warning and the ONNX
-graph instead. GPU libraries are imported lazily, so a CPU machine needs none of them.
+compute capability and this TensorRT version, else onnxruntime with the best provider that
+starts, else the CPU. Every backend it returns carries ``notes``: one line for each faster
+way that was not taken and why (no GPU, driver too old, a package missing, an engine for
+another GPU or TensorRT version, a provider that failed to start). GPU libraries are
+imported lazily, so a CPU machine needs none of them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from runtime import trt_api
 from runtime.bundle import GRAPH_NAMES, Bundle, BundleError, EngineSpec, GraphSpec
+from runtime.gpu import (
+    TRT_EXTRA,
+    GpuProbe,
+    load_cudart,
+    ort_gpu_problem,
+    probe_gpu,
+    tensorrt_status,
+    trt_provider_needs,
+    trt_provider_problem,
+)
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "trt")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -48,6 +61,8 @@ class Backend(Protocol):
 
     name: str
     precision: str
+    #: why faster backends were not used, one line each (see :func:`select_backend`)
+    notes: list[str]
 
     def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run ``graph`` on named inputs; outputs by name (float outputs as float32)."""
@@ -87,23 +102,66 @@ def default_threads() -> int:
     return max(1, min(available, 8))
 
 
+_PROVIDER_SHORT = {"TensorrtExecutionProvider": "trt", "CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
+
+
+def ort_name(provider: str) -> str:
+    """``ort-trt``, ``ort-cuda`` or ``ort-cpu`` for an onnxruntime provider name."""
+    return "ort-" + _PROVIDER_SHORT.get(provider, provider.removesuffix("ExecutionProvider").lower())
+
+
+def tensorrt_provider_options(cache_dir: Path | None) -> dict[str, Any]:
+    """Options of onnxruntime's TensorRT provider. No ``trt_fp16_enable``/``trt_int8_enable``:
+    with either set the provider builds a weakly typed network and may run the fp16 graphs'
+    FP32 islands (LayerNorm, softmax, head) in FP16; without them its network is strongly
+    typed and every tensor keeps the graph's type. Engines it builds are cached in
+    ``cache_dir`` when there is one."""
+    options: dict[str, Any] = {}
+    if cache_dir is not None:
+        options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache_dir),
+                       trt_timing_cache_enable=True, trt_timing_cache_path=str(cache_dir))
+    return options
+
+
+def _trt_cache_dir() -> Path | None:
+    cache = Path(os.environ.get("CLIPLLAMA_TRT_CACHE", Path.home() / ".cache" / "clipllama" / "trt"))
+    try:  # engines built by the provider are cached between runs when there is a writable place
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return cache
+
+
 class OrtBackend:
-    """The bundle's ONNX graphs of one precision in onnxruntime sessions."""
+    """The bundle's ONNX graphs of one precision in onnxruntime sessions.
+
+    ``name`` says which provider onnxruntime started (it falls back silently when the
+    TensorRT or CUDA provider cannot start); ``notes`` says why a requested one is not used.
+    With ``strict`` a TensorRT provider known not to start is an error instead of a note.
+    """
 
     def __init__(self, bundle: Bundle, precision: str = "fp32", providers: list[str] | None = None,
-                 threads: int | None = None, graphs: tuple[str, ...] = GRAPH_NAMES) -> None:
+                 threads: int | None = None, graphs: tuple[str, ...] = GRAPH_NAMES, strict: bool = False) -> None:
         import onnxruntime as ort
 
         available = ort.get_available_providers()
         wanted = providers or ["CPUExecutionProvider"]
         missing = [p for p in wanted if p not in available]
         if missing and missing[0] == wanted[0]:
+            problem = ort_gpu_problem(available) if wanted[0] != "CPUExecutionProvider" else None
             raise BackendError(f"onnxruntime provider {wanted[0]} is not available "
-                               f"(available: {', '.join(available)})")
-        self.providers = [p for p in wanted if p in available]
+                               f"(available: {', '.join(available)})" + (f": {problem}" if problem else ""))
+        self.notes: list[str] = []
+        self.requested = [p for p in wanted if p in available]
+        if self.requested[0] == "TensorrtExecutionProvider":
+            problem = trt_provider_problem(trt_provider_needs(getattr(ort, "__file__", None)), *tensorrt_status())
+            if problem:
+                if strict or len(self.requested) == 1:
+                    raise BackendError(problem)
+                self.notes.append(f"onnxruntime's TensorRT provider not used: {problem}")
+                self.requested = self.requested[1:]
+        self.providers = self.requested
         self.precision = precision
-        self.name = "ort-" + {"TensorrtExecutionProvider": "trt", "CUDAExecutionProvider": "cuda"}.get(
-            self.providers[0], "cpu")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or default_threads()
@@ -114,32 +172,25 @@ class OrtBackend:
         self.sessions: dict[str, Any] = {}
         # onnxruntime 1.31's CPU NchwcTransformer segfaults on the fp16 graphs (level ALL)
         disabled = ["NchwcTransformer"] if precision == "fp16" else None
+        provider_options = self._provider_options()
         for name, spec in self.specs.items():
             try:
                 self.sessions[name] = ort.InferenceSession(
                     str(bundle.path(spec.file)), sess_options=options,
-                    providers=self._provider_options(bundle, precision), disabled_optimizers=disabled,
+                    providers=provider_options, disabled_optimizers=disabled,
                 )
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise BackendError(f"{spec.file}: onnxruntime cannot load it ({exc})") from exc
+        self.in_use = {name: _first_provider(session, self.requested) for name, session in self.sessions.items()}
+        started = sorted({ort_name(p) for p in self.in_use.values()}) or [ort_name(self.requested[0])]
+        self.name = "+".join(started)
+        if self.sessions and ort_name(self.requested[0]) not in started:
+            self.notes.append(f"onnxruntime could not start {self.requested[0]} (its log says why); "
+                              f"running on {self.name}")
 
-    def _provider_options(self, bundle: Bundle, precision: str) -> list[Any]:
-        out: list[Any] = []
-        for provider in self.providers:
-            if provider == "TensorrtExecutionProvider":
-                options: dict[str, Any] = {"trt_fp16_enable": precision == "fp16",
-                                           "trt_int8_enable": precision == "int8"}
-                cache = Path(os.environ.get("CLIPLLAMA_TRT_CACHE", Path.home() / ".cache" / "clipllama" / "trt"))
-                try:  # engines built by the EP are cached between runs when there is a writable place
-                    cache.mkdir(parents=True, exist_ok=True)
-                    options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache),
-                                   trt_timing_cache_enable=True, trt_timing_cache_path=str(cache))
-                except OSError:
-                    pass
-                out.append((provider, options))
-            else:
-                out.append(provider)
-        return out
+    def _provider_options(self) -> list[Any]:
+        return [(p, tensorrt_provider_options(_trt_cache_dir())) if p == "TensorrtExecutionProvider" else p
+                for p in self.requested]
 
     def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.specs[graph]
@@ -150,52 +201,47 @@ class OrtBackend:
         self.sessions.clear()
 
 
+def _first_provider(session: Any, requested: list[str]) -> str:
+    """The provider a session runs on first (onnxruntime's own list; the request without one)."""
+    try:
+        providers = list(session.get_providers())
+    except Exception:  # a session stand-in without the method
+        providers = []
+    return providers[0] if providers else requested[0]
+
+
 # -- TensorRT -------------------------------------------------------------------------
 
 
 def _cudart() -> Any:
-    """cuda-python's runtime module (new and old import paths)."""
+    """cuda-python's runtime module, or a one-line error naming the extra."""
     try:
-        from cuda.bindings import runtime
+        return load_cudart()
     except ImportError:
-        try:
-            from cuda import cudart as runtime  # cuda-python < 12.6
-        except ImportError:
-            raise BackendError("the TensorRT backend needs cuda-python (pip install cuda-python)") from None
-    return runtime
+        raise BackendError(f"the TensorRT backend needs cuda-bindings ({TRT_EXTRA})") from None
 
 
 def _check(result: Any) -> Any:
     """Unpack a cuda-python ``(error, value...)`` tuple, raising on an error."""
     error, *values = result if isinstance(result, tuple) else (result,)
-    if int(error) != 0:
-        raise BackendError(f"CUDA error {error!r}")
+    if int(getattr(error, "value", error)) != 0:
+        raise BackendError(f"CUDA error {getattr(error, 'name', error)}")
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def gpu_status(device: int = 0) -> GpuProbe:
+    """This machine's CUDA device 0 (compute capability) or why there is none."""
+    return probe_gpu(device)
+
+
 def gpu_compute_capability(device: int = 0) -> str | None:
-    """``"major.minor"`` of a CUDA device, or None when there is none (or no cuda-python)."""
-    try:
-        cudart = _cudart()
-        count = _check(cudart.cudaGetDeviceCount())
-        if count <= device:
-            return None
-        major = _check(cudart.cudaDeviceGetAttribute(
-            cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor, device))
-        minor = _check(cudart.cudaDeviceGetAttribute(
-            cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, device))
-        return f"{major}.{minor}"
-    except Exception:  # no driver, no device, no bindings: no GPU for us
-        return None
+    """``"major.minor"`` of a CUDA device, or None (:func:`gpu_status` says why)."""
+    return gpu_status(device).compute_capability
 
 
 def tensorrt_version() -> str | None:
-    """The installed TensorRT Python package's version, or None."""
-    try:
-        import tensorrt
-    except Exception:
-        return None
-    return str(tensorrt.__version__)
+    """The installed TensorRT Python package's version, or None (``runtime.gpu.tensorrt_status`` says why)."""
+    return tensorrt_status()[0]
 
 
 def normalize_cc(value: str) -> str:
@@ -211,12 +257,14 @@ def same_trt_version(a: str, b: str) -> bool:
     return a.split(".")[:3] == b.split(".")[:3]
 
 
-def engine_mismatch(engine: EngineSpec, cc: str | None, trt_version: str | None) -> str | None:
-    """Why ``engine`` cannot run here (None when it can)."""
+def engine_mismatch(engine: EngineSpec, cc: str | None, trt_version: str | None,
+                    gpu_reason: str | None = None, trt_reason: str | None = None) -> str | None:
+    """Why ``engine`` cannot run here (None when it can); ``gpu_reason``/``trt_reason`` say
+    why there is no GPU or no TensorRT."""
     if cc is None:
-        return "no CUDA GPU"
+        return f"no usable CUDA GPU ({gpu_reason})" if gpu_reason else "no CUDA GPU"
     if trt_version is None:
-        return "TensorRT is not installed"
+        return trt_reason or f"TensorRT is not installed ({TRT_EXTRA})"
     if normalize_cc(engine.compute_capability) != cc:
         return f"built for compute capability {engine.compute_capability}, this GPU is {cc}"
     if not same_trt_version(engine.tensorrt_version, trt_version):
@@ -276,7 +324,7 @@ class _Engine:
             shape = tuple(ctx.get_tensor_shape(name))
             results[name] = np.empty(shape, dtype=self.dtypes[name])
             ctx.set_tensor_address(name, self.buffers[name].ensure(results[name].nbytes))
-        if not ctx.execute_async_v3(int(stream)):
+        if not ctx.execute_async_v3(trt_api.stream_handle(stream)):
             raise BackendError(f"{self.spec.file}: TensorRT execution failed")
         for name, array in results.items():
             _check(cudart.cudaMemcpyAsync(array.ctypes.data, self.buffers[name].ptr, array.nbytes,
@@ -299,8 +347,9 @@ class TensorRTBackend:
         try:
             import tensorrt as trt
         except ImportError:
-            raise BackendError("the TensorRT backend needs the tensorrt package (pip install tensorrt)") from None
+            raise BackendError(f"the TensorRT backend needs the tensorrt package ({TRT_EXTRA})") from None
         self.cudart = _cudart()
+        self.notes: list[str] = []
         self.precision = next(iter(engines.values())).precision if engines else "fp16"
         self.specs = {g: bundle.graph(e.precision, g) for g, e in engines.items()}
         self.stream = _check(self.cudart.cudaStreamCreate())
@@ -329,6 +378,8 @@ class RoutedBackend:
 
     def __init__(self, routes: dict[str, Backend]) -> None:
         self.routes = routes
+        unique = {id(b): b for b in routes.values()}.values()
+        self.notes = [n for b in unique for n in getattr(b, "notes", [])]
         names = sorted({b.name for b in routes.values()})
         self.name = "+".join(names)
         self.precision = "/".join(sorted({b.precision for b in routes.values()}))
@@ -344,35 +395,58 @@ class RoutedBackend:
 # -- selection ------------------------------------------------------------------------
 
 
-def matching_engines(bundle: Bundle, precision: str, warn: bool = True) -> dict[str, EngineSpec]:
-    """Engines of ``precision`` that can run on this machine, by graph; warns about the rest."""
+def matching_engines(bundle: Bundle, precision: str, warn: bool = True,
+                     notes: list[str] | None = None) -> dict[str, EngineSpec]:
+    """Engines of ``precision`` that can run on this machine, by graph. Why the others
+    cannot: one line per reason, appended to ``notes`` when given, else a warning (when
+    ``warn`` and there is a GPU)."""
     if not bundle.engines:
         return {}
-    cc, version = gpu_compute_capability(), tensorrt_version()
+    gpu = gpu_status()
+    version, trt_reason = tensorrt_status()
     found: dict[str, EngineSpec] = {}
+    unusable: dict[str, list[str]] = {}
     for engine in bundle.engines:
         if engine.precision != precision or engine.graph in found:
             continue
-        reason = engine_mismatch(engine, cc, version)
+        reason = engine_mismatch(engine, gpu.compute_capability, version, gpu.reason, trt_reason)
         if reason is None:
             found[engine.graph] = engine
-        elif warn and cc is not None:
-            warnings.warn(f"TensorRT engine {engine.file} is not usable here ({reason}); "
-                          "using the ONNX graph instead", RuntimeWarning, stacklevel=3)
+        else:
+            unusable.setdefault(reason, []).append(engine.file)
+    for reason, files in unusable.items():
+        files = [f for f in files if Path(f).name.split(".")[0] not in found] or files
+        line = f"TensorRT engine{'s' if len(files) > 1 else ''} {', '.join(files)} not usable here ({reason})"
+        if notes is not None:
+            notes.append(line + "; using the ONNX graphs")
+        elif warn and gpu.compute_capability is not None:
+            warnings.warn(line + "; using the ONNX graph instead", RuntimeWarning, stacklevel=3)
     return found
 
 
-def _ort_best(bundle: Bundle, precision: str, threads: int | None) -> Backend:
+def _ort_best(bundle: Bundle, precision: str, threads: int | None, gpu: GpuProbe, notes: list[str]) -> Backend:
+    """onnxruntime with the fastest provider that starts; ``notes`` get why the others did not."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    for name in ("ort-trt", "ort-cuda"):
-        if _ORT_PROVIDERS[name][0] in available:
+    if gpu.absent:
+        notes.append(f"onnxruntime runs on the CPU: no NVIDIA GPU ({gpu.reason})")
+    elif problem := ort_gpu_problem(available):
+        notes.append(f"onnxruntime runs on the CPU: {problem}")
+    else:
+        for name in ("ort-trt", "ort-cuda"):
+            if _ORT_PROVIDERS[name][0] not in available:
+                continue
             try:
-                return OrtBackend(bundle, precision, _ORT_PROVIDERS[name], threads)
+                backend = OrtBackend(bundle, precision, _ORT_PROVIDERS[name], threads)
             except BackendError as exc:
-                warnings.warn(f"{name} failed ({exc}); trying the next provider", RuntimeWarning, stacklevel=3)
-    return OrtBackend(bundle, precision, _ORT_PROVIDERS["ort-cpu"], threads)
+                notes.append(f"{name} failed ({exc}); trying the next provider")
+                continue
+            backend.notes[:0] = notes
+            return backend
+    backend = OrtBackend(bundle, precision, _ORT_PROVIDERS["ort-cpu"], threads)
+    backend.notes[:0] = notes
+    return backend
 
 
 def _ort_gpu_available() -> bool:
@@ -385,7 +459,7 @@ def default_precision(bundle: Bundle, backend: str) -> str:
     """fp16 where a GPU runs it and the bundle has it, else fp32 (fp16 on a CPU is slow)."""
     if backend in ("trt", "ort-trt", "ort-cuda"):
         gpu = True
-    elif backend == "auto" and gpu_compute_capability() is not None:
+    elif backend == "auto" and gpu_status().compute_capability is not None:
         gpu = _ort_gpu_available() or bool(matching_engines(bundle, "fp16", warn=False))
     else:
         gpu = False
@@ -394,35 +468,74 @@ def default_precision(bundle: Bundle, backend: str) -> str:
     return "fp32" if "fp32" in bundle.precisions else bundle.precisions[0]
 
 
+def _no_engine_message(bundle: Bundle, precision: str, missing: list[str], notes: list[str]) -> str:
+    """Why ``--backend trt`` cannot run, in words (no GPU, no TensorRT, no or foreign engines)."""
+    head = f"no usable {precision} TensorRT engine for {', '.join(missing)}"
+    if notes:
+        return f"{head}: " + "; ".join(notes)
+    gpu = gpu_status()
+    version, trt_reason = tensorrt_status()
+    why = [f"no usable CUDA GPU ({gpu.reason})"] if gpu.compute_capability is None else []
+    if version is None:
+        why.append(trt_reason or "tensorrt is not installed")
+    if not any(e.precision == precision for e in bundle.engines):
+        why.append(f"the bundle has no {precision} engines (python -m export.trt {bundle.root}"
+                   f"{' --fp16' if precision == 'fp16' else ''} builds them on the GPU they run on)")
+    return f"{head}: " + "; ".join(why)
+
+
 def select_backend(bundle: Bundle, backend: str = "auto", precision: str | None = None,
                    threads: int | None = None) -> Backend:
-    """Create the backend ``backend`` (see :data:`BACKENDS`) for ``bundle``."""
+    """Create the backend ``backend`` (see :data:`BACKENDS`) for ``bundle``.
+
+    The result's ``name`` is what runs (``ort-cuda`` when onnxruntime fell back from its
+    TensorRT provider, ``trt+ort-cpu`` for engines plus ONNX graphs); its ``notes`` say why
+    each faster way was not taken, and ``gpu_absent`` whether this machine simply has no
+    NVIDIA GPU (then the notes are only for the curious).
+    """
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     precision = precision or default_precision(bundle, backend)
     if precision not in bundle.graphs and not any(e.precision == precision for e in bundle.engines):
         raise BundleError(f"{bundle.root}: no {precision} variant (has {', '.join(bundle.precisions)})")
+    notes: list[str] = []
     if backend == "trt":
-        engines = matching_engines(bundle, precision)
+        engines = matching_engines(bundle, precision, notes=notes)
         missing = [g for g in GRAPH_NAMES if g not in engines]
         if missing:
-            raise BackendError(f"no usable {precision} TensorRT engine for {', '.join(missing)} "
-                               f"(GPU {gpu_compute_capability()}, TensorRT {tensorrt_version()})")
-        return TensorRTBackend(bundle, engines)
+            raise BackendError(_no_engine_message(bundle, precision, missing, notes))
+        return _mark(TensorRTBackend(bundle, engines), notes, False)
     if backend in _ORT_PROVIDERS:
-        return OrtBackend(bundle, precision, _ORT_PROVIDERS[backend], threads)
-    engines = matching_engines(bundle, precision)
+        return _mark(OrtBackend(bundle, precision, _ORT_PROVIDERS[backend], threads, strict=True), notes, False)
+    gpu = gpu_status()
+    engines = matching_engines(bundle, precision, notes=notes)
     if engines:
         try:
             trt_backend = TensorRTBackend(bundle, engines)
         except BackendError as exc:
-            warnings.warn(f"TensorRT engines not usable ({exc}); using onnxruntime", RuntimeWarning, stacklevel=2)
+            notes.append(f"TensorRT engines not used ({exc}); using onnxruntime")
         else:
             rest = tuple(g for g in GRAPH_NAMES if g not in engines)
             if not rest:
-                return trt_backend
-            ort_backend = _ort_best(bundle, precision, threads) if precision in bundle.precisions else None
-            if ort_backend is None:
+                return _mark(trt_backend, notes, False)
+            if precision not in bundle.precisions:
                 raise BackendError(f"no ONNX {precision} graphs for {', '.join(rest)}")
-            return RoutedBackend({g: trt_backend if g in engines else ort_backend for g in GRAPH_NAMES})
-    return _ort_best(bundle, precision, threads)
+            ort_backend = _ort_best(bundle, precision, threads, gpu, notes)
+            return _mark(RoutedBackend({g: trt_backend if g in engines else ort_backend for g in GRAPH_NAMES}),
+                         [], False)
+    elif gpu.compute_capability is not None and not bundle.engines:
+        notes.append(f"the bundle has no TensorRT engines (python -m export.trt {bundle.root} --fp16 builds them)")
+    elif gpu.compute_capability is None and not gpu.absent and not bundle.engines:
+        notes.append(f"no usable CUDA GPU: {gpu.reason}")
+    return _mark(_ort_best(bundle, precision, threads, gpu, notes), [], gpu.absent)
+
+
+def _mark(backend: Any, notes: list[str], gpu_absent: bool) -> Any:
+    """Attach the selection's notes (once) and whether the machine has no GPU at all."""
+    own = getattr(backend, "notes", None)
+    if own is None:
+        backend.notes = list(notes)
+    else:
+        backend.notes[:0] = [n for n in notes if n not in own]
+    backend.gpu_absent = gpu_absent
+    return backend

@@ -1,5 +1,6 @@
-"""Backends: engine matching, selection and fallbacks, onnxruntime sessions, and the TensorRT
-backend's buffer plumbing against fake ``tensorrt``/``cuda`` modules (no GPU here)."""
+"""Backends: engine matching, selection and fallbacks (with the reason for each, issue 13),
+onnxruntime sessions and provider options, and the TensorRT backend's buffer plumbing
+against fake ``tensorrt``/``cuda`` modules of TensorRT 10 and 11 (no GPU here)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,18 @@ from runtime.backends import (
     select_backend,
 )
 from runtime.bundle import GRAPH_NAMES, BundleError, EngineSpec, load_bundle
+from runtime.gpu import GpuProbe
+
+NO_GPU = GpuProbe(None, "no CUDA device (cudaErrorNoDevice)", absent=True)
+
+
+def _machine(monkeypatch: pytest.MonkeyPatch, gpu: GpuProbe | str = NO_GPU, trt: str | None = "10.3.0.26",
+             trt_reason: str | None = None) -> None:
+    """Pretend this machine has ``gpu`` (a probe or a compute capability) and TensorRT ``trt``."""
+    probe = GpuProbe(gpu) if isinstance(gpu, str) else gpu
+    monkeypatch.setattr(backends, "gpu_status", lambda device=0: probe)
+    reason = trt_reason or (None if trt else "tensorrt is not installed (pip install 'clipllama[trt]')")
+    monkeypatch.setattr(backends, "tensorrt_status", lambda: (trt, reason))
 
 
 def _engine(graph: str = "image_encoder", cc: str = "8.9", version: str = "10.3.0", max_batch: int = 4,
@@ -62,16 +75,17 @@ def test_version_and_capability_helpers() -> None:
 def test_matching_engines_warns_about_other_gpus(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     engines = [_engine(g) for g in GRAPH_NAMES[:3]] + [_engine("cross_decoder", cc="9.0")]
     bundle = load_bundle(_with_engines(fake_bundle, engines))
-    monkeypatch.setattr(backends, "gpu_compute_capability", lambda device=0: "8.9")
-    monkeypatch.setattr(backends, "tensorrt_version", lambda: "10.3.0.26")
-    with pytest.warns(RuntimeWarning, match=r"cross_decoder\.fp16\.engine is not usable here .*9\.0"):
+    _machine(monkeypatch, "8.9", "10.3.0.26")
+    with pytest.warns(RuntimeWarning, match=r"cross_decoder\.fp16\.engine not usable here .*9\.0"):
         found = matching_engines(bundle, "fp16")
     assert sorted(found) == sorted(GRAPH_NAMES[:3])
     assert matching_engines(bundle, "fp32") == {}
-    monkeypatch.setattr(backends, "tensorrt_version", lambda: "10.4.0")
+    _machine(monkeypatch, "8.9", "10.4.0")
     with pytest.warns(RuntimeWarning) as caught:
         assert matching_engines(bundle, "fp16") == {}
-    assert sum("built with TensorRT 10.3.0" in str(w.message) for w in caught) == 3
+    # one line per reason: the three engines of another TensorRT, the one of another GPU
+    assert len(caught) == 2
+    assert sum(str(w.message).count(".engine") for w in caught if "built with TensorRT 10.3.0" in str(w.message)) == 3
 
 
 def test_select_backend_errors(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,9 +94,13 @@ def test_select_backend_errors(fake_bundle: Path, monkeypatch: pytest.MonkeyPatc
         select_backend(bundle, "magic")
     with pytest.raises(BundleError, match="no int8 variant"):
         select_backend(bundle, "ort-cpu", "int8")
-    monkeypatch.setattr(backends, "gpu_compute_capability", lambda device=0: None)
-    with pytest.raises(BackendError, match="no usable fp32 TensorRT engine"):
+    _machine(monkeypatch, NO_GPU, None)
+    with pytest.raises(BackendError, match="no usable fp32 TensorRT engine") as caught:
         select_backend(bundle, "trt", "fp32")
+    # issue 13 point 12: the reasons in words, not "(GPU None, TensorRT None)"
+    message = str(caught.value)
+    assert "None" not in message and "cudaErrorNoDevice" in message and "clipllama[trt]" in message
+    assert "python -m export.trt" in message
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
@@ -92,11 +110,11 @@ def test_select_backend_errors(fake_bundle: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_default_precision(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bundle = load_bundle(_with_engines(fake_bundle, []))
-    monkeypatch.setattr(backends, "gpu_compute_capability", lambda device=0: None)
+    _machine(monkeypatch, NO_GPU)
     assert backends.default_precision(bundle, "auto") == "fp32"
     assert backends.default_precision(bundle, "ort-cpu") == "fp32"
     assert backends.default_precision(bundle, "ort-cuda") == "fp16"
-    monkeypatch.setattr(backends, "gpu_compute_capability", lambda device=0: "8.9")
+    _machine(monkeypatch, "8.9")
     monkeypatch.setattr(backends, "_ort_gpu_available", lambda: True)
     assert backends.default_precision(bundle, "auto") == "fp16"
     # a GPU but only onnxruntime's CPU provider and no engine: fp32
@@ -225,7 +243,7 @@ def _fake_tensorrt(cudart: _FakeCudart, log: list) -> types.ModuleType:
             return True
 
         def execute_async_v3(self, stream):
-            assert isinstance(stream, int)
+            assert type(stream) is int and stream == 77, stream  # the native handle
             shape = self.shapes[self.engine.input]
             log.append(shape[0])
             n = int(np.prod(shape))
@@ -298,15 +316,15 @@ def test_undeserializable_engine_is_an_error(fake_bundle: Path, monkeypatch: pyt
 
 
 def test_auto_falls_back_to_onnx_for_foreign_engines(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Engines for another GPU: a warning, then onnxruntime (here: the stand-in graphs fail to
-    load, which proves the ONNX path was taken rather than TensorRT)."""
-    bundle = load_bundle(_with_engines(fake_bundle, [_engine(g, cc="7.5", precision="fp32") for g in GRAPH_NAMES],
-                                       "fp32"))
-    monkeypatch.setattr(backends, "gpu_compute_capability", lambda device=0: "8.9")
-    monkeypatch.setattr(backends, "tensorrt_version", lambda: "10.3.0")
-    with pytest.warns(RuntimeWarning, match="compute capability 7.5"), \
-            pytest.raises(BackendError, match="onnxruntime cannot load it"):
-        select_backend(bundle, "auto", "fp32", threads=1)
+    """Engines for another GPU: onnxruntime instead, and a note that says why."""
+    root = _with_engines(fake_bundle, [_engine(g, cc="7.5", precision="fp32") for g in GRAPH_NAMES], "fp32")
+    bundle = load_bundle(_loadable(root))
+    _machine(monkeypatch, "8.9", "10.3.0")
+    backend = select_backend(bundle, "auto", "fp32", threads=1)
+    assert backend.name == "ort-cpu"
+    assert any("compute capability 7.5, this GPU is 8.9" in n and "using the ONNX graphs" in n for n in backend.notes)
+    assert sum(".engine" in n for n in backend.notes) == 1  # one line for the four engines
+    backend.close()
 
 
 @pytest.mark.gpu
@@ -320,3 +338,151 @@ def test_gpu_backends_on_the_tiny_bundle(request: pytest.FixtureRequest) -> None
     cpu = Recognizer.from_bundle(tiny_bundle, backend="ort-cpu", llm="none").read(images)
     gpu = Recognizer.from_bundle(tiny_bundle, backend="auto", llm="none", precision="fp32").read(images)
     assert [r.text for r in gpu] == [r.text for r in cpu]
+
+
+# -- issue 13: what runs, and why not something faster ---------------------------------------
+
+
+def _loadable(root: Path) -> Path:
+    """Give every fp32 graph of a fake bundle a real (tiny) ONNX file, so sessions load."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    for spec in manifest["graphs"]["fp32"].values():
+        _tiny_onnx(root / spec["file"], "float32")
+    write_manifest(root, manifest, list(manifest["files"]))
+    return root
+
+
+class _SessionRecorder:
+    """Stands in for ``onnxruntime.InferenceSession``: a real CPU session, the providers and
+    options it was asked for recorded, and the providers ``started`` reported as running."""
+
+    def __init__(self, started: list[str]) -> None:
+        import onnxruntime
+
+        self.started, self.calls, self.real = started, [], onnxruntime.InferenceSession
+
+    def __call__(self, path, sess_options=None, providers=None, disabled_optimizers=None):
+        self.calls.append(providers)
+        session = self.real(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+        session.get_providers = lambda: list(self.started)
+        return session
+
+
+def _fake_gpu_onnxruntime(monkeypatch: pytest.MonkeyPatch, started: list[str]) -> _SessionRecorder:
+    import onnxruntime
+
+    recorder = _SessionRecorder(started)
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recorder)
+    monkeypatch.setattr(backends, "trt_provider_problem", lambda needs, version, reason: None)
+    return recorder
+
+
+def test_fallback_from_the_tensorrt_provider_is_reported(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point 4: onnxruntime falls back from TensorRT to CUDA on its own; the backend says so."""
+    bundle = load_bundle(_loadable(fake_bundle))
+    _machine(monkeypatch, "9.0")
+    recorder = _fake_gpu_onnxruntime(monkeypatch, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    backend = select_backend(bundle, "auto", "fp32", threads=1)
+    assert recorder.calls[0][0][0] == "TensorrtExecutionProvider"  # it was asked for
+    assert backend.name == "ort-cuda"
+    assert any("could not start TensorrtExecutionProvider" in n for n in backend.notes)
+    assert any("no TensorRT engines" in n for n in backend.notes)
+    explicit = select_backend(bundle, "ort-trt", "fp32", threads=1)
+    assert explicit.name == "ort-cuda" and explicit.notes
+
+
+def test_tensorrt_provider_keeps_the_graph_types(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point 5: no precision flag reaches onnxruntime's TensorRT provider for any precision
+    (either one makes its network weakly typed and the fp16 graphs' FP32 islands may run in FP16)."""
+    root = _loadable(fake_bundle)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["graphs"]["fp16"] = manifest["graphs"]["int8"] = manifest["graphs"]["fp32"]
+    write_manifest(root, manifest, list(manifest["files"]))
+    bundle = load_bundle(root)
+    _machine(monkeypatch, "9.0")
+    recorder = _fake_gpu_onnxruntime(monkeypatch, ["TensorrtExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setenv("CLIPLLAMA_TRT_CACHE", str(root / "cache"))
+    for precision in ("fp16", "int8", "fp32"):
+        backend = OrtBackend(bundle, precision, backends._ORT_PROVIDERS["ort-trt"], threads=1)
+        assert backend.name == "ort-trt" and backend.notes == []
+    for providers in recorder.calls:
+        name, options = providers[0]
+        assert name == "TensorrtExecutionProvider"
+        assert not any(k in options for k in ("trt_fp16_enable", "trt_int8_enable", "trt_bf16_enable"))
+        assert options["trt_engine_cache_path"] == str(root / "cache")
+
+
+def test_tensorrt_provider_with_the_wrong_tensorrt(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point 1 at run time: onnxruntime-gpu's provider links TensorRT 10, TensorRT 11 is
+    installed: auto uses CUDA and says why; ``--backend ort-trt`` refuses in one line."""
+    from runtime.gpu import trt_provider_problem
+
+    bundle = load_bundle(_loadable(fake_bundle))
+    _machine(monkeypatch, "9.0")
+    _fake_gpu_onnxruntime(monkeypatch, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(backends, "trt_provider_needs", lambda module_file: "libnvinfer.so.10")
+    monkeypatch.setattr(backends, "tensorrt_status", lambda: ("11.4.0.106", None))
+    monkeypatch.setattr(backends, "trt_provider_problem", trt_provider_problem)
+    backend = select_backend(bundle, "auto", "fp32", threads=1)
+    assert backend.name == "ort-cuda"
+    assert any("links libnvinfer.so.10 (TensorRT 10), this is TensorRT 11.4.0.106" in n for n in backend.notes)
+    with pytest.raises(BackendError, match=r"TensorRT 10.*clipllama\[trt\]"):
+        select_backend(bundle, "ort-trt", "fp32", threads=1)
+
+
+@pytest.mark.parametrize(("probe", "expected"), [
+    (GpuProbe(None, "cuda-bindings is not installed (pip install 'clipllama[gpu]')"), "cuda-bindings is not installed"),
+    (GpuProbe(None, "the NVIDIA driver is too old: it supports CUDA 12.4, the installed cuda-bindings need "
+                    "CUDA 13.0 (update the driver; CUDA 13 needs r580 or newer)"), "driver is too old"),
+])
+def test_engines_not_used_say_why(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch, probe: GpuProbe,
+                                  expected: str) -> None:
+    """Points 2 and 3: no cuda-bindings, or a driver too old for them: the engines are not used
+    and the notes say so (they used to be skipped without a word)."""
+    root = _with_engines(fake_bundle, [_engine(g, cc="9.0", precision="fp32") for g in GRAPH_NAMES], "fp32")
+    bundle = load_bundle(_loadable(root))
+    _machine(monkeypatch, probe, "10.3.0")
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    backend = select_backend(bundle, "auto", "fp32", threads=1)
+    assert backend.name == "ort-cpu" and backend.gpu_absent is False
+    engine_notes = [n for n in backend.notes if ".engine" in n]
+    assert len(engine_notes) == 1 and expected in engine_notes[0]
+    assert any("onnxruntime runs on the CPU" in n for n in backend.notes)
+
+
+def test_no_gpu_at_all_is_quiet_but_said(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = load_bundle(_loadable(fake_bundle))
+    _machine(monkeypatch, NO_GPU, None)
+    backend = select_backend(bundle, "auto", "fp32", threads=1)
+    assert backend.name == "ort-cpu" and backend.gpu_absent is True
+    assert backend.notes == ["onnxruntime runs on the CPU: no NVIDIA GPU (no CUDA device (cudaErrorNoDevice))"]
+    assert select_backend(bundle, "ort-cpu", "fp32", threads=1).notes == []
+
+
+@pytest.mark.parametrize("version", ["10.3.0.26", "11.4.0.106"])
+def test_tensorrt_backend_passes_the_native_stream_handle(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          version: str) -> None:
+    """Point 6: the stream goes to ``execute_async_v3`` as its native handle (cuda-bindings 13
+    deprecate ``int(stream)``), with TensorRT 10 and 11 alike."""
+    bindings = pytest.importorskip("cuda.bindings.runtime", reason="cuda-bindings is not installed here")
+    engines = [_engine("image_encoder", max_batch=4, precision="fp32")]
+    root = _with_engines(fake_bundle, engines, "fp32")
+    (root / engines[0]["file"]).write_text(json.dumps(["images", "image_features"]))
+    manifest = json.loads((root / "manifest.json").read_text())
+    write_manifest(root, manifest, list(manifest["files"]))
+    cudart, log = _FakeCudart(), []
+    monkeypatch.setattr(cudart, "cudaStreamCreate", lambda: (0, bindings.cudaStream_t(77)), raising=False)
+    trt = _fake_tensorrt(cudart, log)
+    trt.__version__ = version
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(backends, "_cudart", lambda: cudart)
+    bundle = load_bundle(root)
+    backend = TensorRTBackend(bundle, {"image_encoder": bundle.engines[0]})
+    out = backend.run("image_encoder", {"images": np.ones((2, 3))})["image_features"]
+    np.testing.assert_allclose(out, np.full((2, 3), 3.0))
+    assert log == [2]
+    backend.close()
