@@ -8,8 +8,8 @@ character, e.g. ``../shared/data/train/iiit5k_train_2000``) and writes a folder 
     OUT/occlusions.tsv                       filename<TAB>label<TAB>positions<TAB>boxes<TAB>colour
                                              (boxes as drawn, padding included, x,y,w,h;...)
 
-Each word of at least ``k + 2`` characters gets one image per ``k`` in ``--counts``
-(default 1 and 2): ``k`` inner characters (never the first or the last) chosen at random
+Each word of at least ``2k + 1`` characters (3 for one covered character, 5 for two) gets
+one image per ``k`` in ``--counts`` (default 1 and 2): ``k`` inner characters (never the first or the last) chosen at random
 (seeded per word) and covered by a rectangle filled with the median colour of the image
 border (the background, for a tight word crop). Each box grows by ``--pad`` pixels (default
 1), sideways only up to the visible neighbours' boxes. Words too short for ``k`` are
@@ -26,6 +26,7 @@ import argparse
 import random
 import sys
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,19 +109,30 @@ def padded_boxes(word: CharBoxes, positions: list[int], pad: int) -> list[Box]:
     return out
 
 
+def min_length(count: int) -> int:
+    """The shortest word that gets ``count`` covered characters: ``2 * count + 1``."""
+    return 2 * count + 1
+
+
 def choose_positions(word: CharBoxes, count: int, seed: int = 0) -> list[int] | None:
     """``count`` distinct inner positions of ``word`` (sorted), or None when it is too short."""
     inner = list(range(1, len(word.chars) - 1))
-    if count < 1 or len(inner) < count:
+    if count < 1 or len(word.chars) < min_length(count):
         return None
     rng = random.Random(zlib.crc32(f"{seed}:{word.file}:{count}".encode()))
     return sorted(rng.sample(inner, count))
 
 
 def build(source: Path, out: Path, counts: tuple[int, ...] = (1, 2), limit: int | None = None,
-          seed: int = 0, pad: int = 1) -> int:
-    """Write the occluded set from ``source`` to ``out``; returns the number of images."""
+          seed: int = 0, pad: int = 1, files: Collection[str] | None = None) -> int:
+    """Write the occluded set from ``source`` to ``out``; returns the number of images.
+
+    ``files``: only the words of these image files (e.g. a validation part).
+    """
     words = read_charboxes(source / "charboxes.tsv")[:limit]
+    if files is not None:
+        keep = set(files)
+        words = [w for w in words if w.file in keep]
     (out / "images").mkdir(parents=True, exist_ok=True)
     labels, details = [], []
     for word in words:

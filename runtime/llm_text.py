@@ -6,12 +6,16 @@ Nothing here touches a model, so all of it is tested without llama.cpp.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from runtime.decoding import Prediction
-from runtime.gate import MASK_CHAR
+from runtime.gate import MASK_CHAR, core_span
+from runtime.lexicon import Lexicon
 
 #: Smallest probability used in a log (a top-k entry of exactly 0 stays finite).
 MIN_PROB = 1e-12
@@ -43,6 +47,10 @@ class Candidate:
     visual_logprob: float
     llm_logprob: float | None = None
     score: float | None = None
+    #: frequency prior (natural log; 0 when no lexicon is used)
+    prior: float = 0.0
+    #: where it came from: "topk" (the decoder's alternatives) or a lexicon's name
+    source: str = "topk"
 
     def to_dict(self) -> dict:
         return {
@@ -50,7 +58,9 @@ class Candidate:
             "llm_text": self.llm_text,
             "visual_logprob": self.visual_logprob,
             "llm_logprob": self.llm_logprob,
+            "prior": self.prior,
             "score": self.score,
+            "source": self.source,
         }
 
 
@@ -188,6 +198,133 @@ def rescore_candidates(
         word = "".join(letters)
         out.append(Candidate(word, fold(word, lower), score))
     return out
+
+
+def insertion_layouts(length: int, inserts: int) -> list[tuple[int, ...]]:
+    """Where ``inserts`` characters may go into a word of ``length``: each layout lists, per
+    position of the longer word, the read position it shows or -1 for an inserted one.
+
+    Inserted characters are inner (never first or last: a covered character between two
+    visible ones is what the decoder skips); two may share a gap.
+    """
+    if inserts == 0:
+        return [tuple(range(length))]
+    if length < 2:
+        return []
+    out = []
+    for gaps in itertools.combinations_with_replacement(range(1, length), inserts):
+        layout: list[int] = []
+        for i in range(length):
+            layout.extend([-1] * gaps.count(i))
+            layout.append(i)
+        out.append(tuple(layout))
+    return out
+
+
+def lexicon_candidates(
+    prediction: Prediction,
+    masked: tuple[int, ...],
+    charset: str,
+    lexicon: Lexicon,
+    k: int = 5,
+    pool: int = 64,
+    prior_weight: float = 1.0,
+    lower: bool = True,
+    inserts: int = 0,
+    insert_logprob: float = -8.0,
+) -> list[Candidate]:
+    """Words of ``lexicon`` with the prediction's trusted characters (any case), in order.
+
+    Without ``inserts`` the words have the prediction's length; with ``inserts`` = n the
+    words with 1..n more inner characters are looked up too (the decoder skipped covered
+    characters: ``Resue`` -> ``Rescue``), each inserted character costing
+    ``insert_logprob``. Each word is scored by visual log-probability (the decoder's top-k
+    probability of its character at each masked position, case variants merged; a
+    character outside the top-k gets the smaller of the k-th probability and the mass the
+    top-k leaves) and the lexicon's frequency prior; the best ``pool`` by ``visual +
+    prior_weight * prior`` are returned, in that order. Masked and inserted characters take
+    the case of the word's trusted letters (:func:`restore_case`) unless the lexicon writes
+    them in upper case (a user's ``iPhone``); a word that would leave ``charset`` is skipped.
+    """
+    start, end = core_span(prediction.text)
+    if (start, end) != (0, len(prediction.text)):  # leading/trailing symbols stay as read
+        affix = sum(math.log(max(float(p), MIN_PROB)) for i, p in enumerate(prediction.char_probs)
+                    if not start <= i < end)
+        core = Prediction(prediction.text[start:end], list(prediction.char_probs[start:end]),
+                          list(prediction.topk[start:end]))
+        inner = tuple(i - start for i in masked if start <= i < end)
+        found = lexicon_candidates(core, inner, charset, lexicon, k, pool, prior_weight, lower, inserts,
+                                   insert_logprob) if end > start else []
+        head, tail = prediction.text[:start], prediction.text[end:]
+        return [replace(c, text=head + c.text + tail, llm_text=fold(head + c.text + tail, lower),
+                        visual_logprob=c.visual_logprob + affix) for c in found]
+    allowed = frozenset(charset)
+    text = prediction.text
+    masked_set = set(masked)
+    base = sum(math.log(max(float(p), MIN_PROB)) for i, p in enumerate(prediction.char_probs) if i not in masked_set)
+    options: dict[int, dict[str, _Option]] = {}
+    tables: dict[int, tuple[np.ndarray, float]] = {}
+    for position in masked:
+        found_options = position_options(prediction, position, k, allowed, True)
+        options[position] = {o.folded: o for o in found_options}
+        tables[position] = _position_table(prediction, position, k, found_options)
+    pattern_case = word_case(text, masked) if lower else None
+    best: dict[str, tuple[float, float, str, tuple[int, ...]]] = {}
+    for extra in range(inserts + 1):
+        for layout in insertion_layouts(len(text), extra):
+            pattern = [None if r < 0 or r in masked_set else text[r] for r in layout]
+            found = lexicon.match(pattern)
+            if not len(found):
+                continue
+            scores = np.full(len(found), base + extra * insert_logprob, dtype=np.float64)
+            for new_position, r in enumerate(layout):
+                if r in masked_set:
+                    lut, floor = tables[r]
+                    column = found.codes[:, new_position]
+                    scores += np.where(column < len(lut), lut[np.minimum(column, len(lut) - 1)], floor)
+            ranked = scores + prior_weight * found.logprobs
+            for index in np.argsort(-ranked, kind="stable")[: max(0, pool)]:
+                word = found.words[int(index)]
+                if word.lower() not in best or best[word.lower()][0] < ranked[index]:
+                    best[word.lower()] = (float(ranked[index]), float(scores[index]), word, layout)
+    out = []
+    for _, visual, word, layout in sorted(best.values(), key=lambda item: -item[0])[: max(0, pool)]:
+        letters = []
+        for new_position, r in enumerate(layout):
+            if r >= 0 and r not in masked_set:
+                letters.append(text[r])
+                continue
+            written = word[new_position]
+            folded = written.lower()
+            option = options.get(r, {}).get(folded) if r >= 0 else None
+            if written != folded and written in allowed:  # the lexicon insists on upper case
+                char: str | None = written
+            else:
+                char = restore_case(folded, max(new_position, 1) if r < 0 else r, pattern_case,
+                                    option.variants if option else {}, allowed)
+            if char is None:
+                break
+            letters.append(char)
+        else:
+            candidate = "".join(letters)
+            out.append(Candidate(candidate, fold(candidate, lower), visual, prior=lexicon.logprob(word) or 0.0,
+                                 source=lexicon.name))
+    return out
+
+
+def _position_table(
+    prediction: Prediction, position: int, k: int, options: list[_Option]
+) -> tuple[np.ndarray, float]:
+    """Log-probability per lower-cased ASCII code at a masked position, and the floor for others."""
+    top = prediction.topk[position][:k] if position < len(prediction.topk) else []
+    probs = [float(p) for _, p in top if math.isfinite(float(p))]
+    residual = max(0.0, 1.0 - sum(probs))
+    floor = math.log(max(min(min(probs, default=MIN_PROB), residual), MIN_PROB))
+    lut = np.full(128, floor, dtype=np.float64)
+    for option in options:
+        if len(option.folded) == 1 and ord(option.folded) < 128:
+            lut[ord(option.folded)] = math.log(max(option.prob, MIN_PROB))
+    return lut, floor
 
 
 def rescore_prompt(prefix: str = RESCORE_PREFIX) -> str:

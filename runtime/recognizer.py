@@ -270,7 +270,8 @@ class Recognizer:
 
     def _correct(self, results: list[ReadResult], predictions: list[Prediction]) -> None:
         """Send gated words to the corrector; on any failure the vision answer stands."""
-        todo = [k for k, r in enumerate(results) if r.gated]
+        every = bool(getattr(self.corrector, "reviews_all_words", False))  # it gates unknown words too
+        todo = [k for k, r in enumerate(results) if r.gated or every]
         if self.corrector is None or not todo:
             return
         try:
@@ -282,6 +283,9 @@ class Recognizer:
                 results[k].llm = LLMInfo(self.llm_mode, error=f"{type(exc).__name__}: {exc}")
             return
         for k, correction in zip(todo, corrections):
+            if every and not getattr(correction, "gated", True):
+                continue  # confident and a known word: the corrector did not look at it
+            results[k].gated = True
             apply_correction(results[k], predictions[k], correction, self.llm_mode, self.codec.charset)
 
 
@@ -289,8 +293,10 @@ def apply_correction(result: ReadResult, prediction: Prediction, correction: Any
                      charset: str) -> None:
     """Record a corrector's answer on ``result``. An answer that is empty, outside the
     charset or of another length than the vision answer is refused (the vision answer stands).
+    A corrector may lengthen the word by the characters it says it inserted
+    (``correction.inserted``: a decoder that skipped covered characters).
     The per-character confidences of a changed word are the decoder's probabilities of
-    the characters now chosen (from its top-k; 0 where not among them)."""
+    the characters now chosen (from its top-k; 0 where not among them or inserted)."""
     text = getattr(correction, "text", None)
     warnings_ = list(getattr(correction, "warnings", None) or [])
     candidates = [_as_dict(c) for c in getattr(correction, "candidates", None) or []]
@@ -303,18 +309,30 @@ def apply_correction(result: ReadResult, prediction: Prediction, correction: Any
     vision = prediction.text
     if not isinstance(text, str) or text == vision:
         return
-    if not text or len(text) != len(vision) or any(c not in charset for c in text):
+    inserted = getattr(correction, "inserted", 0)
+    inserted = inserted if isinstance(inserted, int) and inserted > 0 else 0
+    if (not text or not len(vision) <= len(text) <= len(vision) + inserted
+            or any(c not in charset for c in text)):
         info.error = f"corrector answer {text!r} refused (empty, other length or outside the charset)"
         return
     info.changed = True
     result.text = text
     probs = []
-    for i, (old, new) in enumerate(zip(vision, text)):
-        if old == new:
-            probs.append(float(prediction.char_probs[i]))
-        else:
-            top = dict(prediction.topk[i]) if i < len(prediction.topk) else {}
-            probs.append(float(top.get(new, 0.0)))
+    if len(text) == len(vision):
+        for i, (old, new) in enumerate(zip(vision, text)):
+            if old == new:
+                probs.append(float(prediction.char_probs[i]))
+            else:
+                top = dict(prediction.topk[i]) if i < len(prediction.topk) else {}
+                probs.append(float(top.get(new, 0.0)))
+    else:  # characters the decoder skipped were inserted: they get 0, the others keep theirs
+        i = 0
+        for new in text:
+            if i < len(vision) and vision[i] == new:
+                probs.append(float(prediction.char_probs[i]))
+                i += 1
+            else:
+                probs.append(0.0)
     result.char_confidences = probs
     result.confidence = float(np.prod(probs)) if probs else 1.0
 

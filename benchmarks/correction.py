@@ -1,0 +1,313 @@
+"""Does the LLM correction earn its cost? Accuracy, fixed/broken, gate rate and time per set.
+
+    python -m benchmarks.correction all [--work DIR]        # everything below, in order
+    python -m benchmarks.correction prepare [--work DIR]    # validation split + occluded sets
+    python -m benchmarks.correction predict [--work DIR]    # the decoder's answers, cached
+    python -m benchmarks.correction tune [--work DIR]       # weights on the validation sets
+    python -m benchmarks.correction sweep [--work DIR]      # thresholds 0.5 .. 0.95
+    python -m benchmarks.correction table [--work DIR]      # per set: none / top-k / +lexicon / fill
+    python -m benchmarks.correction timing [--work DIR]     # LLM ms per gated word, pipeline ratio
+
+Sets (``--work``, default ``runs/correction``, holds what is derived from them; the
+images stay outside the repository): the test sets IC13-857, IC13-1015, SVT-647 and
+misc_real (reported only, never tuned on); ``val_real``, the 348 real scene-text crops the
+default model was validated on while training (the cache's 5% split, seed 0: the model
+never trained on them); occluded IIIT5K-train words (``benchmarks.occlusion``: 1 and 2
+inner characters covered), split by word into a validation part (the IIIT5K words of
+``val_real`` plus a seeded quarter of the others) and a reported part (the rest: words
+whose uncovered crops the model *did* train on). ``prepare`` needs the ``train`` extra
+(it reproduces the training split); the rest needs the runtime and the ``llm`` extra.
+
+``predict`` reads every crop once at batch 1 without the LLM and stores each word's text,
+character probabilities and top-k; every later step runs the corrector on those cached
+predictions, so a configuration costs only LLM time. Fixed = the vision answer was wrong
+and the corrected one is right; broken = the reverse (protocol comparison: lower case,
+``[0-9a-z]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import statistics
+import sys
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks import occlusion
+from benchmarks.common import percentile
+from runtime.charset import eval_normalize
+from runtime.decoding import Prediction
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+TRAIN = DATA / "train"
+IIIT5K = TRAIN / "iiit5k_train_2000"
+#: the real training sets of the default model's feature cache, in its order (training.frozen_tower)
+TRAIN_SETS = ("ic15_train_4468", "iiit5k_train_2000", "svt_train_257", "ic13_borndigital_4188")
+TEST_SETS = {
+    "ic13_857": DATA / "eval/ic13/labels_857.tsv",
+    "ic13_1015": DATA / "eval/ic13/labels_1015.tsv",
+    "svt_647": DATA / "eval/svt_test_647",
+    "misc_real": DATA / "eval/misc_real",
+}
+VAL_SETS = ("val_real", "val_occ1", "val_occ2")
+OCC_SETS = ("occ1", "occ2")
+#: share of the other IIIT5K words added to the occlusion validation part
+OCC_VAL_SHARE = 0.25
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
+
+
+# -- prepare ---------------------------------------------------------------------------
+
+def carve_val_real(work: Path, val_fraction: float = 0.05, seed: int = 0) -> list[tuple[str, str, str]]:
+    """The default model's validation crops: (set, file, label), as training.frozen_tower cut them."""
+    import numpy as np
+
+    from training.data.readers import ConcatSets, open_set
+
+    sets = [open_set(TRAIN / name, "94", 25, train=True) for name in TRAIN_SETS]
+    real = ConcatSets(sets)
+    order = np.random.default_rng(seed).permutation(len(real))
+    out = []
+    for i in order[: int(round(len(real) * val_fraction))]:
+        k = bisect.bisect_right(real.cumulative_sizes, int(i))
+        j = int(i) - (real.cumulative_sizes[k - 1] if k else 0)
+        if "borndigital" in TRAIN_SETS[k]:
+            continue
+        out.append((TRAIN_SETS[k], sets[k].files[j], sets[k].labels[j]))
+    return out
+
+
+def prepare(work: Path) -> None:
+    """Write ``val_real.tsv`` and the occluded sets (validation and reported parts)."""
+    work.mkdir(parents=True, exist_ok=True)
+    val = carve_val_real(work)
+    lines = [f"{TRAIN / s / 'images' / f}\t{label}\n" for s, f, label in val]
+    (work / "val_real.tsv").write_text("".join(lines), encoding="utf-8")
+    val_iiit = {f for s, f, _ in val if s == "iiit5k_train_2000"}
+    files = [w.file for w in occlusion.read_charboxes(IIIT5K / "charboxes.tsv")]
+
+    def in_val(name: str) -> bool:
+        return name in val_iiit or zlib.crc32(name.encode()) % 1000 < OCC_VAL_SHARE * 1000
+
+    val_files = [f for f in files if in_val(f)]
+    test_files = [f for f in files if not in_val(f)]
+    for part, chosen in (("val_occ", val_files), ("occ", test_files)):
+        for k in (1, 2):
+            n = occlusion.build(IIIT5K, work / f"{part}{k}", counts=(k,), files=chosen)
+            print(f"{part}{k}: {n} occluded crops", file=sys.stderr)
+    print(f"val_real: {len(val)} crops; occlusion words: {len(val_files)} validation, {len(test_files)} reported",
+          file=sys.stderr)
+
+
+def set_paths(work: Path) -> dict[str, Path]:
+    """Every set by name: the test sets, the validation sets and the reported occluded sets."""
+    paths = dict(TEST_SETS)
+    paths["val_real"] = work / "val_real.tsv"
+    for name in ("val_occ1", "val_occ2", "occ1", "occ2"):
+        paths[name] = work / name
+    return paths
+
+
+def read_labels(path: Path) -> list[tuple[Path, str]]:
+    """(image path, label) of a folder set or labels .tsv (absolute or image-folder paths)."""
+    tsv = path / "labels.tsv" if path.is_dir() else path
+    folder = tsv.parent / "images"
+    out = []
+    for line in tsv.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            name, label = line.split("\t", 1)
+            image = Path(name) if Path(name).is_absolute() else folder / name
+            out.append((image, label))
+    return out
+
+
+# -- predict ---------------------------------------------------------------------------
+
+@dataclass
+class Word:
+    """One crop's label and the decoder's prediction."""
+
+    label: str
+    prediction: Prediction
+    #: milliseconds the recognizer took at batch 1 without LLM (NaN when shared from another set)
+    vision_ms: float = float("nan")
+
+
+def predict(work: Path, names: Sequence[str] | None = None, engine: str | None = None) -> None:
+    """Read every crop once (batch 1, no LLM) and store the predictions in ``predictions.json``."""
+    from PIL import Image
+
+    from runtime.charset import keep_for_eval
+    from runtime.recognizer import Recognizer
+
+    recognizer = Recognizer.from_bundle(engine, llm="none")
+    captured: list[Prediction] = []
+    correct = recognizer._correct
+
+    def capture(results: list, predictions: list[Prediction]) -> None:  # the decoder's predictions, kept
+        captured[:] = predictions
+        correct(results, predictions)
+
+    recognizer._correct = capture  # type: ignore[method-assign]
+    cache_path = work / "predictions.json"
+    store: dict[str, Any] = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    images: dict[str, dict] = store.setdefault("images", {})
+    sets: dict[str, list[list[str]]] = store.setdefault("sets", {})
+    store["charset"] = recognizer.codec.charset
+    store["threshold"] = recognizer.threshold
+    paths = set_paths(work)
+    for name in names or list(paths):
+        entries = [(p, label) for p, label in read_labels(paths[name]) if keep_for_eval(label)]
+        start = time.perf_counter()
+        for image_path, _ in entries:
+            key = str(image_path)
+            if key in images:
+                continue
+            with Image.open(image_path) as opened:
+                picture = opened.convert("RGB")
+            t0 = time.perf_counter()
+            result = recognizer.read([picture], batch_size=1)[0]
+            ms = 1000.0 * (time.perf_counter() - t0)
+            if result.error:
+                print(f"warning: {key}: {result.error}", file=sys.stderr)
+                continue
+            p = captured[0]
+            images[key] = {"ms": ms, "text": p.text, "probs": p.char_probs, "topk": p.topk}
+        sets[name] = [[str(p), label] for p, label in entries if str(p) in images]
+        print(f"{name}: {len(sets[name])} crops in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        cache_path.write_text(json.dumps(store))
+    recognizer.close()
+
+
+def load_words(work: Path) -> tuple[dict[str, list[Word]], dict]:
+    """The cached predictions per set, and the store's metadata (charset, threshold)."""
+    store = json.loads((work / "predictions.json").read_text())
+    images = store["images"]
+    out = {}
+    for name, entries in store["sets"].items():
+        out[name] = [Word(label, Prediction(images[key]["text"], images[key]["probs"],
+                                            [[(c, p) for c, p in row] for row in images[key]["topk"]]),
+                          images[key]["ms"]) for key, label in entries]
+    return out, {"charset": store["charset"], "threshold": store["threshold"]}
+
+
+
+# -- evaluate --------------------------------------------------------------------------
+
+class MemoBackend:
+    """An LLM backend that remembers each continuation's score (for tuning: a word's score
+    does not depend on the other candidates it is batched with)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.name = backend.name
+        self.memo: dict[tuple[str, str], float] = {}
+
+    def score(self, prefix: str, continuations: Sequence[str], deadline: float | None = None) -> list[float]:
+        missing = [c for c in dict.fromkeys(continuations) if (prefix, c) not in self.memo]
+        if missing:
+            for c, v in zip(missing, self.backend.score(prefix, missing, None), strict=True):
+                self.memo[(prefix, c)] = v
+        return [self.memo[(prefix, c)] for c in continuations]
+
+    def fill(self, prompt: str, grammar: str, max_tokens: int, deadline: float | None = None) -> str:
+        return self.backend.fill(prompt, grammar, max_tokens, deadline)
+
+
+def evaluate(corrector: Any, words: Sequence[Word], charset: str) -> dict[str, Any]:
+    """Accuracy without and with the corrector, gate rate, changed/fixed/broken, LLM ms."""
+    n = len(words)
+    right_before = right_after = gated = changed = fixed = broken = calls = 0
+    ms: list[float] = []
+    for word in words:
+        correction = corrector.correct_one(word.prediction, charset)
+        before = eval_normalize(word.prediction.text) == eval_normalize(word.label)
+        after = eval_normalize(correction.text) == eval_normalize(word.label)
+        right_before += before
+        right_after += after
+        if correction.gated:
+            gated += 1
+            ms.append(1000.0 * correction.time_s)
+        calls += bool(getattr(correction, "llm_called", False))
+        changed += correction.changed
+        fixed += after and not before
+        broken += before and not after
+    return {"n": n, "vision": 100.0 * right_before / max(1, n), "accuracy": 100.0 * right_after / max(1, n),
+            "gate_rate": 100.0 * gated / max(1, n), "gated": gated, "llm_calls": calls, "changed": changed,
+            "fixed": fixed, "broken": broken,
+            "llm_ms_median": statistics.median(ms) if ms else 0.0,
+            "llm_ms_p95": percentile(ms, 95) if ms else 0.0, "llm_ms_total": sum(ms)}
+
+
+#: the variants of the per-set table: (column, mode, lexicon, extra settings)
+VARIANTS = (
+    ("rescore top-k", "rescore", "none", {"inserts": 0}),
+    ("rescore + lexicon", "rescore", "default", {}),
+    ("fill", "fill", "none", {}),
+)
+
+
+def make_corrector(llm: str, mode: str, lexicon: str, settings: dict[str, Any], memo: MemoBackend | None = None):
+    """A corrector (``memo``: reuse that backend's remembered scores)."""
+    from runtime.llm import Corrector
+
+    corrector = Corrector.from_spec(llm, mode=mode, lexicon=lexicon, **settings)
+    if not corrector.enabled:
+        raise SystemExit(f"error: the LLM cannot be used: {corrector.unavailable}")
+    if memo is not None:
+        corrector.backend = memo
+    return corrector
+
+
+def tune(work: Path, llm: str = "default") -> dict[str, Any]:
+    """Grid over the rescore weights on the validation sets; the best by fixed - broken."""
+    words, meta = load_words(work)
+    base = make_corrector(llm, "rescore", "default", {"cache_size": 0, "time_budget_s": None})
+    memo = MemoBackend(base.backend)
+    grid = []
+    for prior_weight in (0.5, 1.0):
+        for oov in (-14.0, -18.0, -22.0):
+            for insert in (-4.0, -8.0, -12.0):
+                for weight in (0.0, 0.5, 1.0):
+                    grid.append({"prior_weight": prior_weight, "oov_logprob": oov, "insert_logprob": insert,
+                                 "weight": weight})
+    rows = []
+    for settings in grid:
+        corrector = base.with_settings(**settings)
+        corrector.backend = memo
+        per_set = {name: evaluate(corrector, words[name], meta["charset"]) for name in VAL_SETS}
+        gain = {name: r["fixed"] - r["broken"] for name, r in per_set.items()}
+        rows.append({"settings": settings, "gain": gain, "total": sum(gain.values())})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    best = max(rows, key=lambda r: (r["total"], r["gain"]["val_real"]))
+    (work / "tuned.json").write_text(json.dumps({"best": best, "grid": rows}, indent=1))
+    print(json.dumps(best))
+    return best
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.correction", description=__doc__.split("\n\n")[0])
+    parser.add_argument("step", choices=("all", "prepare", "predict", "tune", "sweep", "table", "timing"))
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "correction")
+    parser.add_argument("--sets", nargs="+", help="predict: only these sets")
+    parser.add_argument("--engine", help="bundle (default: the embedded default)")
+    parser.add_argument("--llm", default="default", help="GGUF: default or a path")
+    args = parser.parse_args(argv)
+    if args.step in ("all", "prepare"):
+        prepare(args.work)
+    if args.step in ("all", "predict"):
+        predict(args.work, args.sets, args.engine)
+    if args.step in ("all", "tune"):
+        tune(args.work, args.llm)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
