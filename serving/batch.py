@@ -1,0 +1,316 @@
+"""``clipllama-batch SRC... -o OUT``: read many crops with Ray Data.
+
+The inputs are listed as ``clipllama-run`` lists them (:mod:`runtime.inputs`: image files,
+folders, ``labels.tsv``/``.tsv`` sets, LMDBs) plus text files of image paths (``.txt``/``.lst``,
+one per line, relative to the file's folder). Each set is cut into chunks of ``--batch``
+samples, the chunks ``clipllama-run --batch`` reads, so every record equals its
+``clipllama-run --json`` record (timings aside). Then, on Ray:
+
+1. ``map`` tasks load, decode and resize each chunk's images (``runtime.preprocess``; an
+   image that fails there is handed on as it is, so the recognizer reports it as it would);
+2. an actor pool (``map_batches``) of recognizers, each loading the bundle and the LLM once,
+   reads each chunk with :meth:`Recognizer.read`;
+3. the driver writes the records to part files in OUT (:mod:`serving.parts`).
+
+A rerun with the same OUT skips every id (set, source) already written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.inputs import InputError, InputSet, LmdbSamples, Sample, collect_inputs
+from runtime.recognizer import DEFAULT_BATCH_SIZE, LLMInfo, ReadResult
+from serving.common import RecognizerSettings, add_recognizer_options, missing_serve_extra, settings_from_args
+from serving.parts import FORMATS, PartWriter, done_ids, read_records
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_CANNOT_RUN = 0, 1, 2
+PATH_LIST_SUFFIXES = (".txt", ".lst")
+
+
+def read_path_list(path: Path) -> InputSet:
+    """A text file of image paths, one per line (relative ones from the file's folder)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the path list ({exc})") from None
+    images = [path.parent / line.strip() for line in lines if line.strip()]
+    return InputSet(None, [Sample(str(image), image) for image in images])
+
+
+def list_inputs(paths: Sequence[str]) -> tuple[list[tuple[str | None, InputSet]], list[str]]:
+    """``(name, set)`` for each input set as ``clipllama-run`` names them, and listing errors."""
+    from runtime.cli import _merge_loose, _unique_names
+
+    sets: list[InputSet] = []
+    errors = []
+    for path in paths:
+        try:
+            if Path(path).suffix.lower() in PATH_LIST_SUFFIXES and Path(path).is_file():
+                sets.append(read_path_list(Path(path)))
+            else:
+                sets.extend(collect_inputs([path]))
+        except InputError as exc:
+            errors.append(str(exc))
+    sets = _merge_loose(sets)
+    return list(zip(_unique_names(sets), sets)), errors
+
+
+@dataclass
+class Plan:
+    """What to read: chunk rows for Ray Data, and what the summary needs."""
+
+    chunks: list[dict[str, Any]] = field(default_factory=list)
+    #: per scored set: (source, label) in reading order
+    scored: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    todo: int = 0
+    skipped: int = 0
+
+
+def plan(named_sets: list[tuple[str | None, InputSet]], batch: int, evaluate: bool,
+         done: set[tuple[str, str]]) -> Plan:
+    """Chunks of ``batch`` samples as ``clipllama-run`` forms them (with ``--eval``, labels the
+    protocol drops are left out of their chunk), less the ids in ``done``."""
+    from runtime.charset import keep_for_eval
+
+    out = Plan()
+    for name, input_set in named_sets:
+        scoring = evaluate and input_set.labelled and name is not None
+        if scoring:
+            out.scored[str(name)] = []
+        samples, lmdb = input_set.samples, isinstance(input_set.samples, LmdbSamples)
+        for start in range(0, len(samples), batch):
+            raw = list(samples[start:start + batch])
+            rows = []
+            for offset, sample in enumerate(raw):
+                if scoring and not (sample.label is not None and keep_for_eval(sample.label)):
+                    continue
+                if scoring:
+                    out.scored[str(name)].append((sample.source, str(sample.label)))
+                if (name or "", sample.source) in done:
+                    out.skipped += 1
+                    continue
+                where = str(input_set.samples.path) if lmdb else str(sample.data)
+                rows.append((sample.source, sample.label, where, start + offset if lmdb else -1))
+            if rows:
+                out.todo += len(rows)
+                out.chunks.append({"set": name or "", "named": name is not None,
+                                   "source": [r[0] for r in rows], "label": [r[1] for r in rows],
+                                   "path": [r[2] for r in rows], "lmdb_index": [r[3] for r in rows]})
+    return out
+
+
+def _raw(path: str, lmdb_index: int) -> Any:
+    """The undecoded input: a file path, or an LMDB image's bytes."""
+    if lmdb_index < 0:
+        return Path(path)
+    return LmdbSamples(path)[lmdb_index].data
+
+
+def decode_chunk(row: dict[str, Any], preprocessing: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data ``map``: each image loaded, decoded and resized to the model input
+    (uint8 pixels); an image that fails is passed on undecoded (``raw``) for the recognizer."""
+    from runtime.preprocess import Preprocessing, load_image, resize
+
+    spec = Preprocessing.from_dict(preprocessing)
+    pixels, heights, widths, raws = [], [], [], []
+    for path, index in zip(row["path"], row["lmdb_index"]):
+        raw = _raw(path, index)
+        try:
+            array = np.asarray(resize(load_image(raw), spec))
+            pixels.append(array.tobytes())
+            heights.append(array.shape[0])
+            widths.append(array.shape[1])
+            raws.append(b"")
+        except Exception:  # the recognizer reads it again and says why
+            pixels.append(b"")
+            heights.append(0)
+            widths.append(0)
+            raws.append(raw if isinstance(raw, bytes) else b"")
+    return {**row, "pixels": pixels, "height": heights, "width": widths, "raw": raws}
+
+
+class ChunkReader:
+    """Ray Data actor: one recognizer (bundle and LLM loaded once), reading whole chunks."""
+
+    def __init__(self, settings: dict[str, Any], batch: int, num_cpus: float | None = None) -> None:
+        self.recognizer = RecognizerSettings(**settings).build(num_cpus)
+        self.batch = batch
+
+    def __call__(self, table: Any) -> Any:
+        import pyarrow as pa
+
+        out = []
+        for row in table.to_pylist():
+            samples = [Sample(source, _input(row, k), label)
+                       for k, (source, label) in enumerate(zip(row["source"], row["label"]))]
+            for result in self.recognizer.read(samples, batch_size=self.batch):
+                record = result.to_dict()
+                if row["named"]:
+                    record["set"] = row["set"]
+                out.append(json.dumps(record, ensure_ascii=False))
+        return pa.table({"record": pa.array(out, pa.string())})
+
+
+def _input(row: dict[str, Any], k: int) -> Any:
+    if row["height"][k]:
+        return np.frombuffer(row["pixels"][k], np.uint8).reshape(row["height"][k], row["width"][k], 3)
+    return row["raw"][k] if row["lmdb_index"][k] >= 0 else Path(row["path"][k])
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Ray resources: the recognizer actor pool and the decoding tasks."""
+
+    concurrency: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    decode_cpus: float = 0.25
+
+
+def read_chunks(chunks: list[dict[str, Any]], settings: RecognizerSettings, batch: int,
+                resources: Resources) -> Iterator[list[dict[str, Any]]]:
+    """Records, a Ray Data block at a time (Ray must be initialised)."""
+    import ray
+
+    from runtime.bundle import load_bundle
+
+    if not chunks:
+        return
+    preprocessing = load_bundle(settings.engine, verify=False).preprocessing.to_dict()
+    ds = ray.data.from_items(chunks, override_num_blocks=min(len(chunks), 1000))
+    ds = ds.map(decode_chunk, fn_kwargs={"preprocessing": preprocessing}, num_cpus=resources.decode_cpus)
+    ds = ds.map_batches(ChunkReader, batch_size=1, batch_format="pyarrow", concurrency=resources.concurrency,
+                        num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
+                        fn_constructor_kwargs={"settings": settings.to_dict(), "batch": batch,
+                                               "num_cpus": resources.num_cpus})
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield [json.loads(text) for text in block.column("record").to_pylist()]
+
+
+def summarize(out: str | Path, scored: dict[str, list[tuple[str, str]]]) -> dict[str, dict[str, Any]]:
+    """``clipllama-run --eval``'s summary of the scored sets, from every record in ``out``."""
+    from runtime.cli import SetScore
+
+    records = {}
+    wanted = {(name, source) for name, pairs in scored.items() for source, _ in pairs}
+    for record in read_records(out):
+        key = (str(record.get("set") or ""), str(record["source"]))
+        if key in wanted:
+            records[key] = record
+    summary = {}
+    for name, pairs in scored.items():
+        score = SetScore()
+        for source, label in pairs:
+            record = records.get((name, source))
+            if record is not None:
+                score.add(as_result(record), label)
+        summary[name] = score.as_dict()
+    return summary
+
+
+def as_result(record: dict[str, Any]) -> ReadResult:
+    """A :class:`ReadResult` from its ``to_dict`` record (for scoring)."""
+    fields = {k: v for k, v in record.items() if k in ReadResult.__dataclass_fields__}
+    llm = fields.pop("llm", None)
+    return ReadResult(**fields, llm=LLMInfo(**llm) if llm else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipllama-batch", description="Read many word images with Ray Data; resumable.",
+        epilog="SRC: image files, folders, labelled sets (labels.tsv, .tsv, LMDB) or text files of paths "
+               "(.txt/.lst). A rerun with the same OUT skips what is already written. Exit status: 0 all "
+               "read, 1 some inputs could not be read, 2 nothing could run.")
+    parser.add_argument("inputs", nargs="+", metavar="SRC")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder of part files")
+    parser.add_argument("--format", choices=FORMATS, default="parquet", help="part file format (default: parquet)")
+    add_recognizer_options(parser)
+    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
+                        help=f"images per recognizer batch, as clipllama-run --batch (default: {DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--concurrency", type=int, default=1, metavar="N", help="recognizer actors (default: 1)")
+    parser.add_argument("--num-cpus", type=float, default=1.0, metavar="C", help="CPUs per actor (default: 1)")
+    parser.add_argument("--num-gpus", type=float, default=0.0, metavar="G", help="GPUs per actor (default: 0)")
+    parser.add_argument("--decode-cpus", type=float, default=0.25, metavar="C",
+                        help="CPUs per decoding task (default: 0.25)")
+    parser.add_argument("--part-size", type=int, default=4096, metavar="N",
+                        help="records per part file, at most what an interruption loses (default: 4096)")
+    parser.add_argument("--eval", action="store_true", help="score labelled sets; print the summary JSON")
+    parser.add_argument("--address", metavar="ADDR", help="a running Ray cluster ('auto' or ray://HOST:10001)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``clipllama-batch``; returns the exit status."""
+    message = missing_serve_extra(("ray", "pyarrow"))
+    if message:
+        print(message, file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if args.batch < 1 or args.part_size < 1 or args.concurrency < 1:
+        print("error: --batch, --part-size and --concurrency must be at least 1", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    from runtime.bundle import BundleError, load_bundle
+
+    try:
+        load_bundle(args.engine, verify=False)
+    except (BundleError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    named_sets, listing_errors = list_inputs(args.inputs)
+    for error in listing_errors:
+        print(f"error: {error}", file=sys.stderr)
+    if not any(len(s.samples) for _, s in named_sets):
+        print("error: no inputs to read", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    work = plan(named_sets, args.batch, args.eval, done_ids(args.output))
+    print(f"clipllama-batch: {work.todo} to read, {work.skipped} already in {args.output}", file=sys.stderr)
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    try:
+        failed = write(args, work)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    finally:
+        if started:
+            ray.shutdown()
+    if args.eval:
+        print(json.dumps({"summary": summarize(args.output, work.scored)}), flush=True)
+    return EXIT_SOME_FAILED if failed or listing_errors else EXIT_OK
+
+
+def write(args: argparse.Namespace, work: Plan) -> int:
+    """Read the plan's chunks and write the records in parts; the number of failed inputs."""
+    writer = PartWriter(args.output, args.format)
+    resources = Resources(args.concurrency, args.num_cpus, args.num_gpus, args.decode_cpus)
+    pending: list[dict[str, Any]] = []
+    failed = written = 0
+    for records in read_chunks(work.chunks, settings_from_args(args), args.batch, resources):
+        pending.extend(records)
+        failed += sum(r.get("error") is not None for r in records)
+        if len(pending) >= args.part_size:
+            writer.write(pending)
+            written += len(pending)
+            pending = []
+            print(f"clipllama-batch: {written}/{work.todo} written", file=sys.stderr, flush=True)
+    writer.write(pending)
+    return failed
+
+
+if __name__ == "__main__":
+    sys.exit(main())
