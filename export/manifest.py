@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from runtime.bundle import MANIFEST_NAME, sha256_file
 from runtime.charset import resolve_charset
 from runtime.decoding import CharCodec
@@ -28,9 +26,20 @@ TOOL_VERSION = "0.1.0"
 DEFAULT_TOPK = 5
 
 
+def _onnx() -> Any:
+    """The onnx package, imported when a graph is read (the runtime-only install has none)."""
+    try:
+        import onnx
+    except ImportError:
+        raise ModuleNotFoundError("reading ONNX graphs needs the export extra (pip install 'clipllama[export]')",
+                                  name="onnx") from None
+    return onnx
+
+
 def tensor_specs(values: Any, batch_axis: int = 0) -> list[dict[str, Any]]:
     """``[{name, shape, dtype}]`` of ONNX graph inputs or outputs; axis ``batch_axis`` is
     written as ``"batch"``, other symbolic axes keep their name."""
+    onnx = _onnx()
     specs = []
     for value in values:
         tensor_type = value.type.tensor_type
@@ -49,7 +58,7 @@ def tensor_specs(values: Any, batch_axis: int = 0) -> list[dict[str, Any]]:
 
 def graph_entry(bundle_dir: Path, relative: str) -> dict[str, Any]:
     """The manifest entry ``{file, inputs, outputs}`` of the graph at ``relative``."""
-    model = onnx.load(str(bundle_dir / relative), load_external_data=False)
+    model = _onnx().load(str(bundle_dir / relative), load_external_data=False)
     return {"file": relative, "inputs": tensor_specs(model.graph.input),
             "outputs": tensor_specs(model.graph.output)}
 

@@ -1,18 +1,22 @@
-"""TensorRT engines for a bundle (needs an NVIDIA GPU and the ``tensorrt`` package).
+"""TensorRT engines for a bundle (needs an NVIDIA GPU and the ``trt`` extra: TensorRT 10 or 11).
 
     python -m export.trt CKPT_OR_BUNDLE -o BUNDLE_DIR [--fp16] [--max-batch 64] [--opt-batch 8]
 
-Given a checkpoint, the ONNX bundle is exported first (``export.onnx``). Then one engine
-per graph is built with TensorRT's ONNX parser into a **strongly typed** network: the
-engine runs every tensor in the type the ONNX graph gives it, so the FP16 engines keep
-the FP32 islands of the fp16 graphs (LayerNorm, softmax, the head; ``export.precision``).
-TF32 is off, so FP32 stays FP32. One optimisation profile covers the batch axis
-(min 1, opt 8, max ``--max-batch``); a timing cache speeds up rebuilds. Engines go to
+First it checks that engines can be built here (an NVIDIA GPU, then the ``tensorrt``
+package) and says what is missing before any other work. Given a checkpoint, the ONNX
+bundle is then exported (``export.onnx``, the ``export`` extra). One engine per graph is
+built with TensorRT's ONNX parser into a **strongly typed** network: the engine runs every
+tensor in the type the ONNX graph gives it, so the FP16 engines keep the FP32 islands of the
+fp16 graphs (LayerNorm, softmax, the head; ``export.precision``). No precision flag or
+per-layer precision is set, and TF32 is off, so FP32 stays FP32 (TensorRT 10 and 11 differ
+here; ``runtime.trt_api`` holds the difference). One optimisation profile covers the batch
+axis (min 1, opt 8, max ``--max-batch``); a timing cache speeds up rebuilds. Engines go to
 ``trt/<graph>.<precision>.sm<CC>.trt<VERSION>.engine`` and are listed in the manifest's
 ``engines`` (entries for the same graph, precision, GPU and TensorRT version are replaced).
 
-Exit codes: 0 engines built; 1 export or build failed; 2 bad arguments; 3 no NVIDIA GPU or
-no ``tensorrt`` package: nothing was built, the ONNX bundle is complete and usable.
+Exit codes: 0 engines built; 1 export or build failed (or a missing extra, said in one
+line); 2 bad arguments; 3 no NVIDIA GPU or no ``tensorrt`` package: nothing was done, a given
+bundle is left as it was.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from export.manifest import read_manifest, write_manifest
+from runtime import trt_api
 from runtime.bundle import MANIFEST_NAME
+from runtime.gpu import GpuProbe, tensorrt_status
 from runtime.preprocess import Preprocessing
 
 EXIT_OK = 0
@@ -65,27 +71,39 @@ class BuildSettings:
 Builder = Callable[[Path, Path, dict[str, list[Any]], BuildSettings, Path], None]
 
 
-def detect() -> tuple[str, str]:
-    """``(compute capability "major.minor", TensorRT version)`` of this machine."""
+def _torch_capability() -> str | None:
+    """The GPU's compute capability as PyTorch sees it (a second opinion when cuda-bindings
+    are missing), or None."""
     try:
-        import tensorrt
-    except ImportError:
-        raise TensorRTUnavailable("the tensorrt package is not installed (pip install tensorrt)") from None
-    from runtime.backends import gpu_compute_capability
+        import torch
 
-    cc = gpu_compute_capability()
-    if cc is None:
-        try:
-            import torch
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            return f"{major}.{minor}"
+    except Exception:  # no torch, or a CUDA build that cannot start
+        pass
+    return None
 
-            if torch.cuda.is_available():
-                major, minor = torch.cuda.get_device_capability(0)
-                cc = f"{major}.{minor}"
-        except ImportError:
-            pass
+
+def detect(gpu: GpuProbe | None = None, trt: tuple[str | None, str | None] | None = None) -> tuple[str, str]:
+    """``(compute capability "major.minor", TensorRT version)`` of this machine, or
+    :class:`TensorRTUnavailable` saying what is missing, the GPU first.
+
+    ``gpu`` and ``trt`` default to this machine's probes (``runtime.gpu``); tests pass fakes.
+    """
+    from runtime.backends import gpu_status
+
+    gpu = gpu or gpu_status()
+    cc = gpu.compute_capability or (None if gpu.absent else _torch_capability())
+    version, trt_reason = trt or tensorrt_status()
+    missing = []
     if cc is None:
-        raise TensorRTUnavailable("no NVIDIA GPU found (TensorRT engines are built on the GPU they run on)")
-    return cc, str(tensorrt.__version__)
+        missing.append(f"no usable NVIDIA GPU ({gpu.reason}); engines are built on the GPU they run on")
+    if version is None:
+        missing.append(trt_reason or "tensorrt is not installed")
+    if missing:
+        raise TensorRTUnavailable("; ".join(missing))
+    return str(cc), str(version)
 
 
 def engine_file(graph: str, precision: str, compute_capability: str, version: str) -> str:
@@ -98,20 +116,21 @@ def timing_cache_file(compute_capability: str, version: str) -> str:
 
 
 def tensorrt_builder(onnx_path: Path, engine_path: Path, input_shapes: dict[str, list[Any]],
-                     settings: BuildSettings, timing_cache: Path) -> None:
-    """Build one engine with TensorRT 10 (strongly typed network, batch profile, timing cache)."""
-    import tensorrt as trt
+                     settings: BuildSettings, timing_cache: Path, trt: Any = None) -> None:
+    """Build one engine with TensorRT 10 or 11: strongly typed network, batch profile, timing
+    cache (``trt``: the tensorrt module; tests pass a fake)."""
+    if trt is None:
+        import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    network = trt_api.create_network(trt, builder)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"{onnx_path.name}: TensorRT cannot parse it: {errors}")
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_gib * (1 << 30)))
-    config.clear_flag(trt.BuilderFlag.TF32)
+    trt_api.configure(trt, config, int(settings.workspace_gib * (1 << 30)))
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
@@ -207,6 +226,14 @@ def _prepare_bundle(source: Path, out: Path | None, precisions: list[str]) -> Pa
     return export_bundle(source, out, precisions)
 
 
+def _missing_extra(exc: ImportError) -> str:
+    """One line for a missing package: which extra installs it."""
+    message = str(exc)
+    if "pip install" in message:
+        return message
+    return f"{message}: the export extra installs what this needs (pip install 'clipllama[export]')"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build TensorRT engines for a bundle (exit 3: no GPU/TensorRT).")
     parser.add_argument("source", type=Path, help="checkpoint directory or bundle directory")
@@ -222,24 +249,28 @@ def main(argv: list[str] | None = None) -> int:
         settings = BuildSettings(1, min(args.opt_batch, args.max_batch), args.max_batch, args.workspace_gib)
     except ValueError as exc:
         parser.error(str(exc))
-    from export.onnx import ExportError
-
-    try:
-        bundle = _prepare_bundle(args.source, args.output, ["fp32", *precisions])
-    except (ExportError, ValueError, OSError) as exc:
-        print(f"export.trt: {exc}", file=sys.stderr)
+    if not (args.source / MANIFEST_NAME).is_file() and not (args.source / "model.json").is_file():
+        print(f"export.trt: {args.source}: neither a bundle (manifest.json) nor a checkpoint (model.json)",
+              file=sys.stderr)
         return EXIT_FAILED
-    try:
+    try:  # before any export: can engines be built here at all?
         cc, version = detect()
     except TensorRTUnavailable as exc:
-        print(f"export.trt: no TensorRT engines built: {exc}. The ONNX bundle at {bundle} is complete "
-              f"and runs on onnxruntime (exit code {EXIT_NO_TENSORRT}).", file=sys.stderr)
+        print(f"export.trt: no TensorRT engines built: {exc}. Nothing was changed "
+              f"(exit code {EXIT_NO_TENSORRT}).", file=sys.stderr)
         return EXIT_NO_TENSORRT
     try:
+        bundle = _prepare_bundle(args.source, args.output, ["fp32", *precisions])
         built = build_engines(bundle, precisions, settings, compute_capability=cc, version=version,
                               log=lambda m: print(m, file=sys.stderr))
-    except Exception as exc:  # TensorRT raises its own types; the bundle keeps its old manifest
-        print(f"export.trt: engine build failed: {exc}", file=sys.stderr)
+    except ImportError as exc:
+        print(f"export.trt: {_missing_extra(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    except (ValueError, OSError) as exc:
+        print(f"export.trt: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # export errors, TensorRT's own types; the bundle keeps its old manifest
+        print(f"export.trt: engine build failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     for entry in built:
         print(bundle / entry["file"])
