@@ -26,12 +26,15 @@ PROGRESS_FROM = 50
 EXIT_OK, EXIT_SOME_FAILED, EXIT_CANNOT_RUN = 0, 1, 2
 
 EPILOG = """\
-INPUT is an image file, a directory of images, or a labelled set: a folder with images/
-and labels.tsv, a .tsv label file (filename<TAB>label), or an LMDB folder (data.mdb).
+INPUT is an image file, a directory of images (--recursive: and of its subfolders), or a
+labelled set: a folder with images/ and labels.tsv, a .tsv label file (filename<TAB>label),
+or an LMDB folder (data.mdb). Images larger than 40 megapixels are refused (one error each).
 
 output: 'INPUT<TAB>TEXT' per image on stdout (failed inputs: a message on stderr);
---json prints one JSON object per input instead. With --eval, labelled sets are scored
-with the standard protocol and the last line is {"summary": {SET: {...}}}.
+--json prints one JSON object per input instead (with the backend that read it). With
+--eval, labelled sets are scored with the standard protocol and the last line is
+{"summary": {SET: {...}}, "backend": {...}}. Notes on stderr say which faster backend was
+not used and why (always with --json; otherwise unless the machine has no NVIDIA GPU).
 
 exit status:
   0  every input was read
@@ -56,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, help="confidence gate threshold (default: the bundle's, 0.8)")
     parser.add_argument("--llm-mode", choices=LLM_MODES, default="rescore", help="LLM correction mode")
     parser.add_argument("--batch", type=int, default=DEFAULT_BATCH_SIZE, metavar="N", help="batch size")
-    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for onnxruntime")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for onnxruntime (at least 1)")
+    parser.add_argument("--recursive", action="store_true", help="read the images in subfolders of a folder too")
     parser.add_argument("--json", action="store_true", help="one JSON object per input")
     parser.add_argument("--eval", action="store_true", help="score labelled sets; summary JSON last")
     parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
@@ -117,6 +121,7 @@ def _progress(total: int, enabled: bool) -> Any:
 def run(args: argparse.Namespace, recognizer: Recognizer, sets: list[InputSet], out: TextIO) -> int:
     """Read every set, print results (and the summary); the exit status."""
     names = _unique_names(sets)
+    backend = backend_info(recognizer)
     bar = _progress(sum(len(s.samples) for s in sets), not args.no_progress)
     failed = 0
     summary: dict[str, dict[str, Any]] = {}
@@ -130,7 +135,7 @@ def run(args: argparse.Namespace, recognizer: Recognizer, sets: list[InputSet], 
                 chunk = [x for x in raw if x.label is not None and keep_for_eval(x.label)] if scoring else raw
                 for sample, result in zip(chunk, recognizer.read(chunk, batch_size=args.batch)):
                     failed += not result.ok
-                    _print(result, name, out, args.json)
+                    _print(result, name, out, args.json, backend)
                     if score is not None and sample.label is not None:
                         score.add(result, sample.label)
                 if bar is not None:
@@ -141,15 +146,18 @@ def run(args: argparse.Namespace, recognizer: Recognizer, sets: list[InputSet], 
         if bar is not None:
             bar.close()
     if args.eval:
-        print(json.dumps({"summary": summary}), file=out, flush=True)
+        print(json.dumps({"summary": summary, "backend": backend}), file=out, flush=True)
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-def _print(result: ReadResult, set_name: str | None, out: TextIO, as_json: bool) -> None:
+def _print(result: ReadResult, set_name: str | None, out: TextIO, as_json: bool,
+           backend: dict[str, Any] | None = None) -> None:
     if as_json:
         data = result.to_dict()
         if set_name is not None:
             data["set"] = set_name
+        if backend is not None:
+            data["backend"] = f"{backend['name']} {backend['precision']}"
         print(json.dumps(data, ensure_ascii=False), file=out, flush=True)
     elif result.ok:
         print(f"{result.source}\t{result.text}", file=out, flush=True)
@@ -173,7 +181,14 @@ def main(argv: Sequence[str] | None = None,
     if args.batch < 1:
         print("error: --batch must be at least 1", file=sys.stderr)
         return EXIT_CANNOT_RUN
+    if args.threads is not None and args.threads < 1:
+        print("error: --threads must be at least 1 (leave it out for the default)", file=sys.stderr)
+        return EXIT_CANNOT_RUN
     bundle = Path(args.engine) if args.engine else DEFAULT_BUNDLE
+    if bundle.is_file() and bundle.name != "manifest.json":
+        print(f"error: --engine {bundle}: is a file; --engine takes a bundle directory (the folder with "
+              "manifest.json)", file=sys.stderr)
+        return EXIT_CANNOT_RUN
     if args.engine is None and not (bundle / "manifest.json").is_file():
         print(f"error: no default bundle is installed ({bundle}); pass --engine BUNDLE", file=sys.stderr)
         return EXIT_CANNOT_RUN
@@ -181,10 +196,14 @@ def main(argv: Sequence[str] | None = None,
     listing_failed = False
     for path in args.inputs:
         try:
-            sets.extend(collect_inputs([path]))
+            found = collect_inputs([path], recursive=args.recursive)
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             listing_failed = True
+            continue
+        for note in (n for s in found for n in s.notes):
+            print(f"note: {note}", file=sys.stderr)
+        sets.extend(found)
     sets = _merge_loose(sets)
     if not any(len(s.samples) for s in sets):
         print("error: no inputs to read", file=sys.stderr)
@@ -199,6 +218,7 @@ def main(argv: Sequence[str] | None = None,
     except (BundleError, BackendError, ValueError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN
+    _backend_notes(recognizer, args.json)
     try:
         with recognizer:
             status = run(args, recognizer, sets, sys.stdout)
@@ -209,6 +229,22 @@ def main(argv: Sequence[str] | None = None,
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the exit quiet
         return EXIT_OK
     return EXIT_SOME_FAILED if listing_failed else status
+
+
+def backend_info(recognizer: Recognizer) -> dict[str, Any]:
+    """What read the inputs: the backend that runs, its precision, why nothing faster ran."""
+    backend = recognizer.backend
+    return {"name": getattr(backend, "name", "?"), "precision": getattr(backend, "precision", "?"),
+            "notes": list(getattr(backend, "notes", []) or [])}
+
+
+def _backend_notes(recognizer: Recognizer, as_json: bool) -> None:
+    """The backend's notes on stderr, one line each (quiet on a machine with no NVIDIA GPU,
+    unless --json)."""
+    if getattr(recognizer.backend, "gpu_absent", False) and not as_json:
+        return
+    for note in backend_info(recognizer)["notes"]:
+        print(f"note: backend {backend_info(recognizer)['name']}: {note}", file=sys.stderr)
 
 
 def _merge_loose(sets: list[InputSet]) -> list[InputSet]:

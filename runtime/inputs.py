@@ -1,6 +1,7 @@
 """What the runtime reads: single images, folders of images and labelled sets.
 
-A command-line INPUT is an image file, a directory of images, or a labelled set: a folder
+A command-line INPUT is an image file, a directory of images (its subfolders too with
+``recursive``; what is skipped is counted in the set's ``notes``), or a labelled set: a folder
 with ``images/`` and ``labels.tsv``, a ``.tsv`` label file (``filename<TAB>label``), or
 an LMDB directory (``data.mdb``) in the standard layout (``num-samples``,
 ``image-%09d``, ``label-%09d``, 1-indexed). The ``lmdb`` package is needed only for
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
 
@@ -46,6 +47,8 @@ class InputSet:
     name: str | None
     samples: Sequence[Sample]
     labelled: bool = False
+    #: what listing it left out, one line each (files that are not images, subfolders)
+    notes: list[str] = field(default_factory=list)
 
 
 def array_to_image(array: np.ndarray) -> Image.Image:
@@ -158,7 +161,33 @@ class LmdbSamples(Sequence[Sample]):
             yield self[i]
 
 
-def open_input(path: str | Path) -> InputSet:
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def list_images(folder: Path, recursive: bool = False) -> tuple[list[Path], list[str]]:
+    """The image files of ``folder`` (and of its subfolders when ``recursive``), sorted, and
+    a note of what was skipped (files that are not images, subfolders not read)."""
+    images: list[Path] = []
+    other = folders = 0
+    entries = folder.rglob("*") if recursive else folder.iterdir()
+    for entry in entries:
+        if entry.is_dir():
+            folders += 0 if recursive else 1
+        elif _is_image_file(entry):
+            images.append(entry)
+        else:
+            other += 1
+    skipped = []
+    if other:
+        skipped.append(f"{_plural(other, 'file')} with no image suffix")
+    if folders:
+        skipped.append(f"{_plural(folders, 'subfolder')} (--recursive reads them)")
+    notes = [f"{folder}: skipped {' and '.join(skipped)}"] if skipped else []
+    return sorted(images), notes
+
+
+def open_input(path: str | Path, recursive: bool = False) -> InputSet:
     """The samples of one INPUT (see the module docstring). A path that does not exist
     becomes one sample, so it is reported as a failed input, not dropped."""
     p = Path(path)
@@ -167,21 +196,24 @@ def open_input(path: str | Path) -> InputSet:
             return InputSet(p.name, LmdbSamples(p), labelled=True)
         if (p / "labels.tsv").is_file():
             return read_tsv(p / "labels.tsv")
-        images = sorted(f for f in p.iterdir() if _is_image_file(f))
-        return InputSet(None, [Sample(str(f), f) for f in images])
+        images, notes = list_images(p, recursive)
+        return InputSet(None, [Sample(str(f), f) for f in images], notes=notes)
     if p.suffix.lower() == ".tsv" and p.is_file():
         return read_tsv(p)
     return InputSet(None, [Sample(str(p), p)])
 
 
-def collect_inputs(paths: Sequence[str | Path]) -> list[InputSet]:
-    """Open every INPUT; loose files are gathered into one unnamed set."""
+def collect_inputs(paths: Sequence[str | Path], recursive: bool = False) -> list[InputSet]:
+    """Open every INPUT; loose files are gathered into one unnamed set (with the notes of
+    the folders they came from, even when nothing was found in them)."""
     sets: list[InputSet] = []
     loose: list[Sample] = []
+    notes: list[str] = []
     for path in paths:
-        opened = open_input(path)
+        opened = open_input(path, recursive)
         if opened.name is None:
             loose.extend(opened.samples)
+            notes.extend(opened.notes)
         else:
             sets.append(opened)
-    return ([InputSet(None, loose)] if loose else []) + sets
+    return ([InputSet(None, loose, notes=notes)] if loose or notes else []) + sets

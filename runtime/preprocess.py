@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -136,11 +137,13 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
         stream = str(path)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # one limit, MAX_PIXELS, below; Pillow's own (warning at 89M, error at 179M pixels)
+            # would otherwise answer first for the largest images, in other words
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(stream) as image:
                 width, height = image.size
                 if width * height > max_pixels:
-                    raise ImageError(f"{name}: {width}x{height} exceeds the {max_pixels}-pixel limit")
+                    raise ImageError(_too_large(name, width * height, max_pixels))
                 if width == 0 or height == 0:
                     raise ImageError(f"{name}: image has no pixels")
                 image.seek(0)
@@ -151,9 +154,16 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image (format not recognised)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{name}: decompression bomb refused ({exc})") from None
+        size = re.search(r"\((\d+) pixels\)", str(exc))  # Pillow's own limit, when it answers first
+        raise ImageError(_too_large(name, int(size[1]) if size else None, max_pixels)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{name}: corrupt or truncated image ({exc})") from None
+
+
+def _too_large(name: str, pixels: int | None, max_pixels: int) -> str:
+    """The one message for an image over the pixel limit, whatever its size."""
+    size = f"{pixels} pixels" if pixels else "too many pixels"
+    return f"{name}: {size}, over the {max_pixels}-pixel limit ({max_pixels / 1e6:g} megapixels)"
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -10,6 +10,7 @@ of the batch is read as if it were not there.
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -23,7 +24,7 @@ from PIL import Image
 
 from runtime.backends import Backend, select_backend
 from runtime.bundle import Bundle, load_bundle
-from runtime.decoding import CharCodec, Prediction, softmax
+from runtime.decoding import CharCodec, Prediction, ctc_rescored, softmax
 from runtime.gate import check_threshold, gate
 from runtime.inputs import Sample, Source, array_to_image, source_name
 from runtime.preprocess import ImageError, load_image, pad_batch, preprocess
@@ -125,13 +126,31 @@ def make_corrector(llm: str | None, mode: str, threshold: float) -> Any | None:
             warnings.warn(f"LLM correction is off ({exc})", RuntimeWarning, stacklevel=3)
             return None
         raise RuntimeError(f"LLM correction is not available ({exc})") from exc
-    corrector = Corrector.from_spec("default" if llm is None else str(llm), mode=mode, threshold=threshold)
+    with _without_llm_log():  # the reason is said once, below, not also by runtime.llm's log
+        corrector = Corrector.from_spec("default" if llm is None else str(llm), mode=mode, threshold=threshold)
     if not corrector.enabled:
         if llm is None:
             warnings.warn(f"LLM correction is off ({corrector.unavailable})", RuntimeWarning, stacklevel=3)
             return None
-        raise RuntimeError(f"LLM {llm!r} cannot be used: {corrector.unavailable}")
+        raise RuntimeError(f"--llm {llm}: cannot be used ({corrector.unavailable}); "
+                           "--llm none reads without the LLM")
     return corrector
+
+
+@contextmanager
+def _without_llm_log() -> Iterator[None]:
+    """Drop runtime.llm's "LLM correction disabled" log lines while a corrector is made:
+    :func:`make_corrector` reports that reason itself, once."""
+    log = logging.getLogger("runtime.llm")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("LLM correction disabled")
+
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
 
 
 class Recognizer:
@@ -246,7 +265,8 @@ class Recognizer:
     def _decode(self, images: np.ndarray, timer: _Timer) -> list[Prediction]:
         run, n = self.backend.run, len(images)
         with timer("image_encoder"):
-            features = run("image_encoder", {"images": images})["image_features"]
+            encoded = run("image_encoder", {"images": images})
+            features = encoded["image_features"]
         with timer("visual_decoder"):
             visual = run("visual_decoder", {"image_features": features})
         with timer("tokenize"):
@@ -258,7 +278,10 @@ class Recognizer:
             cross = run("cross_decoder", {"image_features": features, "text_features_ar": text_features[:n],
                                           "text_features_refined": text_features[n:]})
         with timer("decode_gate"):
-            return self.codec.decode(softmax(cross["refined_logits"]), topk=self.topk)
+            probs = softmax(cross["refined_logits"])
+            if self.bundle.decode.ctc_rescoring:
+                return ctc_rescored(self.codec, probs, encoded["ctc_log_probs"], topk=self.topk)
+            return self.codec.decode(probs, topk=self.topk)
 
     def _fill(self, result: ReadResult, prediction: Prediction) -> None:
         decision = gate(prediction, self.threshold)

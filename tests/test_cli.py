@@ -236,3 +236,92 @@ def test_real_data_set_lists(tmp_path: Path) -> None:
     opened = open_input(root / "ic13" / "labels_857.tsv")
     assert len(opened.samples) == 857 and Path(opened.samples[0].source).is_file()
     assert len(open_input(root / "misc_real").samples) == 26
+
+
+# -- issue 13: what a new user meets -------------------------------------------------------------
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` (only the header is ever read)."""
+    import struct
+    import zlib
+
+    data = bytearray(_png("x"))
+    ihdr = 8 + 8  # signature, then length + type of the IHDR chunk
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])) & 0xFFFFFFFF
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def test_one_pixel_limit_one_message(run_cli, tmp_path: Path) -> None:
+    """Point 11: over the limit, over Pillow's warning level and over its error level: the
+    same limit and the same message for all three."""
+    paths = []
+    for width, height in ((8000, 6000), (12000, 8000), (20000, 10000)):  # 48M, 96M, 200M pixels
+        path = tmp_path / f"big_{width}.png"
+        path.write_bytes(_png_claiming(width, height))
+        paths.append(path)
+    status, out, err = run_cli("--json", *map(str, paths))
+    assert status == 1
+    errors = [json.loads(line)["error"] for line in out]
+    for (width, height), error in zip(((8000, 6000), (12000, 8000), (20000, 10000)), errors):
+        assert error.endswith(f": {width * height} pixels, over the 40000000-pixel limit (40 megapixels)"), error
+
+
+@pytest.mark.parametrize("threads", ["0", "-2"])
+def test_threads_must_be_positive(run_cli, tmp_path: Path, threads: str) -> None:
+    """Point 11: --threads 0 or negative is refused, not silently accepted."""
+    image = tmp_path / "x.png"
+    image.write_bytes(_png("x"))
+    status, out, err = run_cli("--threads", threads, str(image))
+    assert status == 2 and out == [] and "--threads must be at least 1" in err
+
+
+def test_folder_says_what_it_skipped_and_recursive_reads_subfolders(run_cli, tmp_path: Path) -> None:
+    """Point 11: files that are not images and subfolders are counted; --recursive reads them."""
+    folder = tmp_path / "crops"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.png").write_bytes(_png("a"))
+    (folder / "readme.txt").write_text("not an image")
+    (folder / "sub" / "b.png").write_bytes(_png("b"))
+    status, out, err = run_cli(str(folder))
+    assert status == 0 and out == [f"{folder / 'a.png'}\ta"]
+    assert f"note: {folder}: skipped 1 file with no image suffix and 1 subfolder (--recursive reads them)" in err
+    status, out, err = run_cli("--recursive", str(folder))
+    assert status == 0 and out == [f"{folder / 'a.png'}\ta", f"{folder / 'sub' / 'b.png'}\tb"]
+    assert "skipped 1 file with no image suffix" in err and "subfolder" not in err
+
+
+def test_engine_pointing_at_a_file(tmp_path: Path, capsys) -> None:
+    """Point 12: --engine FILE says it wants the bundle's folder (not "no such bundle directory")."""
+    image = tmp_path / "x.png"
+    image.write_bytes(_png("x"))
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"onnx")
+    assert cli.main(["--engine", str(model), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert "is a file; --engine takes a bundle directory" in err and "no such bundle" not in err
+
+
+@pytest.mark.parametrize("kind", ["missing", "not_gguf"])
+def test_unusable_llm_is_one_message(fake_bundle: Path, tmp_path: Path, capsys, caplog, kind: str) -> None:
+    """Point 10: --llm naming a file that cannot be used is refused in one line (exit 2);
+    runtime.llm's own "LLM correction disabled" line is not printed as well."""
+    image = tmp_path / "x.png"
+    image.write_bytes(_png("x"))
+    model = tmp_path / "model.gguf"
+    if kind == "not_gguf":
+        model.write_bytes(b"this is not a GGUF file" * 10)
+    assert cli.main(["--engine", str(fake_bundle), "--llm", str(model), str(image)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: --llm {model}: cannot be used"), lines
+    assert "--llm none" in lines[0]
+    assert not [r for r in caplog.records if "LLM correction disabled" in r.getMessage()]
+
+
+def test_json_records_name_the_backend(run_cli, tmp_path: Path) -> None:
+    image = tmp_path / "x.png"
+    image.write_bytes(_png("x"))
+    status, out, _ = run_cli("--json", str(image))
+    assert status == 0 and json.loads(out[0])["backend"] == "fake fp32"
