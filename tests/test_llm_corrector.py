@@ -75,7 +75,9 @@ COTFEE = unsure("cotfee", 2, [("t", 0.5), ("f", 0.4), ("l", 0.05)])
 
 
 def corrector(fake: LLMBackend, **settings: object) -> Corrector:
-    return Corrector(fake, CorrectorSettings(**settings))  # type: ignore[arg-type]
+    """No lexicon; the LLM weighs every candidate (weight 1) whatever the cheap ranking says."""
+    config = {"weight": 1.0, "llm_candidates": 1000, "llm_margin": 1e9, **settings}
+    return Corrector(fake, CorrectorSettings(**config))  # type: ignore[arg-type]
 
 
 def test_fake_implements_the_protocol() -> None:
@@ -356,3 +358,85 @@ def test_describe_and_with_settings() -> None:
     assert c.describe()["model"] == "fake" and c.describe()["settings"]["mode"] == "rescore"
     f = c.with_settings(mode="fill")
     assert f.backend is c.backend and f.settings.mode == "fill" and c.settings.mode == "rescore"
+
+
+# -- lexicon candidates ----------------------------------------------------------------
+
+def lexicon_corrector(fake: LLMBackend, lexicons: list, **settings: object) -> Corrector:
+    return Corrector(fake, CorrectorSettings(**settings), lexicons=lexicons)  # type: ignore[arg-type]
+
+
+def test_lexicon_word_beyond_the_topk_is_found() -> None:
+    from runtime.lexicon import Lexicon
+
+    # the decoder's top-k at the masked position lacks the right letter ("f")
+    pred = unsure("cotfee", 2, [("t", 0.5), ("l", 0.3), ("i", 0.1)])
+    got = lexicon_corrector(FakeLM(), [Lexicon(["coffee", "toffee"], [-9.0, -12.0])], inserts=0).correct_one(
+        pred, CHARSET_36)
+    assert got.text == "coffee" and got.changed and any(c.source == "lexicon" for c in got.candidates)
+    assert lexicon_corrector(FakeLM(), [], inserts=0).correct_one(pred, CHARSET_36).text != "coffee"
+
+
+def test_a_user_lexicon_wins_over_the_default() -> None:
+    from runtime.lexicon import Lexicon
+
+    pred = unsure("ZYLOTAB", 3, [("O", 0.45), ("A", 0.4), ("I", 0.1)])
+    default = Lexicon(["zylotab"], [-6.0], name="default")  # a frequent word of the shipped list
+    user = Lexicon(["ZYLATAB"], name="user")  # the user's product name
+    fake = FakeLM(scores=[-10.0, -10.0, -10.0])  # the LLM has no preference
+    got = lexicon_corrector(fake, [user, default], inserts=0).correct_one(pred, CHARSET_94)
+    assert got.text == "ZYLATAB" and got.candidates[0].prior == 0.0  # the user list's prior
+    assert lexicon_corrector(fake, [default], inserts=0).correct_one(pred, CHARSET_94).text == "ZYLOTAB"
+
+
+def test_skipped_characters_are_inserted_and_the_recognizer_accepts_them() -> None:
+    from runtime.lexicon import Lexicon
+    from runtime.recognizer import ReadResult, apply_correction
+
+    pred = Prediction("Resue", [0.99] * 5, [[(c, 0.99)] for c in "Resue"])  # confident, one letter skipped
+    fake = FakeLM()
+    lexicons = [Lexicon(["rescue", "house"], [-9.0, -8.0])]
+    got = lexicon_corrector(fake, lexicons).correct_one(pred, CHARSET_94)
+    assert got.gated and got.unknown_word and got.text == "Rescue" and got.inserted == 1
+    result = ReadResult("x", text="Resue", vision_text="Resue")
+    apply_correction(result, pred, got, "rescore", CHARSET_94)
+    assert result.text == "Rescue" and result.llm.changed and len(result.char_confidences) == 6
+    known = Prediction("house", [0.99] * 5, [])
+    assert not lexicon_corrector(fake, lexicons).correct_one(known, CHARSET_94).gated
+    assert not lexicon_corrector(fake, lexicons, inserts=0).correct_one(pred, CHARSET_94).gated
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lexicon_corrections_keep_trusted_characters_and_the_charset(seed: int) -> None:
+    from runtime.gate import gate
+    from runtime.lexicon import Lexicon
+    from runtime.llm import keeps_trusted
+
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 8))) for _ in range(2000)]
+    lexicon = Lexicon(words, [rng.uniform(-20, -3) for _ in words])
+    charset = "abcdefgh0123456789"
+    fake = FakeLM(random_scores=rng)
+    for _ in range(150):
+        n = rng.randint(2, 8)
+        text = "".join(rng.choice(charset) for _ in range(n))
+        probs = [rng.choice([0.99, 0.95, 0.5, 0.2]) for _ in range(n)]
+        topk = [[(c, p)] + [(rng.choice(charset), (1 - p) / 3) for _ in range(2)] for c, p in zip(text, probs)]
+        pred = Prediction(text, probs, topk)
+        c = lexicon_corrector(fake, [lexicon], llm_margin=1e9).correct_one(pred, charset)
+        assert set(c.text) <= set(charset)
+        assert keeps_trusted(c.text, gate(pred, 0.8), 2)
+        for i in gate(pred, 0.8).trusted:  # same length: every trusted character in place
+            if len(c.text) == n:
+                assert c.text[i] == text[i]
+
+
+def test_lexicon_llm_failure_or_timeout_keeps_the_vision_answer() -> None:
+    from runtime.lexicon import Lexicon
+
+    lexicons = [Lexicon(["coffee", "toffee", "coffer"], [-9.0, -9.5, -10.0])]
+    pred = unsure("cotfee", 2, [("t", 0.5), ("f", 0.45), ("l", 0.05)])
+    for fake, word in ((FakeLM(fail=True), "failure"), (FakeLM(sleep=0.05), "timeout")):
+        got = lexicon_corrector(fake, lexicons, inserts=0, llm_margin=1e9, time_budget_s=0.01).correct_one(
+            pred, CHARSET_36)
+        assert got.text == "cotfee" and not got.changed and any(word in w for w in got.warnings)

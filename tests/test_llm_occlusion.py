@@ -89,7 +89,7 @@ def test_build_covers_exactly_the_boxes(tmp_path: Path) -> None:
 
 def test_cli(tmp_path: Path, capsys) -> None:
     src = synthetic_set(tmp_path / "src")
-    assert main([str(src), str(tmp_path / "out"), "--counts", "3", "--limit", "1"]) == 0
+    assert main([str(src), str(tmp_path / "out"), "--counts", "2", "--limit", "1"]) == 0
     assert "wrote 1 occluded images" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main([str(tmp_path), str(tmp_path / "o2")])
