@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: the embedded model when llama-cpp-python is installed)")
     parser.add_argument("--threshold", type=float, help="confidence gate threshold (default: the bundle's, 0.8)")
     parser.add_argument("--llm-mode", choices=LLM_MODES, default="rescore", help="LLM correction mode")
+    parser.add_argument("--lexicon", default="default", metavar="FILE|default|none",
+                        help="word list for the rescore mode (one word per line, .gz too), searched before "
+                             "the shipped English list; 'none' turns lexicons off (default: the English list)")
     parser.add_argument("--batch", type=int, default=DEFAULT_BATCH_SIZE, metavar="N", help="batch size")
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for onnxruntime (at least 1)")
     parser.add_argument("--recursive", action="store_true", help="read the images in subfolders of a folder too")
@@ -214,7 +217,8 @@ def main(argv: Sequence[str] | None = None,
         else:
             recognizer = Recognizer.from_bundle(bundle, backend=args.backend, llm=args.llm,
                                                 threshold=args.threshold, llm_mode=args.llm_mode,
-                                                precision=args.precision, threads=args.threads)
+                                                precision=args.precision, threads=args.threads,
+                                                lexicon=args.lexicon)
     except (BundleError, BackendError, ValueError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN

@@ -111,10 +111,12 @@ def _load(item: Source | Sample) -> Image.Image:
     return load_image(data)
 
 
-def make_corrector(llm: str | None, mode: str, threshold: float) -> Any | None:
+def make_corrector(llm: str | None, mode: str, threshold: float, lexicon: str | None = "default") -> Any | None:
     """The LLM corrector for ``llm``: ``None`` uses the embedded default model when it can run
     (else none, with a warning); ``"default"`` the embedded model; ``"none"`` no LLM; else a
-    GGUF path. An LLM asked for explicitly that cannot be loaded raises ``RuntimeError``."""
+    GGUF path. An LLM asked for explicitly that cannot be loaded raises ``RuntimeError``.
+    ``lexicon``: a user's word list (searched before the shipped English one), ``"default"``
+    or ``"none"``; an unreadable list raises ``ValueError``."""
     if mode not in LLM_MODES:
         raise ValueError(f"unknown LLM mode {mode!r} (choose from {', '.join(LLM_MODES)})")
     if llm is not None and str(llm).strip().lower() == "none":
@@ -127,7 +129,8 @@ def make_corrector(llm: str | None, mode: str, threshold: float) -> Any | None:
             return None
         raise RuntimeError(f"LLM correction is not available ({exc})") from exc
     with _without_llm_log():  # the reason is said once, below, not also by runtime.llm's log
-        corrector = Corrector.from_spec("default" if llm is None else str(llm), mode=mode, threshold=threshold)
+        corrector = Corrector.from_spec("default" if llm is None else str(llm), mode=mode, threshold=threshold,
+                                    lexicon=lexicon)
     if not corrector.enabled:
         if llm is None:
             warnings.warn(f"LLM correction is off ({corrector.unavailable})", RuntimeWarning, stacklevel=3)
@@ -172,12 +175,12 @@ class Recognizer:
     @classmethod
     def from_bundle(cls, path: str | Path | None = None, backend: str = "auto", llm: str | None = None,
                     threshold: float | None = None, llm_mode: str = "rescore", precision: str | None = None,
-                    threads: int | None = None, verify: bool = True) -> Recognizer:
+                    threads: int | None = None, verify: bool = True, lexicon: str | None = "default") -> Recognizer:
         """Load and check the bundle at ``path`` (None: the default bundle), pick the backend
         (see :func:`~runtime.backends.select_backend`), set up the LLM (see :func:`make_corrector`)."""
         bundle = load_bundle(path, verify=verify)
         value = check_threshold(bundle.threshold if threshold is None else threshold)
-        corrector = make_corrector(llm, llm_mode, value)
+        corrector = make_corrector(llm, llm_mode, value, lexicon)
         return cls(bundle, select_backend(bundle, backend, precision, threads), corrector, value, llm_mode)
 
     @property
