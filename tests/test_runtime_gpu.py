@@ -147,3 +147,53 @@ def test_stream_handle() -> None:
     assert trt_api.stream_handle(5) == 5
     bindings = pytest.importorskip("cuda.bindings.runtime", reason="cuda-bindings is not installed here")
     assert trt_api.stream_handle(bindings.cudaStream_t(1234)) == 1234
+
+
+# -- the extras (points 1, 2 and 7) -------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _project() -> dict:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
+def _requirement(extra: str, name: str):
+    from packaging.requirements import Requirement
+
+    found = [Requirement(r) for r in _project()["optional-dependencies"][extra]]
+    return next(r for r in found if r.name == name)
+
+
+def test_gpu_extras_pin_a_tensorrt_the_onnxruntime_provider_can_load() -> None:
+    """Point 1: onnxruntime-gpu 1.31 (its TensorRT provider links libnvinfer.so.10) only with
+    TensorRT 10 for CUDA 13; point 2: cuda-bindings in the extra."""
+    ort = _requirement("gpu", "onnxruntime-gpu")
+    assert ort.specifier.contains("1.31.1") and not ort.specifier.contains("1.32.0")
+    assert not ort.specifier.contains("1.30.0")  # CUDA 12 builds before 1.31
+    bindings = _requirement("gpu", "cuda-bindings")
+    assert bindings.specifier.contains("13.5.0") and not bindings.specifier.contains("14.0.0")
+    tensorrt = _requirement("trt", "tensorrt-cu13")
+    assert tensorrt.specifier.contains("10.16.1.11") and tensorrt.specifier.contains("10.13.2.6")
+    assert not tensorrt.specifier.contains("11.4.0.106") and not tensorrt.specifier.contains("10.12.0.36")
+    assert "clipllama[gpu]" in _project()["optional-dependencies"]["trt"]
+    text = (REPO / "pyproject.toml").read_text()
+    assert "libnvinfer.so.10" in text  # the reason is written beside the pins
+
+
+def test_python_version_matches_the_gpu_packages() -> None:
+    """Point 7: onnxruntime-gpu 1.31 and cuda-bindings 13 need Python 3.11."""
+    from packaging.specifiers import SpecifierSet
+
+    requires = SpecifierSet(_project()["requires-python"])
+    assert not requires.contains("3.10.14") and requires.contains("3.11.7")
+
+
+def test_readme_gpu_install_matches_the_extras() -> None:
+    readme = (REPO / "README.md").read_text()
+    bounds = sorted(str(s) for s in _requirement("gpu", "onnxruntime-gpu").specifier)  # ">=1.31.1", "<1.32"
+    assert 'pip install ".[trt]"' in readme
+    assert f'"onnxruntime-gpu{bounds[1]},{bounds[0]}"' in readme
+    assert "NVIDIA's own package index" in readme
