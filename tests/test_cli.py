@@ -325,3 +325,25 @@ def test_json_records_name_the_backend(run_cli, tmp_path: Path) -> None:
     image.write_bytes(_png("x"))
     status, out, _ = run_cli("--json", str(image))
     assert status == 0 and json.loads(out[0])["backend"] == "fake fp32"
+
+
+@pytest.mark.parametrize(("gpu_absent", "as_json", "shown"), [(False, False, True), (True, False, False),
+                                                             (True, True, True)])
+def test_backend_notes_on_stderr(fake_bundle: Path, tmp_path: Path, capsys, gpu_absent: bool, as_json: bool,
+                                 shown: bool) -> None:
+    """Points 2-4: why a faster backend was not used reaches the user, one line each (quiet on a
+    machine with no NVIDIA GPU unless --json)."""
+    image = tmp_path / "x.png"
+    image.write_bytes(_png("x"))
+
+    def make(args, bundle):
+        backend = FakeBackend()
+        backend.notes = ["onnxruntime could not start TensorrtExecutionProvider; running on ort-cuda",
+                         "TensorRT engine trt/a.engine not usable here (the NVIDIA driver is too old)"]
+        backend.gpu_absent = gpu_absent
+        return Recognizer(load_bundle(fake_bundle), backend, None)
+
+    argv = ["--engine", str(fake_bundle), *(["--json"] if as_json else []), str(image)]
+    assert cli.main(argv, make_recognizer=make) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: backend fake:")]
+    assert len(notes) == (2 if shown else 0)
