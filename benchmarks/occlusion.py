@@ -12,8 +12,8 @@ Each word of at least ``2k + 1`` characters (3 for one covered character, 5 for 
 gets one image per ``k`` in ``--counts`` (default 1 and 2): ``k`` inner characters (never the
 first or the last) chosen at random (seeded per word) and covered by a rectangle filled
 with the median colour of the image border (the background, for a tight word crop). Each
-box grows by ``--pad`` pixels (default 1), sideways only up to the visible neighbours' boxes. Words too short for ``k`` are
-skipped. The boxes are tight, so slanted glyphs can leave a sliver visible.
+box grows by ``--pad`` pixels (default 1), sideways only up to the visible neighbours'
+boxes. Words too short for ``k`` are skipped. The boxes are tight, so slanted glyphs can leave a sliver visible.
 
     python -m benchmarks.occlusion ../shared/data/train/iiit5k_train_2000 OUT [--counts 1 2] [--limit N]
 
