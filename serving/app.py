@@ -5,7 +5,7 @@ Imports Ray at module level: use it through :mod:`serving.serve` (which checks t
 A request carries one image as its raw body, or many as ``multipart/form-data`` file parts
 (a part's file name becomes the record's ``source``; else ``<bytes i>``). The answer is
 ``{"results": [record, ...]}`` with one record per image, the same record as
-``clipllama-run --json`` prints (:meth:`ReadResult.to_dict`). Status 200 when at least one
+``clipllama-run --json`` prints (:func:`serving.common.json_record`). Status 200 when at least one
 image was read, 400 when none could be (the records still say why), 413 when the request is
 over a limit. Images of requests that arrive together are read together (``serve.batch``);
 :data:`MERGE_POLICIES` says how.
@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse
 from runtime.inputs import Sample
 from runtime.preprocess import ImageError, load_image
 from runtime.recognizer import DEFAULT_BATCH_SIZE, ReadResult
-from serving.common import RecognizerSettings
+from serving.common import RecognizerSettings, json_record
 
 #: How the images of requests batched together are grouped into recognizer calls:
 #: ``width``: images of the same padded input width together, so no image is padded more
@@ -148,7 +148,7 @@ class Reader:
             try:
                 out.append(Sample(name, load_image(data, max_pixels=self.limits.max_pixels)))
             except ImageError as exc:
-                out.append(ReadResult(name, error=str(exc)).to_dict())
+                out.append(json_record(ReadResult(name, error=str(exc)), self.recognizer))
         return out
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
@@ -159,7 +159,7 @@ class Reader:
     def _read(self, requests: list[list[Sample]]) -> list[list[dict[str, Any]]]:
         read = self.recognizer.read
         if self.batching.merge == "request":
-            return [[r.to_dict() for r in read(samples)] for samples in requests]
+            return [[json_record(r, self.recognizer) for r in read(samples)] for samples in requests]
         flat = [(k, j) for k, samples in enumerate(requests) for j in range(len(samples))]
         groups: dict[int, list[tuple[int, int]]] = defaultdict(list)
         for k, j in flat:
@@ -168,7 +168,7 @@ class Reader:
         for members in groups.values():
             results = read([requests[k][j] for k, j in members], batch_size=DEFAULT_BATCH_SIZE)
             for (k, j), result in zip(members, results):
-                records[k][j] = result.to_dict()
+                records[k][j] = json_record(result, self.recognizer)
         return records
 
     def _width(self, image: Image.Image) -> int:

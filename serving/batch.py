@@ -29,7 +29,13 @@ import numpy as np
 
 from runtime.inputs import InputError, InputSet, LmdbSamples, Sample, collect_inputs
 from runtime.recognizer import DEFAULT_BATCH_SIZE, LLMInfo, ReadResult
-from serving.common import RecognizerSettings, add_recognizer_options, missing_serve_extra, settings_from_args
+from serving.common import (
+    RecognizerSettings,
+    add_recognizer_options,
+    json_record,
+    missing_serve_extra,
+    settings_from_args,
+)
 from serving.parts import FORMATS, PartWriter, done_ids, read_records
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_CANNOT_RUN = 0, 1, 2
@@ -78,10 +84,11 @@ class Plan:
 def plan(named_sets: list[tuple[str | None, InputSet]], batch: int, evaluate: bool,
          done: set[tuple[str, str]]) -> Plan:
     """Chunks of ``batch`` samples as ``clipllama-run`` forms them (with ``--eval``, labels the
-    protocol drops are left out of their chunk), less the ids in ``done``."""
+    protocol drops are left out of their chunk), less the ids in ``done`` and ids listed twice."""
     from runtime.charset import keep_for_eval
 
     out = Plan()
+    planned: set[tuple[str, str]] = set()
     for name, input_set in named_sets:
         scoring = evaluate and input_set.labelled and name is not None
         if scoring:
@@ -95,9 +102,11 @@ def plan(named_sets: list[tuple[str | None, InputSet]], batch: int, evaluate: bo
                     continue
                 if scoring:
                     out.scored[str(name)].append((sample.source, str(sample.label)))
-                if (name or "", sample.source) in done:
+                key = (name or "", sample.source)
+                if key in done or key in planned:  # written before, or listed twice
                     out.skipped += 1
                     continue
+                planned.add(key)
                 where = str(input_set.samples.path) if lmdb else str(sample.data)
                 rows.append((sample.source, sample.label, where, start + offset if lmdb else -1))
             if rows:
@@ -152,11 +161,9 @@ class ChunkReader:
         for row in table.to_pylist():
             samples = [Sample(source, _input(row, k), label)
                        for k, (source, label) in enumerate(zip(row["source"], row["label"]))]
+            name = row["set"] if row["named"] else None
             for result in self.recognizer.read(samples, batch_size=self.batch):
-                record = result.to_dict()
-                if row["named"]:
-                    record["set"] = row["set"]
-                out.append(json.dumps(record, ensure_ascii=False))
+                out.append(json.dumps(json_record(result, self.recognizer, name), ensure_ascii=False))
         return pa.table({"record": pa.array(out, pa.string())})
 
 
@@ -196,8 +203,9 @@ def read_chunks(chunks: list[dict[str, Any]], settings: RecognizerSettings, batc
         yield [json.loads(text) for text in block.column("record").to_pylist()]
 
 
-def summarize(out: str | Path, scored: dict[str, list[tuple[str, str]]]) -> dict[str, dict[str, Any]]:
-    """``clipllama-run --eval``'s summary of the scored sets, from every record in ``out``."""
+def summarize(out: str | Path, scored: dict[str, list[tuple[str, str]]]) -> dict[str, Any]:
+    """``clipllama-run --eval``'s summary of the scored sets from every record in ``out``,
+    with the backends that read them (``{"summary": {SET: {...}}, "backends": [...]}``)."""
     from runtime.cli import SetScore
 
     records = {}
@@ -214,7 +222,8 @@ def summarize(out: str | Path, scored: dict[str, list[tuple[str, str]]]) -> dict
             if record is not None:
                 score.add(as_result(record), label)
         summary[name] = score.as_dict()
-    return summary
+    backends = sorted({str(r["backend"]) for r in records.values() if r.get("backend")})
+    return {"summary": summary, "backends": backends}
 
 
 def as_result(record: dict[str, Any]) -> ReadResult:
@@ -290,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if started:
             ray.shutdown()
     if args.eval:
-        print(json.dumps({"summary": summarize(args.output, work.scored)}), flush=True)
+        print(json.dumps(summarize(args.output, work.scored)), flush=True)
     return EXIT_SOME_FAILED if failed or listing_errors else EXIT_OK
 
 

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.recognizer import Recognizer
+from runtime.recognizer import ReadResult, Recognizer
 
 #: Modules of the ``serve`` extra, with the PyPI package that provides each.
 SERVE_MODULES = {"ray": "ray[serve,data]", "pyarrow": "pyarrow", "starlette": "ray[serve]",
@@ -70,3 +70,17 @@ def add_recognizer_options(parser: Any) -> None:
 def settings_from_args(args: Any) -> RecognizerSettings:
     return RecognizerSettings(engine=args.engine, backend=args.backend, precision=args.precision, llm=args.llm,
                               llm_mode=args.llm_mode, threshold=args.threshold, threads=args.threads)
+
+
+def json_record(result: ReadResult, recognizer: Recognizer | None, set_name: str | None = None) -> dict[str, Any]:
+    """The record ``clipllama-run --json`` prints for ``result`` (see ``runtime.cli._print``):
+    :meth:`ReadResult.to_dict`, the set's name in a named set, the backend that read it."""
+    data = result.to_dict()
+    if set_name is not None:
+        data["set"] = set_name
+    if recognizer is not None:
+        from runtime.cli import backend_info
+
+        backend = backend_info(recognizer)
+        data["backend"] = f"{backend['name']} {backend['precision']}"
+    return data
