@@ -66,7 +66,6 @@ class TorchEngine:
         self.threshold = float(self.model.cfg.threshold)
 
     def run(self, images: list[Image.Image]) -> BatchTiming:
-        from runtime.decoding import softmax
         from runtime.gate import gate
         from runtime.preprocess import load_image, preprocess
 
@@ -76,9 +75,9 @@ class TorchEngine:
         x = torch.from_numpy(batch).to(model.device)
         t1 = time.perf_counter()
         with torch.inference_mode():
-            logits = model(x)["final"].float().cpu().numpy()
+            out = model(x)
         t2 = time.perf_counter()
-        predictions = model.codec.decode(softmax(logits), topk=5)
+        predictions = model.predictions(out, topk=5)
         gated = sum(gate(p, self.threshold).needs_llm for p in predictions)
         t3 = time.perf_counter()
         stages = {"preprocess": 1000 * (t1 - start), "forward": 1000 * (t2 - t1), "decode_gate": 1000 * (t3 - t2)}

@@ -26,13 +26,17 @@ TRACE_BATCH = 2
 
 
 class ImageEncoderGraph(nn.Module):
-    """``images (B,3,H,W)`` -> ``image_features (B,1+P,D)``."""
+    """``images (B,3,H,W)`` -> ``image_features (B,1+P,D)`` (and, for a model with CTC
+    rescoring, ``ctc_log_probs (B,P,C+1)``: the tower's CTC classifier)."""
 
     def __init__(self, model: CLIP4STR) -> None:
         super().__init__()
         self.encoder = model.image_encoder
+        self.with_ctc = model.cfg.ctc_rescoring
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        if self.with_ctc:
+            return self.encoder.encode_with_ctc(images)
         return self.encoder(images)
 
 
@@ -114,8 +118,12 @@ def graph_defs(model: CLIP4STR, batch: int = TRACE_BATCH, seed: int = 0) -> list
     # mode it found after tracing, which would switch dropout (and the tower's training
     # behaviour) on in the model they wrap
     pixels = {"images": {3: WIDTH_AXIS}} if cfg.image.keep_aspect else {}
+    encoder_outputs: tuple[str, ...] = ("image_features",)
+    if cfg.ctc_rescoring:
+        encoder_outputs += ("ctc_log_probs",)
+        pixels["ctc_log_probs"] = {1: TOKENS_AXIS}
     return [
-        GraphDef("image_encoder", ImageEncoderGraph(model).eval(), (images,), ("images",), ("image_features",),
+        GraphDef("image_encoder", ImageEncoderGraph(model).eval(), (images,), ("images",), encoder_outputs,
                  {**pixels, **tokens}),
         GraphDef("visual_decoder", VisualDecoderGraph(model).eval(), (image_features,), ("image_features",),
                  ("ar_logits", "refined_logits"), tokens),

@@ -67,7 +67,7 @@ def decode_section(cfg: ModelConfig) -> dict[str, Any]:
     """What the graphs were exported for: schema 1 is the default decode (refine once, not fast)."""
     codec = CharCodec(cfg.charset_train)
     return {"num_steps": cfg.num_steps, "refine_iters": 1, "fast": False, "autoregressive": cfg.autoregressive,
-            "eos_id": codec.eos_id,
+            "ctc_rescoring": cfg.ctc_rescoring, "eos_id": codec.eos_id,
             "bos_id": codec.bos_id, "pad_id": codec.pad_id, "text_context_length": cfg.text_context_length,
             "topk": DEFAULT_TOPK}
 

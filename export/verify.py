@@ -44,7 +44,8 @@ from training.model.clip4str import CLIP4STR
 
 PRECISIONS = ("fp32", "fp16", "int8")
 #: graph outputs compared, as ``graph.output`` (text features split into the two calls)
-OUTPUTS = ("image_encoder.image_features", "visual_decoder.ar_logits", "visual_decoder.refined_logits",
+OUTPUTS = ("image_encoder.image_features", "image_encoder.ctc_log_probs",
+           "visual_decoder.ar_logits", "visual_decoder.refined_logits",
            "text_encoder.text_features_ar", "text_encoder.text_features_refined",
            "cross_decoder.ar_logits", "cross_decoder.refined_logits")
 
@@ -201,15 +202,18 @@ def load_synthetic(n: int, charset: str, max_length: int, seed: int = 0) -> Load
 
 
 @torch.inference_mode()
-def torch_outputs(model: CLIP4STR, batch: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-    """Seconds of the model's forward pass and the PyTorch values of every compared graph
-    output for a preprocessed batch."""
+def torch_outputs(model: CLIP4STR, batch: np.ndarray) -> tuple[float, list[str], dict[str, np.ndarray]]:
+    """Seconds of the model's forward pass, its final words and the PyTorch values of every
+    compared graph output for a preprocessed batch."""
     images = torch.from_numpy(batch)
     began = time.perf_counter()
     out = model(images, early_exit=False)
     seconds = time.perf_counter() - began
     features = model.encode_image(images)
-    return seconds, {
+    words = [p.text for p in model.predictions(out)]
+    extra = {"image_encoder.ctc_log_probs": out["ctc_log_probs"].numpy()} if "ctc_log_probs" in out else {}
+    return seconds, words, {
+        **extra,
         "image_encoder.image_features": features.numpy(),
         "visual_decoder.ar_logits": out["visual_ar"].numpy(),
         "visual_decoder.refined_logits": out["visual_refined"].numpy(),
@@ -238,8 +242,7 @@ def verify_set(model: CLIP4STR, recognizers: dict[str, Recognizer], samples: Seq
         chunk = samples[start:start + batch_size]
         images, labels = [s.image for s in chunk], [s.label for s in chunk]
         batch = preprocess(images, spec)
-        seconds, expected = torch_outputs(model, batch)
-        torch_words = model.codec.ids_to_text(expected["cross_decoder.refined_logits"].argmax(-1))
+        seconds, torch_words, expected = torch_outputs(model, batch)
         torch_seconds += seconds
         reference.update(torch_words, labels)
         fp32_words = None

@@ -83,6 +83,9 @@ class DecodeSettings:
     refine_iters: int = 1
     fast: bool = False
     topk: int = 5
+    #: the final word is rescored against the image encoder's ``ctc_log_probs``
+    #: (``runtime.decoding.ctc_rescored``)
+    ctc_rescoring: bool = False
 
 
 @dataclass
@@ -269,7 +272,7 @@ def load_bundle(path: str | Path | None, verify: bool = True) -> Bundle:
             num_steps=int(raw["num_steps"]), eos_id=int(raw["eos_id"]), bos_id=int(raw["bos_id"]),
             pad_id=int(raw["pad_id"]), text_context_length=int(raw["text_context_length"]),
             refine_iters=int(raw.get("refine_iters", 1)), fast=bool(raw.get("fast", False)),
-            topk=int(raw.get("topk", 5)),
+            topk=int(raw.get("topk", 5)), ctc_rescoring=bool(raw.get("ctc_rescoring", False)),
         )
         threshold = float(manifest["threshold"])
     except (TypeError, ValueError, KeyError) as exc:
@@ -277,6 +280,12 @@ def load_bundle(path: str | Path | None, verify: bool = True) -> Bundle:
     if decode.bos_id != len(charset) + 1 or decode.eos_id != 0:
         raise BundleError(f"{root}: decode ids (eos {decode.eos_id}, bos {decode.bos_id}) do not match "
                           f"a charset of {len(charset)} characters")
+    if decode.ctc_rescoring:
+        for precision, specs in graphs.items():
+            encoder = specs.get("image_encoder")
+            if encoder is not None and "ctc_log_probs" not in {o.name for o in encoder.outputs}:
+                raise BundleError(f"{root}: decode.ctc_rescoring is on but the {precision} image_encoder "
+                                  "has no ctc_log_probs output")
     return Bundle(root=root, manifest=manifest, charset=charset, test_charset=test_charset,
                   preprocessing=preprocessing, decode=decode, threshold=threshold,
                   tokenizer_path=inside(root, manifest["tokenizer"]["file"]), graphs=graphs, engines=engines)

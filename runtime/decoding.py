@@ -76,27 +76,96 @@ class CharCodec:
         ``topk`` > 0 also lists the best ``topk`` characters (EOS excluded) per position.
         """
         probs = np.asarray(probs, dtype=np.float32)
-        ids = probs.argmax(-1)
-        best = np.take_along_axis(probs, ids[..., None], -1)[..., 0]
-        lengths = first_eos(ids)
-        texts = self.ids_to_text(ids)
-        alternatives = None
+        return [self.prediction(row, ids, topk) for row, ids in zip(probs, probs.argmax(-1), strict=True)]
+
+    def prediction(self, probs: np.ndarray, ids: np.ndarray, topk: int = 0) -> Prediction:
+        """The word ``ids`` (one row, cut at the first EOS) read from the per-position
+        distributions ``probs`` ``(T, C+1)``: each character's probability is the one
+        ``probs`` gives it at its position, ``topk`` alternatives as in :meth:`decode`."""
+        ids = np.asarray(ids)[: probs.shape[0]]
+        n = int(first_eos(ids))
+        ids = ids[:n]
+        chosen = probs[np.arange(n), ids].astype(float).tolist()
+        top: list[list[tuple[str, float]]] = []
         if topk > 0:
-            char_probs = probs[..., 1:]
-            k = min(topk, char_probs.shape[-1])
-            order = np.argsort(-char_probs, axis=-1)[..., :k]
-            alternatives = (order + 1, np.take_along_axis(char_probs, order, -1))
-        out = []
-        for b, (text, n) in enumerate(zip(texts, lengths, strict=True)):
-            top: list[list[tuple[str, float]]] = []
-            if alternatives is not None:
-                idx, p = alternatives[0][b, :n], alternatives[1][b, :n]
-                top = [
-                    [(str(self._chars[i]), float(q)) for i, q in zip(row_i, row_p, strict=True)]
-                    for row_i, row_p in zip(idx, p, strict=True)
-                ]
-            out.append(Prediction(text, best[b, :n].astype(float).tolist(), top))
-        return out
+            char_probs = probs[:n, 1:]
+            order = np.argsort(-char_probs, axis=-1)[:, : min(topk, char_probs.shape[-1])]
+            chars, values = self._chars[order + 1], np.take_along_axis(char_probs, order, -1)
+            top = [[(str(c), float(q)) for c, q in zip(row_c, row_q, strict=True)]
+                   for row_c, row_q in zip(chars, values, strict=True)]
+        return Prediction("".join(self._chars[ids]), chosen, top)
+
+
+# -- joint CTC / attention choice ----------------------------------------------------------
+#: weights of the two log-likelihoods in :func:`joint_score` (chosen on the validation split
+#: carved from training crops: docs/training-on-a-cpu.md)
+CTC_WEIGHT = 1.0
+DECODER_WEIGHT = 1.0
+
+
+def ctc_greedy(log_probs: np.ndarray) -> np.ndarray:
+    """Best-path CTC reading of ``(T, C+1)`` log-probabilities (class 0: the blank):
+    repeats merged, blanks dropped."""
+    best = np.asarray(log_probs).argmax(-1)
+    keep = (best != 0) & np.concatenate([[True], best[1:] != best[:-1]])
+    return best[keep]
+
+
+def ctc_log_likelihood(log_probs: np.ndarray, ids: np.ndarray) -> float:
+    """log P(``ids`` | CTC outputs ``(T, C+1)``, blank 0), summed over every alignment
+    (the forward algorithm, in log space); ``-inf`` when ``ids`` cannot fit in T frames."""
+    log_probs = np.asarray(log_probs, dtype=np.float64)
+    labels = np.zeros(2 * len(ids) + 1, dtype=np.int64)
+    labels[1::2] = ids
+    states = len(labels)
+    # a label state may skip the blank before it when it differs from the label two back
+    skip = np.zeros(states, dtype=bool)
+    skip[3::2] = labels[3::2] != labels[1:-2:2]
+    alpha = np.full(states, -np.inf)
+    alpha[0] = log_probs[0, 0]
+    if states > 1:
+        alpha[1] = log_probs[0, labels[1]]
+    for frame in log_probs[1:]:
+        merged = alpha.copy()
+        merged[1:] = np.logaddexp(merged[1:], alpha[:-1])
+        merged[2:] = np.where(skip[2:], np.logaddexp(merged[2:], alpha[:-2]), merged[2:])
+        alpha = merged + frame[labels]
+    return float(np.logaddexp(alpha[-1], alpha[-2]) if states > 1 else alpha[-1])
+
+
+def positional_log_likelihood(probs: np.ndarray, ids: np.ndarray, eos_id: int = 0) -> float:
+    """log P of ``ids`` then EOS under per-position distributions ``(T, C+1)`` (the EOS
+    term only when the word leaves room for it)."""
+    targets = np.append(ids, eos_id)[: probs.shape[0]]
+    chosen = np.asarray(probs, dtype=np.float64)[np.arange(len(targets)), targets]
+    return float(np.log(np.maximum(chosen, 1e-30)).sum())
+
+
+def joint_score(probs: np.ndarray, ctc_log_probs: np.ndarray, ids: np.ndarray, eos_id: int = 0) -> float:
+    """``CTC_WEIGHT * log P_ctc(ids) + DECODER_WEIGHT * log P_decoder(ids, EOS)`` of one row."""
+    return (CTC_WEIGHT * ctc_log_likelihood(ctc_log_probs, ids)
+            + DECODER_WEIGHT * positional_log_likelihood(probs, ids, eos_id))
+
+
+def ctc_rescored(codec: CharCodec, probs: np.ndarray, ctc_log_probs: np.ndarray,
+                 topk: int = 0) -> list[Prediction]:
+    """Predictions of the decoder's ``probs`` ``(B, T, C+1)``, each replaced by the image
+    tower's CTC reading (``ctc_log_probs`` ``(B, S, C+1)``) when that reading has the higher
+    :func:`joint_score`: joint CTC/attention rescoring of two candidates (the decoder's
+    word, the CTC best path). Characters keep the decoder's per-position probabilities, so
+    the confidence gate sees how sure the decoder is of the chosen word."""
+    probs = np.asarray(probs, dtype=np.float32)
+    out = []
+    for row, ctc_row in zip(probs, np.asarray(ctc_log_probs, dtype=np.float32), strict=True):
+        decoded = row.argmax(-1)
+        decoded = decoded[: first_eos(decoded)]
+        greedy = ctc_greedy(ctc_row)[: row.shape[0] - 1]
+        chosen = decoded
+        if (len(greedy) and not np.array_equal(greedy, decoded)
+                and joint_score(row, ctc_row, greedy, codec.eos_id) > joint_score(row, ctc_row, decoded, codec.eos_id)):
+            chosen = greedy
+        out.append(codec.prediction(row, np.append(chosen, codec.eos_id), topk))
+    return out
 
 
 def first_eos(ids: np.ndarray, eos_id: int = 0) -> np.ndarray:

@@ -73,6 +73,7 @@ def test_manifest_is_complete_and_hashes_match(tiny_bundle: Path, tiny_checkpoin
         assert sha256_file(tiny_bundle / rel) == digest
     assert sha256_file(tiny_bundle / manifest["tokenizer"]["file"]) == sha256_file(default_bpe_path())
     assert manifest["decode"] == {"num_steps": 26, "refine_iters": 1, "fast": False, "autoregressive": True,
+                                  "ctc_rescoring": False,
                                   "eos_id": 0, "bos_id": 95,
                                   "pad_id": 96, "text_context_length": 16, "topk": 5}
     assert manifest["preprocessing"]["height"] == 32 and manifest["preprocessing"]["width"] == 128

@@ -122,6 +122,37 @@ def test_dynamic_width_bundle_equals_pytorch_at_every_width(small: tuple[Path, P
     backend.close()
 
 
+def test_bundle_words_equal_pytorch_with_ctc_rescoring(small: tuple[Path, Path]) -> None:
+    """The config's CTC rescoring runs in the bundle as in PyTorch (one decoding function):
+    same words, and the tower's CTC reading really is chosen for some words (the decoders
+    here are random, the tower and its CTC classifier are PP-OCR's)."""
+    from runtime.bundle import load_bundle
+    from runtime.preprocess import preprocess
+    from runtime.recognizer import Recognizer
+    from training.checkpoint import load_checkpoint
+
+    ckpt, path = small
+    model = load_checkpoint(ckpt)
+    assert model.cfg.ctc_rescoring
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["decode"]["ctc_rescoring"] is True
+    assert [o["name"] for o in manifest["graphs"]["fp32"]["image_encoder"]["outputs"]] == [
+        "image_features", "ctc_log_probs"]
+    images = _words()
+    recognizer = Recognizer.from_bundle(path, backend="ort-cpu", llm="none", threads=1)
+    try:
+        got = [r.vision_text for r in recognizer.read(images, batch_size=1)]
+    finally:
+        recognizer.close()
+    bundle = load_bundle(path)
+    with torch.no_grad():
+        outs = [model(torch.from_numpy(preprocess([image], bundle.preprocessing))) for image in images]
+    expected = [model.predictions(out)[0].text for out in outs]
+    plain = [model.codec.decode(out["final"].softmax(-1).numpy())[0].text for out in outs]
+    assert got == expected
+    assert got != plain
+
+
 def test_weights_are_stored_half_only_where_exact(small: tuple[Path, Path]) -> None:
     import onnx
 

@@ -70,8 +70,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> CLI
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m training.checkpoint SRC -o DST [--half] [--decode ar|nar]``: rewrite a
-    checkpoint (e.g. in FP16, or with the other first-prediction mode)."""
+    """``python -m training.checkpoint SRC -o DST [--half] [--decode ar|nar]
+    [--ctc-rescoring on|off]``: rewrite a checkpoint (e.g. in FP16, or with another decode)."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Copy a checkpoint, optionally with FP16 weights.")
@@ -80,12 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--half", action="store_true", help="store floating-point weights as float16")
     parser.add_argument("--decode", choices=("ar", "nar"),
                         help="first prediction of each branch: autoregressive or PARSeq's parallel pass")
+    parser.add_argument("--ctc-rescoring", choices=("on", "off"),
+                        help="final word: the decoders' or the tower's CTC reading, whichever scores "
+                             "higher (needs ctc_encoding)")
     args = parser.parse_args(argv)
     _, meta = read_config(args.src)
     model = load_checkpoint(args.src)
     if args.decode:
         model.cfg = replace(model.cfg, autoregressive=args.decode == "ar")
         meta = {**meta, "decode": args.decode}
+    if args.ctc_rescoring:
+        if args.ctc_rescoring == "on" and not model.cfg.ctc_encoding:
+            parser.error("--ctc-rescoring on needs a model with ctc_encoding")
+        model.cfg = replace(model.cfg, ctc_rescoring=args.ctc_rescoring == "on")
     save_checkpoint(model, args.output, meta={**meta, "half": args.half}, half=args.half)
     print(args.output)
     return 0

@@ -46,6 +46,9 @@ class ModelConfig:
     #: token, its character and that character's index in the word
     #: (``training.model.ppocr_tower.CTCEncoding``)
     ctc_encoding: bool = False
+    #: needs ``ctc_encoding``: the final word is the decoders' or the CTC classifier's best
+    #: path, whichever scores higher under both (``runtime.decoding.ctc_rescored``)
+    ctc_rescoring: bool = False
     #: QuickGELU in every tower (the OpenAI/CLIP4STR checkpoints) or plain GELU
     quick_gelu: bool = True
     image: Preprocessing = field(default_factory=lambda: Preprocessing(224, 224))
@@ -100,6 +103,8 @@ class ModelConfig:
         config = cls(**data)
         if config.image_tower not in IMAGE_TOWERS:
             raise ValueError(f"unknown image_tower {config.image_tower!r}; known: {', '.join(IMAGE_TOWERS)}")
+        if config.ctc_rescoring and not config.ctc_encoding:
+            raise ValueError("ctc_rescoring needs ctc_encoding (the tower's CTC classifier)")
         resolve_charset(config.charset_train)
         resolve_charset(config.charset_test)
         return config

@@ -28,8 +28,7 @@ from training.model.clip4str import CLIP4STR
 @torch.inference_mode()
 def predict_words(model: CLIP4STR, images: torch.Tensor) -> list[str]:
     """The final (cross-modal) words for a batch of preprocessed images."""
-    logits = model(images.to(model.device))["final"]
-    return model.codec.ids_to_text(logits.argmax(-1).cpu().numpy())
+    return [p.text for p in model.predictions(model(images.to(model.device)))]
 
 
 def evaluate_loader(model: CLIP4STR, batches: Iterable, progress: bool = False) -> dict:

@@ -204,8 +204,11 @@ def evaluate(model: CLIP4STR, data: FeatureSet, padding: np.ndarray, batch_size:
         group = np.flatnonzero(data.lengths == length)
         for start in range(0, len(group), batch_size):
             features, labels = data.batch(group[start : start + batch_size], padding)
-            out = model.decode(model.image_encoder.project(features.float()))
-            final.update([p.text for p in model.codec.decode(softmax(out["final"].numpy()))], labels)
+            features = features.float()
+            out = model.decode(model.image_encoder.project(features))
+            if model.cfg.ctc_rescoring:
+                out["ctc_log_probs"] = model.image_encoder.ctc_log_probs(features)
+            final.update([p.text for p in model.predictions(out)], labels)
             visual.update([p.text for p in model.codec.decode(softmax(out["visual_ar"].numpy()))], labels)
     model.train()
     return {"accuracy": final.accuracy, "visual_accuracy": visual.accuracy, "one_minus_ned": final.one_minus_ned}

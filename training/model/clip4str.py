@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from runtime.charset import resolve_charset
-from runtime.decoding import CharCodec, Prediction, softmax
+from runtime.decoding import CharCodec, Prediction, ctc_rescored, softmax
 from runtime.tokenizer import BPETokenizer, TextBridge
 from training.config import ModelConfig
 from training.model.decoder import CharDecoder, padding_bias, permutation_logits, predict, refine
@@ -71,8 +71,20 @@ class CLIP4STR(nn.Module):
     # -- inference ----------------------------------------------------------------------
     def forward(self, images: Tensor, early_exit: bool = True) -> dict[str, Tensor]:
         """Dual predict-and-refine. Returns the logits of every stage; ``final`` is the
-        cross-modal output."""
+        cross-modal output (and ``ctc_log_probs``, the tower's CTC classifier, when
+        ``cfg.ctc_rescoring``: read the words with :meth:`predictions`)."""
+        if self.cfg.ctc_rescoring:
+            features, ctc = self.image_encoder.encode_with_ctc(images)
+            return {**self.decode(features, early_exit), "ctc_log_probs": ctc}
         return self.decode(self.encode_image(images), early_exit)
+
+    def predictions(self, out: dict[str, Tensor], topk: int = 0) -> list[Prediction]:
+        """The words of a :meth:`forward` output: the final logits decoded, or rescored
+        against the CTC reading when the output has one (the runtime's own decoding)."""
+        probs = softmax(out["final"].float().cpu().numpy())
+        if "ctc_log_probs" in out:
+            return ctc_rescored(self.codec, probs, out["ctc_log_probs"].float().cpu().numpy(), topk)
+        return self.codec.decode(probs, topk=topk)
 
     def decode(self, image_features: Tensor, early_exit: bool = True) -> dict[str, Tensor]:
         """Dual predict-and-refine from ``F_i`` (see :meth:`forward`)."""
@@ -99,8 +111,7 @@ class CLIP4STR(nn.Module):
     @torch.inference_mode()
     def read(self, images: Tensor, topk: int = 5) -> list[Prediction]:
         """Decoded words with per-character probabilities and the top-k per position."""
-        logits = self.forward(images.to(self.device))["final"]
-        return self.codec.decode(softmax(logits.float().cpu().numpy()), topk=topk)
+        return self.predictions(self.forward(images.to(self.device)), topk)
 
     # -- training -----------------------------------------------------------------------
     def losses(self, images: Tensor, labels: list[str], rng: np.random.Generator,

@@ -274,5 +274,16 @@ class PPOCRImageEncoder(nn.Module):
             out = out + self.ctc(features)
         return out
 
+    def ctc_log_probs(self, features: Tensor) -> Tensor:
+        """``(B, T, 1+C)``: the CTC classifier's log-probabilities per token (class 0: blank)."""
+        if self.ctc is None:
+            raise ValueError("this image encoder has no CTC classifier (ctc_encoding is off)")
+        return self.ctc.classifier(features).log_softmax(-1)
+
+    def encode_with_ctc(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``F_i`` and the CTC log-probabilities of the same tower features."""
+        features = self.features(images)
+        return self.project(features), self.ctc_log_probs(features)
+
     def forward(self, images: Tensor) -> Tensor:
         return self.project(self.features(images))
