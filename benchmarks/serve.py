@@ -1,7 +1,8 @@
 """Serving and batch reading: throughput (crops/s) and latency (p50/p99) of single-image
 requests at 1, 8 and 32 concurrent clients for the in-process recognizer (one shared
-recognizer with one onnxruntime thread, as a replica has; one call at a time), the Ray Serve deployment with 1 and 2 replicas, and the
-throughput of ``clipllama-batch`` (and of one in-process ``Recognizer.read`` loop) over the same crops.
+recognizer with one onnxruntime thread, as a replica has; one call at a time) and the Ray
+Serve deployment with 1 and 2 replicas (one CPU each); the throughput of ``clipllama-batch``
+and of one in-process ``Recognizer.read`` loop over the same crops.
 
     python -m benchmarks.serve [--set ../shared/data/eval/ic13/labels_857.tsv] [--requests 200]
 
