@@ -35,6 +35,7 @@ from serving.common import (
     json_record,
     missing_serve_extra,
     settings_from_args,
+    stop_on_signals,
 )
 from serving.parts import FORMATS, PartWriter, done_ids, read_records
 
@@ -290,6 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = not ray.is_initialized()
     if started:
         ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    stop_on_signals()  # after ray.init, which installs its own SIGTERM handler
     try:
         failed = write(args, work)
     except KeyboardInterrupt:

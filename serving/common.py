@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import signal
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,19 @@ def missing_serve_extra(modules: tuple[str, ...] = tuple(SERVE_MODULES)) -> str 
         return None
     return (f"error: this command needs {', '.join(sorted(set(missing)))}: "
             "pip install 'clipllama[serve]'")
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGINT (even where a background start ignores it) raise KeyboardInterrupt,
+    so the command stops Ray cleanly instead of leaving its processes behind."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """``clipllama-serve``: the recognizer as a Ray Serve application (``POST /read``, ``GET /healthz``).
 
 Without ``--address`` a local Ray instance is started on this machine; with it the application
-is deployed on a running cluster (every node needs clipllama installed). Stops on Ctrl-C.
+is deployed on a running cluster (every node needs clipllama installed). Stops on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from serving.common import add_recognizer_options, missing_serve_extra, settings_from_args
+from serving.common import add_recognizer_options, missing_serve_extra, settings_from_args, stop_on_signals
 
 APP_NAME = "clipllama"
 EXIT_OK, EXIT_CANNOT_RUN = 0, 2
@@ -99,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ray.init(address=args.address)
     else:
         ray.init(include_dashboard=False)
+    stop_on_signals()  # after ray.init, which installs its own SIGTERM handler
     try:
         url = deploy(args)
         print(f"clipllama-serve: {args.replicas} replica(s) at {url}/read (health: {url}/healthz); "
