@@ -37,6 +37,7 @@ def test_default_bundle_is_the_ppocr_tower_model() -> None:
     manifest = json.loads((DEFAULT_BUNDLE / "manifest.json").read_text())
     assert manifest["model"]["image_tower"] == "ppocrv6-rec-small"
     assert manifest["preprocessing"]["keep_aspect"] is True and manifest["preprocessing"]["height"] == 48
+    assert manifest["preprocessing"]["pad_width"] == 224 and manifest["decode"]["ctc_rescoring"] is True
     sizes = sum(p.stat().st_size for p in DEFAULT_BUNDLE.rglob("*") if p.is_file())
     assert sizes <= 50 * 2**20, sizes  # checkpoint + fp32 + int8 graphs within 50 MB
     image = manifest["graphs"]["fp32"]["image_encoder"]
@@ -77,7 +78,9 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     cfg = model_config("clipllama-ppocr")
     clip = {**cfg.clip, "embed_dim": 32,
             "text_cfg": {**cfg.clip["text_cfg"], "width": 32, "heads": 2, "layers": 1, "vocab_size": 49408}}
-    cfg = replace(cfg, clip=clip, decoder=DecoderConfig(depth=1, heads=2, mlp_ratio=2.0, dropout=0.0))
+    # no minimum padding: the graphs must run at every width a crop gives
+    cfg = replace(cfg, clip=clip, decoder=DecoderConfig(depth=1, heads=2, mlp_ratio=2.0, dropout=0.0),
+                  image=replace(cfg.image, pad_width=0))
     torch.manual_seed(0)
     model = CLIP4STR(cfg).eval()
     ckpt = save_checkpoint(model, tmp_path_factory.mktemp("ppocr_ckpt"), half=True)

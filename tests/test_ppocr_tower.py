@@ -47,7 +47,9 @@ def test_torch_tower_matches_the_packaged_onnx_on_20_real_crops(tower: PPOCRFeat
     The features reach |f| ~ 30, so 1e-4 is ~3e-6 relative: float32 itself is that coarse
     (onnxruntime's float32 features differ from the float64 ones by up to ~1e-4 per crop
     and ~3e-4 on a padded batch, measured), hence the float32 bounds below."""
-    spec = model_config("clipllama-ppocr").image
+    from dataclasses import replace
+
+    spec = replace(model_config("clipllama-ppocr").image, pad_width=0)  # each crop at its own width
     session = ort.InferenceSession(str(feature_graph("ppocrv6-rec-small", tmp_path / "f.onnx")),
                                    providers=["CPUExecutionProvider"])
     exact = PPOCRFeatures().eval().double()
@@ -112,6 +114,29 @@ def test_aspect_keeping_preprocessing() -> None:
     assert preprocess([odd], spec).shape[-1] == 104
     with pytest.raises(ValueError):
         Preprocessing(48, 100, keep_aspect=True, width_multiple=8)
+
+
+def test_padding_to_a_minimum_width() -> None:
+    """``pad_width``: every batch is at least that wide (zeros after the image), the model's
+    narrowest input and TensorRT's smallest profile width follow, and it round-trips."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    spec = Preprocessing(48, 320, (0.5,) * 3, (0.5,) * 3, "bilinear", keep_aspect=True, width_multiple=8,
+                         pad_width=224)
+    narrow, wide = Image.new("RGB", (60, 30), "white"), Image.new("RGB", (300, 40), "white")
+    alone = preprocess([narrow], spec)
+    assert alone.shape == (1, 3, 48, 224)
+    assert np.allclose(alone[0, :, :, :96], 1.0) and np.all(alone[0, :, :, 96:] == 0)
+    assert preprocess([wide], spec).shape[-1] == 320  # wider crops keep their own width
+    assert spec.min_width == spec.typical_width == 224
+    assert Preprocessing.from_dict(spec.to_dict()) == spec
+    assert Preprocessing.from_dict({k: v for k, v in spec.to_dict().items() if k != "pad_width"}).pad_width == 0
+    for bad in (-8, 100, 328):
+        with pytest.raises(ValueError, match="pad_width"):
+            replace(spec, pad_width=bad)
+    assert model_config("clipllama-ppocr").image.pad_width == 224
 
 
 def test_char_index_counts_the_characters(tower: PPOCRFeatures) -> None:

@@ -71,7 +71,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> CLI
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m training.checkpoint SRC -o DST [--half] [--decode ar|nar]
-    [--ctc-rescoring on|off]``: rewrite a checkpoint (e.g. in FP16, or with another decode)."""
+    [--ctc-rescoring on|off] [--pad-width N]``: rewrite a checkpoint (e.g. in FP16, or with
+    another decode or input padding)."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Copy a checkpoint, optionally with FP16 weights.")
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ctc-rescoring", choices=("on", "off"),
                         help="final word: the decoders' or the tower's CTC reading, whichever scores "
                              "higher (needs ctc_encoding)")
+    parser.add_argument("--pad-width", type=int,
+                        help="aspect-keeping towers: right-pad every batch to at least this width")
     args = parser.parse_args(argv)
     _, meta = read_config(args.src)
     model = load_checkpoint(args.src)
@@ -93,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.ctc_rescoring == "on" and not model.cfg.ctc_encoding:
             parser.error("--ctc-rescoring on needs a model with ctc_encoding")
         model.cfg = replace(model.cfg, ctc_rescoring=args.ctc_rescoring == "on")
+    if args.pad_width is not None:
+        try:
+            model.cfg = replace(model.cfg, image=replace(model.cfg.image, pad_width=args.pad_width))
+        except ValueError as exc:
+            parser.error(str(exc))
     save_checkpoint(model, args.output, meta={**meta, "half": args.half}, half=args.half)
     print(args.output)
     return 0
