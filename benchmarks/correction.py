@@ -3,6 +3,7 @@
     python -m benchmarks.correction all [--work DIR]        # everything below, in order
     python -m benchmarks.correction prepare [--work DIR]    # validation split + occluded sets
     python -m benchmarks.correction predict [--work DIR]    # the decoder's answers, cached
+    python -m benchmarks.correction gaps [--work DIR]       # CTC gap rules on the validation sets
     python -m benchmarks.correction tune [--work DIR]       # weights on the validation sets
     python -m benchmarks.correction sweep [--work DIR]      # thresholds 0.5 .. 0.95
     python -m benchmarks.correction table [--work DIR]      # per set: none / top-k / +lexicon / fill
@@ -42,7 +43,7 @@ from typing import Any
 from benchmarks import occlusion
 from benchmarks.common import fmt, machine, machine_line, markdown_table, percentile
 from runtime.charset import eval_normalize
-from runtime.decoding import Prediction
+from runtime.decoding import Prediction, find_gaps
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -179,11 +180,20 @@ def predict(work: Path, names: Sequence[str] | None = None, engine: str | None =
                 print(f"warning: {key}: {result.error}", file=sys.stderr)
                 continue
             p = captured[0]
-            images[key] = {"ms": ms, "text": p.text, "probs": p.char_probs, "topk": p.topk}
+            images[key] = {"ms": ms, "text": p.text, "probs": p.char_probs, "topk": p.topk,
+                           "frames": p.char_frames}
         sets[name] = [[str(p), label] for p, label in entries if str(p) in images]
         print(f"{name}: {len(sets[name])} crops in {time.perf_counter() - start:.0f} s", file=sys.stderr)
         cache_path.write_text(json.dumps(store))
     recognizer.close()
+
+
+def cached_prediction(entry: dict[str, Any], **gap_rule: float) -> Prediction:
+    """A stored prediction, its gaps found again from its character frames (``gap_rule``:
+    :func:`runtime.decoding.find_gaps` arguments)."""
+    frames = entry.get("frames") or []
+    return Prediction(entry["text"], entry["probs"], [[(c, p) for c, p in row] for row in entry["topk"]],
+                      frames, find_gaps(frames, **gap_rule))
 
 
 def load_words(work: Path) -> tuple[dict[str, list[Word]], dict]:
@@ -192,11 +202,76 @@ def load_words(work: Path) -> tuple[dict[str, list[Word]], dict]:
     images = store["images"]
     out = {}
     for name, entries in store["sets"].items():
-        out[name] = [Word(label, Prediction(images[key]["text"], images[key]["probs"],
-                                            [[(c, p) for c, p in row] for row in images[key]["topk"]]),
-                          images[key]["ms"]) for key, label in entries]
+        out[name] = [Word(label, cached_prediction(images[key]), images[key]["ms"]) for key, label in entries]
     return out, {"charset": store["charset"], "threshold": store["threshold"]}
 
+
+
+# -- gaps ------------------------------------------------------------------------------
+
+#: the gap rules compared by the ``gaps`` step (runtime.decoding.find_gaps arguments)
+GAP_GRID = {"ratio": (1.4, 1.5, 1.6, 1.7, 1.8, 1.9, 2.0, 2.2), "prior": (2.5, 3.0, 3.5),
+            "min_distances": (2, 3, 4)}
+
+
+def insertion_slots(read: str, label: str, most: int = 2) -> set[int]:
+    """Inner slots of ``read`` (index of the character the insert goes before) where inserting
+    1..``most`` characters gives ``label`` (case folded); empty when no insertion does."""
+    read, label = read.lower(), label.lower()
+    extra = len(label) - len(read)
+    out: set[int] = set()
+    if not 1 <= extra <= most:
+        return out
+
+    def walk(i: int, j: int, used: tuple[int, ...]) -> None:
+        if j == len(label):
+            if i == len(read):
+                out.update(used)
+            return
+        if i < len(read) and read[i] == label[j]:
+            walk(i + 1, j + 1, used)
+        if len(used) < extra:
+            walk(i, j + 1, (*used, i))
+
+    walk(0, 0, ())
+    return {slot for slot in out if 0 < slot < len(read)}
+
+
+def gap_report(work: Path) -> list[dict[str, Any]]:
+    """How well each gap rule (:data:`GAP_GRID`) finds the characters the reader skipped on
+    the validation sets: words with a skipped inner character, those with a gap at its slot
+    (hits), and correctly read words with a gap (false alarms, each one a gated word)."""
+    store = json.loads((work / "predictions.json").read_text())
+    images, sets = store["images"], store["sets"]
+    rows = []
+    for ratio in GAP_GRID["ratio"]:
+        for prior in GAP_GRID["prior"]:
+            for min_distances in GAP_GRID["min_distances"]:
+                rule = {"ratio": ratio, "prior": prior, "min_distances": min_distances}
+                row: dict[str, Any] = {"rule": rule}
+                for name in VAL_SETS:
+                    skipped = hits = alarms = flagged = right = 0
+                    for key, label in sets[name]:
+                        entry = images[key]
+                        gaps = find_gaps(entry.get("frames") or [], **rule)
+                        flagged += bool(gaps)
+                        if eval_normalize(entry["text"]) == eval_normalize(label):
+                            right += 1
+                            alarms += bool(gaps)
+                            continue
+                        truth = insertion_slots(entry["text"], label)
+                        skipped += bool(truth)
+                        hits += bool(truth & {g.slot for g in gaps})
+                    row[name] = {"n": len(sets[name]), "right": right, "skipped": skipped, "hits": hits,
+                                 "alarms": alarms, "flagged": flagged}
+                rows.append(row)
+    (work / "gaps.json").write_text(json.dumps(rows, indent=1))
+    header = ["ratio", "prior", "min distances",
+              *[f"{n}: flagged / skipped / hits / false alarms" for n in VAL_SETS]]
+    print(markdown_table(header, [[r["rule"]["ratio"], r["rule"]["prior"], r["rule"]["min_distances"],
+                                   *[f"{r[n]['flagged']} / {r[n]['skipped']} / {r[n]['hits']} / {r[n]['alarms']}"
+                                     for n in VAL_SETS]] for r in rows]))
+    return rows
 
 
 # -- evaluate --------------------------------------------------------------------------
@@ -407,7 +482,7 @@ def timing(llm: str = "default", engine: str | None = None, limit: int | None = 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.correction", description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=("all", "prepare", "predict", "tune", "sweep", "table", "timing"))
+    parser.add_argument("step", choices=("all", "prepare", "predict", "gaps", "tune", "sweep", "table", "timing"))
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "correction")
     parser.add_argument("--sets", nargs="+", help="predict, table: only these sets")
     parser.add_argument("--limit", type=int, help="timing: only the first N crops")
@@ -418,6 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepare(args.work)
     if args.step in ("all", "predict"):
         predict(args.work, args.sets, args.engine)
+    if args.step in ("all", "gaps"):
+        gap_report(args.work)
     if args.step in ("all", "tune"):
         tune(args.work, args.llm)
     if args.step in ("all", "sweep"):

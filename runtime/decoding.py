@@ -7,11 +7,25 @@ Everything here is numpy; training converts tensors with ``.numpy()`` and calls 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from runtime.charset import resolve_charset
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Where characters are probably missing from a word: the decoder read past an occluded
+    (or unreadable) stretch, which shows as a long blank run in the CTC frames."""
+
+    #: index in the word where the missing characters belong (between ``slot - 1`` and ``slot``)
+    slot: int
+    #: how many characters probably fit there (at least 1)
+    missing: int
+    #: the distance between the neighbouring characters, in character pitches
+    strength: float
 
 
 @dataclass
@@ -22,6 +36,11 @@ class Prediction:
     char_probs: list[float]
     #: per position (same length as ``text``): list of (character, probability), best first
     topk: list[list[tuple[str, float]]] = field(default_factory=list)
+    #: per character, the centre of its frames in the CTC output (empty without CTC outputs;
+    #: not part of equality: the word read is the same with or without them)
+    char_frames: list[float] = field(default_factory=list, compare=False)
+    #: slots where characters are probably missing (:func:`find_gaps`; empty without CTC)
+    gaps: list[Gap] = field(default_factory=list, compare=False)
 
     @property
     def confidence(self) -> float:
@@ -164,8 +183,109 @@ def ctc_rescored(codec: CharCodec, probs: np.ndarray, ctc_log_probs: np.ndarray,
         if (len(greedy) and not np.array_equal(greedy, decoded)
                 and joint_score(row, ctc_row, greedy, codec.eos_id) > joint_score(row, ctc_row, decoded, codec.eos_id)):
             chosen = greedy
-        out.append(codec.prediction(row, np.append(chosen, codec.eos_id), topk))
+        prediction = codec.prediction(row, np.append(chosen, codec.eos_id), topk)
+        if np.array_equal(chosen, ctc_greedy(ctc_row)):  # the best path reads this very word
+            alignment = best_path_alignment(ctc_row)
+        else:
+            alignment = ctc_alignment(ctc_row, chosen)
+        if alignment is not None:
+            prediction.char_frames = character_centres(alignment, len(chosen))
+            prediction.gaps = find_gaps(prediction.char_frames)
+        out.append(prediction)
     return out
+
+
+# -- where characters are missing -----------------------------------------------------------
+#: a gap is reported where two neighbouring characters are at least this many character
+#: pitches apart (chosen on the validation data: benchmarks.correction gaps)
+GAP_RATIO = 1.7
+#: the character pitch in CTC frames assumed for a short word (inputs are 48 px high and a
+#: frame is 8 px wide: a character is about 3 frames; measured on the validation data)
+PRIOR_PITCH = 3.0
+#: a word's own pitch is trusted from this many character distances on (fewer: blended
+#: with :data:`PRIOR_PITCH`)
+MIN_DISTANCES = 3
+
+
+def ctc_alignment(log_probs: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
+    """The most probable CTC path (Viterbi) of the word ``ids`` through ``(T, C+1)``
+    log-probabilities (blank 0): per frame the index in ``ids`` of the character it emits,
+    or -1 for a blank. ``None`` when the word cannot fit in T frames."""
+    log_probs = np.asarray(log_probs, dtype=np.float64)
+    ids = np.asarray(ids, dtype=np.int64)
+    frames = log_probs.shape[0]
+    labels = np.zeros(2 * len(ids) + 1, dtype=np.int64)
+    labels[1::2] = ids
+    states = len(labels)
+    skip = np.zeros(states, dtype=bool)
+    skip[3::2] = labels[3::2] != labels[1:-2:2]
+    score = np.full(states, -np.inf)
+    score[0] = log_probs[0, 0]
+    if states > 1:
+        score[1] = log_probs[0, labels[1]]
+    back = np.zeros((frames, states), dtype=np.int8)  # how many states back the best came from
+    for t in range(1, frames):
+        options = np.full((3, states), -np.inf)
+        options[0] = score
+        options[1, 1:] = score[:-1]
+        options[2, 2:] = np.where(skip[2:], score[:-2], -np.inf)
+        step = options.argmax(0)
+        back[t] = step
+        score = options[step, np.arange(states)] + log_probs[t, labels]
+    ends = [states - 1] + ([states - 2] if states > 1 else [])
+    state = max(ends, key=lambda e: score[e])
+    if not np.isfinite(score[state]):
+        return None
+    path = np.empty(frames, dtype=np.int64)
+    for t in range(frames - 1, -1, -1):
+        path[t] = state
+        state -= int(back[t, state])
+    return np.where(path % 2 == 1, (path - 1) // 2, -1)
+
+
+def best_path_alignment(log_probs: np.ndarray) -> np.ndarray:
+    """The alignment (as :func:`ctc_alignment` gives it) of the CTC best path with its own
+    reading, :func:`ctc_greedy`: per frame the character index or -1."""
+    best = np.asarray(log_probs).argmax(-1)
+    starts = (best != 0) & np.concatenate([[True], best[1:] != best[:-1]])
+    index = np.cumsum(starts) - 1
+    return np.where(best != 0, index, -1)
+
+
+def character_centres(alignment: np.ndarray, length: int) -> list[float]:
+    """The mean frame of each of ``length`` characters in an alignment (per frame a
+    character index or -1)."""
+    alignment = np.asarray(alignment)
+    frames = np.arange(len(alignment), dtype=np.float64)
+    return [float(frames[alignment == j].mean()) for j in range(length)]
+
+
+def character_pitch(centres: Sequence[float], prior: float = PRIOR_PITCH,
+                    min_distances: int = MIN_DISTANCES) -> float:
+    """A word's character pitch in frames: the median distance between neighbouring
+    characters, pulled towards ``prior`` when the word has fewer than ``min_distances``."""
+    distances = np.diff(np.asarray(centres, dtype=np.float64))
+    if len(distances) >= min_distances:
+        return float(np.median(distances))
+    return float(np.median([*distances, *[prior] * (min_distances - len(distances))]))
+
+
+def find_gaps(centres: Sequence[float], ratio: float = GAP_RATIO, prior: float = PRIOR_PITCH,
+              min_distances: int = MIN_DISTANCES) -> list[Gap]:
+    """Slots between neighbouring characters (centres in CTC frames) at least ``ratio``
+    pitches apart (:func:`character_pitch`), strongest first; ``missing`` = the distance in
+    pitches rounded, less one (at least 1)."""
+    if len(centres) < 2:
+        return []
+    pitch = character_pitch(centres, prior, min_distances)
+    if not pitch > 0:
+        return []
+    out = []
+    for j, distance in enumerate(np.diff(np.asarray(centres, dtype=np.float64))):
+        strength = float(distance / pitch)
+        if strength >= ratio:
+            out.append(Gap(j + 1, max(1, int(round(strength)) - 1), strength))
+    return sorted(out, key=lambda g: -g.strength)
 
 
 def first_eos(ids: np.ndarray, eos_id: int = 0) -> np.ndarray:

@@ -16,7 +16,10 @@ LLM in one of two modes:
   log-probability + ``prior_weight`` x frequency prior (``oov_logprob`` for a word in no
   lexicon); only when the best ``llm_candidates`` of them are within ``llm_margin`` of each
   other does the LLM score them (one batched evaluation after the cached prompt prefix),
-  adding ``weight`` x its log-probability of the word;
+  adding ``weight`` x its log-probability of the word. A word whose CTC frames show a gap
+  (:attr:`Prediction.gaps`: a long blank run where the decoder skipped a covered
+  character) goes past the gate even when every character is confident, and only there
+  may lexicon words have extra characters;
 - ``fill``: the LLM writes the word under a GBNF grammar that fixes the trusted characters.
 
 Invariants: the output is always within the charset; trusted characters never change; any
@@ -111,13 +114,22 @@ class CorrectorSettings:
     #: rescore: the LLM is skipped when the cheap ranking's best leads the next by more (nats)
     llm_margin: float = 4.0
     #: rescore: lexicon words with up to this many more inner characters are candidates too
-    #: (a decoder skips a covered character), and a word found in no lexicon goes past the
-    #: gate even when every character is confident (0: neither)
+    #: (a decoder skips a covered character; 0: never)
     inserts: int = 2
+    #: rescore: where extra characters may go: "gaps" (only at the CTC gaps of the
+    #: prediction, :attr:`Prediction.gaps`, which also send a confident word past the gate)
+    #: or "anywhere" (between any two characters of a gated word)
+    insert_at: str = "gaps"
+    #: rescore, insert_at="gaps": a gap may take up to its estimated missing count + this
+    gap_slack: int = 1
     #: rescore: visual log-probability charged per inserted character
     insert_logprob: float = -3.0
-    #: rescore with inserts: a confident word whose prior is below this goes past the gate too
-    #: (wordfreq's list holds fragments such as "thm": absence alone is too weak a signal)
+    #: rescore with inserts: a confident word found in no lexicon (prior below
+    #: ``rare_logprob``) goes past the gate too (off by default: the CTC gaps say where a
+    #: character was skipped, at a fraction of the cost)
+    review_unknown: bool = False
+    #: the prior below which ``review_unknown`` gates a word (wordfreq's list holds
+    #: fragments such as "thm": absence alone is too weak a signal)
     rare_logprob: float = -14.0
     #: the LLM sees the word lower-cased (the output keeps the decoder's case pattern)
     lowercase: bool = True
@@ -150,8 +162,10 @@ class CorrectorSettings:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not math.isfinite(self.oov_logprob) or self.oov_logprob > 0:
             raise ValueError(f"oov_logprob must be a finite number <= 0, got {self.oov_logprob!r}")
-        if self.lexicon_pool < 0 or self.llm_candidates < 1 or self.inserts < 0:
-            raise ValueError("lexicon_pool and inserts must be >= 0 and llm_candidates >= 1")
+        if self.lexicon_pool < 0 or self.llm_candidates < 1 or self.inserts < 0 or self.gap_slack < 0:
+            raise ValueError("lexicon_pool, inserts and gap_slack must be >= 0 and llm_candidates >= 1")
+        if self.insert_at not in ("gaps", "anywhere"):
+            raise ValueError(f"insert_at must be 'gaps' or 'anywhere', got {self.insert_at!r}")
         if not math.isfinite(self.rare_logprob):
             raise ValueError(f"rare_logprob must be finite, got {self.rare_logprob!r}")
         if not math.isfinite(self.insert_logprob) or self.insert_logprob > 0:
@@ -176,8 +190,8 @@ class Correction:
     vision_text: str
     #: whether the final text differs from the vision answer
     changed: bool
-    #: whether the word went past the gate: some character below the threshold, or (rescore
-    #: with lexicons and ``inserts``) a word found in no lexicon
+    #: whether the word went past the gate: some character below the threshold, a CTC gap
+    #: (rescore with lexicons and ``inserts``), or a word in no lexicon (``review_unknown``)
     gated: bool
     #: "rescore", "fill" or "none" (no LLM configured)
     mode: str
@@ -189,6 +203,8 @@ class Correction:
     cached: bool = False
     #: whether the word went past the gate only for being in no lexicon
     unknown_word: bool = False
+    #: slots where characters may be inserted (the prediction's CTC gaps that were used)
+    gaps: list[int] = field(default_factory=list)
     #: whether the LLM was asked (rescore skips it when the cheap ranking is clear)
     llm_called: bool = False
     #: seconds spent on this word by the corrector
@@ -304,11 +320,28 @@ class Corrector:
         return self.backend is not None
 
     @property
-    def reviews_all_words(self) -> bool:
-        """Whether confident words may go past the gate too (a word in no lexicon, see
-        ``inserts``): the recognizer then hands every word to :meth:`correct`."""
+    def inserts_characters(self) -> bool:
+        """Whether lexicon candidates may have extra characters (rescore, lexicons, inserts)."""
         s = self.settings
         return self.backend is not None and s.mode == "rescore" and s.inserts > 0 and bool(self.lexicons)
+
+    @property
+    def reviews_all_words(self) -> bool:
+        """Whether confident words may go past the gate too (a CTC gap, or a word in no
+        lexicon with ``review_unknown``): the recognizer then hands every word to
+        :meth:`correct`, which lets the others pass in microseconds."""
+        s = self.settings
+        return self.inserts_characters and (s.insert_at == "gaps" or s.review_unknown)
+
+    def gap_slots(self, prediction: Prediction) -> dict[int, int]:
+        """Slot -> most characters to insert there, from the prediction's CTC gaps (inner
+        slots of its letters and digits; empty unless inserting at gaps)."""
+        s = self.settings
+        if not self.inserts_characters or s.insert_at != "gaps":
+            return {}
+        start, end = core_span(prediction.text)
+        return {g.slot: min(s.inserts, g.missing + s.gap_slack)
+                for g in getattr(prediction, "gaps", None) or () if start < g.slot < end}
 
     def describe(self) -> dict:
         """Settings and model, for reports and JSON output."""
@@ -339,11 +372,13 @@ class Corrector:
         except (ValueError, TypeError) as exc:
             result.warnings.append(f"gate: {exc}")
             return self._finish(result, start)
-        if self.reviews_all_words and any(c.isalpha() for c in prediction.text):
+        if self.inserts_characters and any(c.isalpha() for c in prediction.text):
             decision = decision.with_masked(inner_symbols(prediction.text))
+        slots = self.gap_slots(prediction)
+        result.gaps = sorted(slots)
         result.masked = list(decision.masked)
-        result.unknown_word = not decision.needs_llm and self._unknown_word(prediction.text)
-        result.gated = decision.needs_llm or result.unknown_word
+        result.unknown_word = not decision.needs_llm and not slots and self._unknown_word(prediction.text)
+        result.gated = decision.needs_llm or bool(slots) or result.unknown_word
         if not result.gated:
             return self._finish(result, start)
         if self.backend is None:
@@ -356,12 +391,13 @@ class Corrector:
         deadline = None if self.settings.time_budget_s is None else start + self.settings.time_budget_s
         try:
             if self.settings.mode == "rescore":
-                self._rescore(prediction, decision, charset, deadline, result)
+                self._rescore(prediction, decision, charset, deadline, result, slots)
             else:
                 self._fill(prediction, decision, charset, deadline, result)
             if deadline is not None and time.monotonic() > deadline:
                 raise LLMTimeout("time budget spent")
-            _check(result.text, decision, charset, self.settings.inserts if self.settings.mode == "rescore" else 0)
+            _check(result.text, decision, charset, self.settings.inserts if self.settings.mode == "rescore" else 0,
+                   self._insert_slots(slots))
         except LLMTimeout as exc:
             self._keep_vision(result, f"LLM timeout after {self.settings.time_budget_s} s ({exc})")
         except _Rejected as exc:
@@ -379,9 +415,10 @@ class Corrector:
         charset: str,
         deadline: float | None,
         result: Correction,
+        slots: dict[int, int] | None = None,
     ) -> None:
         s = self.settings
-        candidates = self._candidates(prediction, decision, charset)
+        candidates = self._candidates(prediction, decision, charset, self._insert_slots(slots or {}))
         result.candidates = candidates
         if not candidates:
             raise _Rejected("no candidate within the charset")
@@ -406,13 +443,21 @@ class Corrector:
             result.candidates = best + candidates[len(best) :]
         result.text = result.candidates[0].text
 
-    def _candidates(self, prediction: Prediction, decision: GateDecision, charset: str) -> list[Candidate]:
-        """Top-k and lexicon candidates, each once, ranked by visual + prior_weight x prior."""
+    def _insert_slots(self, slots: dict[int, int]) -> dict[int, int] | None:
+        """Where characters may be inserted: ``slots`` when inserting at gaps, None (anywhere)
+        otherwise."""
+        return slots if self.settings.insert_at == "gaps" else None
+
+    def _candidates(self, prediction: Prediction, decision: GateDecision, charset: str,
+                    slots: dict[int, int] | None = None) -> list[Candidate]:
+        """Top-k and lexicon candidates, each once, ranked by visual + prior_weight x prior
+        (extra characters only at ``slots``; None: anywhere)."""
         s = self.settings
         found = rescore_candidates(prediction, decision.masked, charset, s.k, s.max_candidates, s.lowercase)
+        inserts = s.inserts if slots is None else min(s.inserts, sum(slots.values()))
         for lexicon in self.lexicons:
             found += lexicon_candidates(prediction, decision.masked, charset, lexicon, s.k, s.lexicon_pool,
-                                        s.prior_weight, s.lowercase, s.inserts, s.insert_logprob)
+                                        s.prior_weight, s.lowercase, inserts, s.insert_logprob, slots)
         unique: dict[str, Candidate] = {}
         for c in found:
             unique.setdefault(c.llm_text, c)
@@ -483,7 +528,7 @@ class Corrector:
         """A word the lexicons lack, worth looking for skipped characters (rescore, inserts > 0):
         two or more letters and digits, at least one a letter."""
         s = self.settings
-        if s.mode != "rescore" or not s.inserts or not self.lexicons or self.backend is None:
+        if not s.review_unknown or not self.inserts_characters:
             return False
         start, end = core_span(text)
         core = text[start:end]
@@ -534,24 +579,30 @@ class Corrector:
                          self.lexicons)
 
 
-def _check(text: str, decision: GateDecision, charset: str, inserts: int = 0) -> None:
+def _check(text: str, decision: GateDecision, charset: str, inserts: int = 0,
+           slots: dict[int, int] | None = None) -> None:
     """Raise :class:`_Rejected` unless ``text`` keeps the trusted characters, in order, and the
-    charset; at most ``inserts`` characters may have been added, never first or last."""
+    charset; at most ``inserts`` characters may have been added, never first or last (and
+    only at ``slots`` when given)."""
     if text == decision.text:
         return
     allowed = set(charset)
     if any(c not in allowed for c in text):
         raise _Rejected(f"{text!r} has characters outside the charset")
-    if not keeps_trusted(text, decision, inserts):
+    if not keeps_trusted(text, decision, inserts, slots):
         raise _Rejected(f"{text!r} changes a trusted character or the length of {decision.text!r}")
 
 
-def keeps_trusted(text: str, decision: GateDecision, inserts: int = 0) -> bool:
+def keeps_trusted(text: str, decision: GateDecision, inserts: int = 0, slots: dict[int, int] | None = None) -> bool:
     """Whether ``text`` is ``decision.text`` with masked characters replaced and at most
-    ``inserts`` inner characters added: every trusted character kept, in order."""
+    ``inserts`` inner characters added (only at ``slots``, slot -> most characters, when
+    given): every trusted character kept, in order."""
     if not 0 <= len(text) - len(decision.text) <= inserts:
         return False
     masked = set(decision.masked)
     parts = ["." if i in masked else re.escape(c) for i, c in enumerate(decision.text)]
-    gap = f".{{0,{inserts}}}" if inserts else ""
-    return re.fullmatch(gap.join(parts), text, flags=re.DOTALL) is not None
+    pattern = parts[0] if parts else ""
+    for i, part in enumerate(parts[1:], start=1):
+        most = inserts if slots is None else min(inserts, slots.get(i, 0))
+        pattern += (f".{{0,{most}}}" if most else "") + part
+    return re.fullmatch(pattern, text, flags=re.DOTALL) is not None

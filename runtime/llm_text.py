@@ -8,7 +8,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -200,19 +200,23 @@ def rescore_candidates(
     return out
 
 
-def insertion_layouts(length: int, inserts: int) -> list[tuple[int, ...]]:
+def insertion_layouts(length: int, inserts: int, slots: Mapping[int, int] | None = None) -> list[tuple[int, ...]]:
     """Where ``inserts`` characters may go into a word of ``length``: each layout lists, per
     position of the longer word, the read position it shows or -1 for an inserted one.
 
     Inserted characters are inner (never first or last: a covered character between two
-    visible ones is what the decoder skips); two may share a gap.
+    visible ones is what the decoder skips); two may share a gap. ``slots`` (slot -> most
+    characters there; a slot is the index they go before) limits them to those slots.
     """
     if inserts == 0:
         return [tuple(range(length))]
     if length < 2:
         return []
+    inner = range(1, length) if slots is None else sorted(s for s in slots if 0 < s < length)
     out = []
-    for gaps in itertools.combinations_with_replacement(range(1, length), inserts):
+    for gaps in itertools.combinations_with_replacement(inner, inserts):
+        if slots is not None and any(gaps.count(s) > slots[s] for s in set(gaps)):
+            continue
         layout: list[int] = []
         for i in range(length):
             layout.extend([-1] * gaps.count(i))
@@ -232,13 +236,15 @@ def lexicon_candidates(
     lower: bool = True,
     inserts: int = 0,
     insert_logprob: float = -8.0,
+    slots: Mapping[int, int] | None = None,
 ) -> list[Candidate]:
     """Words of ``lexicon`` with the prediction's trusted characters (any case), in order.
 
     Without ``inserts`` the words have the prediction's length; with ``inserts`` = n the
     words with 1..n more inner characters are looked up too (the decoder skipped covered
     characters: ``Resue`` -> ``Rescue``), each inserted character costing
-    ``insert_logprob``. Each word is scored by visual log-probability (the decoder's top-k
+    ``insert_logprob``; ``slots`` (slot -> most characters, e.g. from the CTC gaps) limits
+    where they go. Each word is scored by visual log-probability (the decoder's top-k
     probability of its character at each masked position, case variants merged; a
     character outside the top-k gets the smaller of the k-th probability and the mass the
     top-k leaves) and the lexicon's frequency prior; the best ``pool`` by ``visual +
@@ -253,8 +259,9 @@ def lexicon_candidates(
         core = Prediction(prediction.text[start:end], list(prediction.char_probs[start:end]),
                           list(prediction.topk[start:end]))
         inner = tuple(i - start for i in masked if start <= i < end)
+        core_slots = None if slots is None else {i - start: n for i, n in slots.items() if start < i < end}
         found = lexicon_candidates(core, inner, charset, lexicon, k, pool, prior_weight, lower, inserts,
-                                   insert_logprob) if end > start else []
+                                   insert_logprob, core_slots) if end > start else []
         head, tail = prediction.text[:start], prediction.text[end:]
         return [replace(c, text=head + c.text + tail, llm_text=fold(head + c.text + tail, lower),
                         visual_logprob=c.visual_logprob + affix) for c in found]
@@ -271,7 +278,7 @@ def lexicon_candidates(
     pattern_case = word_case(text, masked) if lower else None
     best: dict[str, tuple[float, float, str, tuple[int, ...]]] = {}
     for extra in range(inserts + 1):
-        for layout in insertion_layouts(len(text), extra):
+        for layout in insertion_layouts(len(text), extra, slots):
             pattern = [None if r < 0 or r in masked_set else text[r] for r in layout]
             found = lexicon.match(pattern)
             if not len(found):

@@ -12,7 +12,7 @@ import pytest
 
 import runtime.llm as llm_module
 from runtime.charset import CHARSET_36, CHARSET_94
-from runtime.decoding import Prediction
+from runtime.decoding import Gap, Prediction
 from runtime.llm import Correction, Corrector, CorrectorSettings
 from runtime.llm_backend import LLMBackend, LLMTimeout
 
@@ -393,17 +393,76 @@ def test_skipped_characters_are_inserted_and_the_recognizer_accepts_them() -> No
     from runtime.lexicon import Lexicon
     from runtime.recognizer import ReadResult, apply_correction
 
-    pred = Prediction("Resue", [0.99] * 5, [[(c, 0.99)] for c in "Resue"])  # confident, one letter skipped
+    # confident, one letter skipped where the CTC frames show a gap
+    pred = Prediction("Resue", [0.99] * 5, [[(c, 0.99)] for c in "Resue"], gaps=[Gap(3, 1, 2.1)])
     fake = FakeLM()
     lexicons = [Lexicon(["rescue", "house"], [-9.0, -8.0])]
     got = lexicon_corrector(fake, lexicons).correct_one(pred, CHARSET_94)
-    assert got.gated and got.unknown_word and got.text == "Rescue" and got.inserted == 1
+    assert got.gated and not got.unknown_word and got.gaps == [3]
+    assert got.text == "Rescue" and got.inserted == 1
     result = ReadResult("x", text="Resue", vision_text="Resue")
     apply_correction(result, pred, got, "rescore", CHARSET_94)
     assert result.text == "Rescue" and result.llm.changed and len(result.char_confidences) == 6
     known = Prediction("house", [0.99] * 5, [])
     assert not lexicon_corrector(fake, lexicons).correct_one(known, CHARSET_94).gated
     assert not lexicon_corrector(fake, lexicons, inserts=0).correct_one(pred, CHARSET_94).gated
+    # without a gap a confident word passes (unless unknown words are reviewed, inserting anywhere)
+    no_gap = Prediction("Resue", [0.99] * 5, [[(c, 0.99)] for c in "Resue"])
+    assert not lexicon_corrector(fake, lexicons).correct_one(no_gap, CHARSET_94).gated
+    old = lexicon_corrector(fake, lexicons, review_unknown=True, insert_at="anywhere").correct_one(no_gap, CHARSET_94)
+    assert old.gated and old.unknown_word and old.text == "Rescue"
+
+
+def test_characters_are_inserted_only_at_the_gap() -> None:
+    from runtime.lexicon import Lexicon
+
+    lexicons = [Lexicon(["rescue", "resume", "reissue"], [-9.0, -9.0, -9.0])]
+    base = Prediction("Resue", [0.99] * 5, [[(c, 0.99)] for c in "Resue"])
+    # a gap before "s" (slot 2): "Re?sue" fits no word; "Rescue"/"Resume" need slot 3
+    early = Prediction(base.text, base.char_probs, base.topk, gaps=[Gap(2, 1, 2.0)])
+    got = lexicon_corrector(FakeLM(), lexicons).correct_one(early, CHARSET_94)
+    assert got.gated and got.text != "Rescue" and got.text != "Resume"
+    assert all(c.text == "Resue" or (c.text[:2] == "Re" and c.text[-3:] == "sue") for c in got.candidates)
+    # a two-character gap at slot 2 lets "Reissue" in; only one character is allowed by a weak gap
+    two = Prediction(base.text, base.char_probs, base.topk, gaps=[Gap(2, 2, 3.0)])
+    cheap = {"gap_slack": 0, "insert_logprob": -1.0}
+    assert lexicon_corrector(FakeLM(), lexicons, **cheap).correct_one(two, CHARSET_94).text == "Reissue"
+    one = Prediction(base.text, base.char_probs, base.topk, gaps=[Gap(2, 1, 2.0)])
+    assert lexicon_corrector(FakeLM(), lexicons, **cheap).correct_one(one, CHARSET_94).text == "Resue"
+    # a gap at the word's edge (or outside its letters) is no inner slot: nothing is inserted
+    edge = Prediction("(Resue)", [0.99] * 7, [[(c, 0.99)] for c in "(Resue)"], gaps=[Gap(1, 1, 2.0)])
+    assert not lexicon_corrector(FakeLM(), lexicons).correct_one(edge, CHARSET_94).gated
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_gap_never_lets_the_llm_change_a_trusted_character(seed: int) -> None:
+    from runtime.gate import gate
+    from runtime.lexicon import Lexicon
+    from runtime.llm import keeps_trusted
+
+    rng = random.Random(100 + seed)
+    words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 9))) for _ in range(3000)]
+    lexicon = Lexicon(words, [rng.uniform(-20, -3) for _ in words])
+    charset = "abcdefgh0123456789"
+    fake = FakeLM(random_scores=rng)
+    inserted = 0
+    for _ in range(200):
+        n = rng.randint(2, 7)
+        text = "".join(rng.choice("abcdefgh") for _ in range(n))
+        probs = [rng.choice([0.99, 0.99, 0.95, 0.5]) for _ in range(n)]
+        topk = [[(c, p)] + [(rng.choice(charset), (1 - p) / 3) for _ in range(2)] for c, p in zip(text, probs)]
+        gaps = [Gap(slot, rng.randint(1, 2), 2.0) for slot in rng.sample(range(1, n), k=min(n - 1, rng.randint(0, 2)))]
+        pred = Prediction(text, probs, topk, gaps=gaps)
+        c = lexicon_corrector(fake, [lexicon], llm_margin=1e9, insert_logprob=0.0).correct_one(pred, charset)
+        decision = gate(pred, 0.8)
+        slots = {g.slot: 2 for g in gaps}
+        assert set(c.text) <= set(charset)
+        assert keeps_trusted(c.text, decision, 2, slots), (text, probs, gaps, c.text)
+        assert c.gated == (decision.needs_llm or bool(gaps))
+        inserted += len(c.text) > n
+        if not gaps:
+            assert len(c.text) == n
+    assert inserted > 0  # the test saw insertions
 
 
 @pytest.mark.parametrize("seed", range(4))
