@@ -33,6 +33,10 @@ python -m training.frozen_tower train --config clipllama-ppocr --cache runs/ppoc
   --init runs/ppocr-stage2/best --minutes "${STAGE3_MINUTES:-22}" --batch-size 64 --lr 5e-4 --warmup-steps 100 \
   --real-share 0.5 --num-perms 6 --val-every 500 --seed 2
 
-# 3. Ship: the checkpoint with FP16 weights, and the bundle exported from exactly those weights.
-python -m training.checkpoint runs/ppocr-frozen/best -o runs/default-fp16 --half
+# 3. Ship: the checkpoint with FP16 weights and the decode settings chosen on the validation
+#    split (parallel first pass; joint CTC/attention rescoring; crops padded to >= 224 px,
+#    the widest padding measured whose batch-1 latency stays under RapidOCR 3.10's), and the
+#    bundle exported from exactly those weights.
+python -m training.checkpoint runs/ppocr-frozen/best -o runs/default-fp16 --half \
+  --decode nar --ctc-rescoring on --pad-width 224
 python -m export.onnx runs/default-fp16 -o runtime/assets/default_bundle --precision fp32 int8 --with-checkpoint
