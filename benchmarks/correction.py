@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import itertools
 import json
 import statistics
 import sys
@@ -196,13 +197,15 @@ def cached_prediction(entry: dict[str, Any], **gap_rule: float) -> Prediction:
                       frames, find_gaps(frames, **gap_rule))
 
 
-def load_words(work: Path) -> tuple[dict[str, list[Word]], dict]:
-    """The cached predictions per set, and the store's metadata (charset, threshold)."""
+def load_words(work: Path, **gap_rule: float) -> tuple[dict[str, list[Word]], dict]:
+    """The cached predictions per set (gaps by ``gap_rule``: :func:`runtime.decoding.find_gaps`
+    arguments, default the runtime's), and the store's metadata (charset, threshold)."""
     store = json.loads((work / "predictions.json").read_text())
     images = store["images"]
     out = {}
     for name, entries in store["sets"].items():
-        out[name] = [Word(label, cached_prediction(images[key]), images[key]["ms"]) for key, label in entries]
+        out[name] = [Word(label, cached_prediction(images[key], **gap_rule), images[key]["ms"])
+                     for key, label in entries]
     return out, {"charset": store["charset"], "threshold": store["threshold"]}
 
 
@@ -210,8 +213,8 @@ def load_words(work: Path) -> tuple[dict[str, list[Word]], dict]:
 # -- gaps ------------------------------------------------------------------------------
 
 #: the gap rules compared by the ``gaps`` step (runtime.decoding.find_gaps arguments)
-GAP_GRID = {"ratio": (1.4, 1.5, 1.6, 1.7, 1.8, 1.9, 2.0, 2.2), "prior": (2.5, 3.0, 3.5),
-            "min_distances": (2, 3, 4)}
+GAP_GRID = {"ratio": (1.5, 1.6, 1.7, 1.8, 2.0), "min_extra": (0.0, 1.5, 2.0, 2.5), "prior": (2.5, 3.0),
+            "min_distances": (3, 4)}
 
 
 def insertion_slots(read: str, label: str, most: int = 2) -> set[int]:
@@ -244,31 +247,28 @@ def gap_report(work: Path) -> list[dict[str, Any]]:
     store = json.loads((work / "predictions.json").read_text())
     images, sets = store["images"], store["sets"]
     rows = []
-    for ratio in GAP_GRID["ratio"]:
-        for prior in GAP_GRID["prior"]:
-            for min_distances in GAP_GRID["min_distances"]:
-                rule = {"ratio": ratio, "prior": prior, "min_distances": min_distances}
-                row: dict[str, Any] = {"rule": rule}
-                for name in VAL_SETS:
-                    skipped = hits = alarms = flagged = right = 0
-                    for key, label in sets[name]:
-                        entry = images[key]
-                        gaps = find_gaps(entry.get("frames") or [], **rule)
-                        flagged += bool(gaps)
-                        if eval_normalize(entry["text"]) == eval_normalize(label):
-                            right += 1
-                            alarms += bool(gaps)
-                            continue
-                        truth = insertion_slots(entry["text"], label)
-                        skipped += bool(truth)
-                        hits += bool(truth & {g.slot for g in gaps})
-                    row[name] = {"n": len(sets[name]), "right": right, "skipped": skipped, "hits": hits,
-                                 "alarms": alarms, "flagged": flagged}
-                rows.append(row)
+    for values in itertools.product(*GAP_GRID.values()):
+        rule = dict(zip(GAP_GRID, values, strict=True))
+        row: dict[str, Any] = {"rule": rule}
+        for name in VAL_SETS:
+            skipped = hits = alarms = flagged = right = 0
+            for key, label in sets[name]:
+                entry = images[key]
+                gaps = find_gaps(entry.get("frames") or [], **rule)
+                flagged += bool(gaps)
+                if eval_normalize(entry["text"]) == eval_normalize(label):
+                    right += 1
+                    alarms += bool(gaps)
+                    continue
+                truth = insertion_slots(entry["text"], label)
+                skipped += bool(truth)
+                hits += bool(truth & {g.slot for g in gaps})
+            row[name] = {"n": len(sets[name]), "right": right, "skipped": skipped, "hits": hits,
+                         "alarms": alarms, "flagged": flagged}
+        rows.append(row)
     (work / "gaps.json").write_text(json.dumps(rows, indent=1))
-    header = ["ratio", "prior", "min distances",
-              *[f"{n}: flagged / skipped / hits / false alarms" for n in VAL_SETS]]
-    print(markdown_table(header, [[r["rule"]["ratio"], r["rule"]["prior"], r["rule"]["min_distances"],
+    header = [*GAP_GRID, *[f"{n}: flagged / skipped / hits / false alarms" for n in VAL_SETS]]
+    print(markdown_table(header, [[*r["rule"].values(),
                                    *[f"{r[n]['flagged']} / {r[n]['skipped']} / {r[n]['hits']} / {r[n]['alarms']}"
                                      for n in VAL_SETS]] for r in rows]))
     return rows
@@ -341,33 +341,35 @@ def make_corrector(llm: str, mode: str, lexicon: str, settings: dict[str, Any], 
     return corrector
 
 
+#: the gap rules the ``tune`` step tries (find_gaps ratio, min_extra; the best of ``gaps``)
+TUNE_GAP_RULES = ({"ratio": 1.5, "min_extra": 1.5}, {"ratio": 1.6, "min_extra": 2.0})
+
+
 def tune(work: Path, llm: str = "default") -> dict[str, Any]:
-    """Grid over the rescore weights on the validation sets; the best by fixed - broken."""
-    words, meta = load_words(work)
+    """Grid over the gap rule and the rescore weights on the validation sets; the best by
+    fixed - broken (among those that fix more real crops than they break)."""
     base = make_corrector(llm, "rescore", "default", {"cache_size": 0, "time_budget_s": None})
     memo = MemoBackend(base.backend)
-    grid = []
-    for prior_weight in (0.5, 1.0):
-        for oov in (-16.0, -20.0):
-            for insert in (-3.0, -5.0):
-                for rare in (-12.0, -14.0):
-                    for weight in (0.0, 0.5, 1.0):
-                        grid.append({"prior_weight": prior_weight, "oov_logprob": oov, "insert_logprob": insert,
-                                     "rare_logprob": rare, "weight": weight})
+    axes = {"prior_weight": (0.5, 1.0), "insert_logprob": (-1.0, -3.0), "weight": (0.5, 1.0),
+            "unfilled_gap_logprob": (0.0, -2.0, -4.0), "weak_gap_ratio": (None, 1.3)}
+    grid = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
     rows = []
-    for settings in grid:
-        corrector = base.with_settings(**settings)
-        corrector.backend = memo
-        per_set = {name: evaluate(corrector, words[name], meta["charset"]) for name in VAL_SETS}
-        gain = {name: r["fixed"] - r["broken"] for name, r in per_set.items()}
-        rows.append({"settings": settings, "gain": gain, "total": sum(gain.values())})
-        print(json.dumps(rows[-1]), file=sys.stderr)
+    for rule in TUNE_GAP_RULES:
+        words, meta = load_words(work, **rule)
+        for settings in grid:
+            corrector = base.with_settings(**settings)
+            corrector.backend = memo
+            per_set = {name: evaluate(corrector, words[name], meta["charset"]) for name in VAL_SETS}
+            gain = {name: r["fixed"] - r["broken"] for name, r in per_set.items()}
+            rows.append({"gap_rule": rule, "settings": settings, "gain": gain, "total": sum(gain.values()),
+                         "gate_rate": {name: r["gate_rate"] for name, r in per_set.items()},
+                         "llm_calls": {name: r["llm_calls"] for name, r in per_set.items()}})
+            print(json.dumps(rows[-1]), file=sys.stderr)
     # fixed > broken on the real validation crops first, then the most words gained overall
     best = max(rows, key=lambda r: (r["gain"]["val_real"] > 0, r["total"], r["gain"]["val_real"]))
     (work / "tuned.json").write_text(json.dumps({"best": best, "grid": rows}, indent=1))
     print(json.dumps(best))
     return best
-
 
 
 def sweep(work: Path, llm: str = "default") -> list[dict[str, Any]]:

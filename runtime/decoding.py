@@ -197,14 +197,16 @@ def ctc_rescored(codec: CharCodec, probs: np.ndarray, ctc_log_probs: np.ndarray,
 
 # -- where characters are missing -----------------------------------------------------------
 #: a gap is reported where two neighbouring characters are at least this many character
-#: pitches apart (chosen on the validation data: benchmarks.correction gaps)
-GAP_RATIO = 1.7
-#: the character pitch in CTC frames assumed for a short word (inputs are 48 px high and a
-#: frame is 8 px wide: a character is about 3 frames; measured on the validation data)
-PRIOR_PITCH = 3.0
-#: a word's own pitch is trusted from this many character distances on (fewer: blended
-#: with :data:`PRIOR_PITCH`)
-MIN_DISTANCES = 3
+#: pitches apart ...
+GAP_RATIO = 1.6
+#: ... and at least this many frames farther apart than the pitch (a frame is 8 px of the
+#: 48 px high input: with a pitch of 2 frames, one frame of jitter alone is a ratio of 1.5)
+MIN_EXTRA_FRAMES = 2.0
+#: the character pitch in CTC frames assumed for a short word
+PRIOR_PITCH = 2.5
+#: a word's own pitch is trusted from this many character distances on (fewer: the median
+#: is taken with copies of :data:`PRIOR_PITCH` added up to this many)
+MIN_DISTANCES = 4
 
 
 def ctc_alignment(log_probs: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
@@ -271,10 +273,10 @@ def character_pitch(centres: Sequence[float], prior: float = PRIOR_PITCH,
 
 
 def find_gaps(centres: Sequence[float], ratio: float = GAP_RATIO, prior: float = PRIOR_PITCH,
-              min_distances: int = MIN_DISTANCES) -> list[Gap]:
+              min_distances: int = MIN_DISTANCES, min_extra: float = MIN_EXTRA_FRAMES) -> list[Gap]:
     """Slots between neighbouring characters (centres in CTC frames) at least ``ratio``
-    pitches apart (:func:`character_pitch`), strongest first; ``missing`` = the distance in
-    pitches rounded, less one (at least 1)."""
+    pitches (:func:`character_pitch`) and ``min_extra`` frames more than one pitch apart,
+    strongest first; ``missing`` = the distance in pitches rounded, less one (at least 1)."""
     if len(centres) < 2:
         return []
     pitch = character_pitch(centres, prior, min_distances)
@@ -283,7 +285,7 @@ def find_gaps(centres: Sequence[float], ratio: float = GAP_RATIO, prior: float =
     out = []
     for j, distance in enumerate(np.diff(np.asarray(centres, dtype=np.float64))):
         strength = float(distance / pitch)
-        if strength >= ratio:
+        if strength >= ratio and distance - pitch >= min_extra:
             out.append(Gap(j + 1, max(1, int(round(strength)) - 1), strength))
     return sorted(out, key=lambda g: -g.strength)
 

@@ -39,8 +39,10 @@ from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
+
 from runtime.charset import resolve_charset
-from runtime.decoding import Prediction
+from runtime.decoding import Prediction, character_pitch
 from runtime.gate import (
     DEFAULT_THRESHOLD,
     MASK_CHAR,
@@ -122,6 +124,13 @@ class CorrectorSettings:
     insert_at: str = "gaps"
     #: rescore, insert_at="gaps": a gap may take up to its estimated missing count + this
     gap_slack: int = 1
+    #: rescore, insert_at="gaps": in a word with a gap, boundaries whose characters are at
+    #: least this many pitches apart (but not enough for a gap) may take one character too
+    #: (a second covered character often leaves a weaker trace; None: never)
+    weak_gap_ratio: float | None = 1.3
+    #: rescore: score charged per gap a candidate leaves empty (the CTC frames say a
+    #: character is there; 0: no charge)
+    unfilled_gap_logprob: float = 0.0
     #: rescore: visual log-probability charged per inserted character
     insert_logprob: float = -3.0
     #: rescore with inserts: a confident word found in no lexicon (prior below
@@ -168,6 +177,10 @@ class CorrectorSettings:
             raise ValueError(f"insert_at must be 'gaps' or 'anywhere', got {self.insert_at!r}")
         if not math.isfinite(self.rare_logprob):
             raise ValueError(f"rare_logprob must be finite, got {self.rare_logprob!r}")
+        if not math.isfinite(self.unfilled_gap_logprob) or self.unfilled_gap_logprob > 0:
+            raise ValueError(f"unfilled_gap_logprob must be a finite number <= 0, got {self.unfilled_gap_logprob!r}")
+        if self.weak_gap_ratio is not None and not self.weak_gap_ratio > 0:
+            raise ValueError(f"weak_gap_ratio must be > 0 or None, got {self.weak_gap_ratio!r}")
         if not math.isfinite(self.insert_logprob) or self.insert_logprob > 0:
             raise ValueError(f"insert_logprob must be a finite number <= 0, got {self.insert_logprob!r}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
@@ -321,9 +334,11 @@ class Corrector:
 
     @property
     def inserts_characters(self) -> bool:
-        """Whether lexicon candidates may have extra characters (rescore, lexicons, inserts)."""
+        """Whether corrections may have extra characters: rescore with lexicons (their words)
+        or fill (the LLM writes them at the CTC gaps), with ``inserts`` > 0."""
         s = self.settings
-        return self.backend is not None and s.mode == "rescore" and s.inserts > 0 and bool(self.lexicons)
+        return (self.backend is not None and s.inserts > 0
+                and (s.mode == "fill" and s.insert_at == "gaps" or s.mode == "rescore" and bool(self.lexicons)))
 
     @property
     def reviews_all_words(self) -> bool:
@@ -340,8 +355,19 @@ class Corrector:
         if not self.inserts_characters or s.insert_at != "gaps":
             return {}
         start, end = core_span(prediction.text)
-        return {g.slot: min(s.inserts, g.missing + s.gap_slack)
-                for g in getattr(prediction, "gaps", None) or () if start < g.slot < end}
+        slack = s.gap_slack if s.mode == "rescore" else 0  # fill writes the estimated count
+        slots: dict[int, int] = {}
+        for g in sorted(getattr(prediction, "gaps", None) or (), key=lambda g: -g.strength):
+            room = s.inserts - sum(slots.values())
+            if start < g.slot < end and room > 0 and (s.mode == "rescore" or g.missing <= room):
+                slots[g.slot] = min(room if s.mode == "rescore" else s.inserts, g.missing + slack)
+        frames = getattr(prediction, "char_frames", None) or []
+        if slots and s.mode == "rescore" and s.weak_gap_ratio is not None and len(frames) == len(prediction.text):
+            pitch = character_pitch(frames)
+            for j, distance in enumerate(np.diff(np.asarray(frames, dtype=np.float64))):
+                if start < j + 1 < end and j + 1 not in slots and pitch > 0 and distance / pitch >= s.weak_gap_ratio:
+                    slots[j + 1] = 1
+        return slots
 
     def describe(self) -> dict:
         """Settings and model, for reports and JSON output."""
@@ -393,11 +419,10 @@ class Corrector:
             if self.settings.mode == "rescore":
                 self._rescore(prediction, decision, charset, deadline, result, slots)
             else:
-                self._fill(prediction, decision, charset, deadline, result)
+                self._fill(prediction, decision, charset, deadline, result, slots)
             if deadline is not None and time.monotonic() > deadline:
                 raise LLMTimeout("time budget spent")
-            _check(result.text, decision, charset, self.settings.inserts if self.settings.mode == "rescore" else 0,
-                   self._insert_slots(slots))
+            _check(result.text, decision, charset, self.settings.inserts, self._insert_slots(slots))
         except LLMTimeout as exc:
             self._keep_vision(result, f"LLM timeout after {self.settings.time_budget_s} s ({exc})")
         except _Rejected as exc:
@@ -458,6 +483,7 @@ class Corrector:
         for lexicon in self.lexicons:
             found += lexicon_candidates(prediction, decision.masked, charset, lexicon, s.k, s.lexicon_pool,
                                         s.prior_weight, s.lowercase, inserts, s.insert_logprob, slots)
+        strong = {g.slot for g in getattr(prediction, "gaps", None) or ()} & set(slots or ())
         unique: dict[str, Candidate] = {}
         for c in found:
             unique.setdefault(c.llm_text, c)
@@ -465,7 +491,8 @@ class Corrector:
         for c in out:
             if self.lexicons:
                 c.prior = self._prior(c.text)
-            c.score = c.visual_logprob + s.prior_weight * c.prior
+            c.score = (c.visual_logprob + s.prior_weight * c.prior
+                       + s.unfilled_gap_logprob * len(strong - set(c.inserted)))
         out.sort(key=lambda c: -c.score)
         return out
 
@@ -476,49 +503,56 @@ class Corrector:
         charset: str,
         deadline: float | None,
         result: Correction,
+        gaps: dict[int, int] | None = None,
     ) -> None:
         s = self.settings
         allowed_set = frozenset(charset)
         text = prediction.text
         masked = set(decision.masked)
-        slots = [
-            self._fill_slot(prediction, i, charset) if i in masked else fold(c, s.lowercase)
-            for i, c in enumerate(text)
-        ]
+        # per position of the answer: the read position it shows, or -1 for a character
+        # written into a CTC gap (``gaps``: slot -> how many)
+        layout = [r for i in range(len(text)) for r in [-1] * (gaps or {}).get(i, 0) + [i]]
+        letters_only = frozenset(fold(c, s.lowercase) for c in charset if c.isalpha())
+        slots = [letters_only if r < 0 else self._fill_slot(prediction, r, charset) if r in masked
+                 else fold(text[r], s.lowercase) for r in layout]
         grammar = fill_grammar(slots, leading_space=not s.fill_template.endswith(" "))
-        prompt = fill_prompt(fold(decision.pattern(), s.lowercase), s.fill_template)
+        pattern = "".join(MASK_CHAR if isinstance(slot, frozenset) else slot for slot in slots)
+        prompt = fill_prompt(pattern, s.fill_template)
         key = ("fill", prompt, grammar)
         answer = self.cache.get(key)
         result.cached = answer is not None
         if answer is None:
-            answer = self.backend.fill(prompt, grammar, max_tokens=len(text) + 2, deadline=deadline)
+            answer = self.backend.fill(prompt, grammar, max_tokens=len(layout) + 2, deadline=deadline)
             if not isinstance(answer, str):
                 raise _Rejected(f"backend returned {type(answer).__name__}, not text")
             answer = fill_answer(answer)
             if deadline is None or time.monotonic() <= deadline:
                 self.cache.put(key, answer)
-        if len(answer) != len(text):
-            raise _Rejected(f"fill answer {answer!r} has not {len(text)} characters")
+            result.llm_called = True
+        if len(answer) != len(layout):
+            raise _Rejected(f"fill answer {answer!r} has not {len(layout)} characters")
         pattern_case = word_case(text, decision.masked) if s.lowercase else None
-        letters = list(text)
+        letters = []
         visual = 0.0
-        for i in range(len(text)):
-            if i not in masked:
-                if answer[i] != slots[i]:
-                    raise _Rejected(f"fill answer {answer!r} changes trusted position {i}")
-                visual += math.log(max(float(prediction.char_probs[i]), MIN_PROB))
+        for j, r in enumerate(layout):
+            if r >= 0 and r not in masked:
+                if answer[j] != slots[j]:
+                    raise _Rejected(f"fill answer {answer!r} changes trusted position {r}")
+                visual += math.log(max(float(prediction.char_probs[r]), MIN_PROB))
+                letters.append(text[r])
                 continue
-            if answer[i] not in slots[i]:
-                raise _Rejected(f"fill answer {answer!r} has {answer[i]!r} outside the grammar")
-            found = position_options(prediction, i, len(charset), allowed_set, s.lowercase)
-            option = next((o for o in found if o.folded == answer[i]), None)
-            char = answer[i]
+            if answer[j] not in slots[j]:
+                raise _Rejected(f"fill answer {answer!r} has {answer[j]!r} outside the grammar")
+            found = position_options(prediction, r, len(charset), allowed_set, s.lowercase) if r >= 0 else []
+            option = next((o for o in found if o.folded == answer[j]), None)
+            char = answer[j]
             if s.lowercase:
-                char = restore_case(answer[i], i, pattern_case, option.variants if option else {}, allowed_set)
+                char = restore_case(answer[j], max(j, 1) if r < 0 else r, pattern_case,
+                                    option.variants if option else {}, allowed_set)
             if char is None or char not in allowed_set:
-                raise _Rejected(f"fill answer {answer!r} has {answer[i]!r} outside the charset")
-            letters[i] = char
-            visual += math.log(max(option.prob if option else 0.0, MIN_PROB))
+                raise _Rejected(f"fill answer {answer!r} has {answer[j]!r} outside the charset")
+            letters.append(char)
+            visual += s.insert_logprob if r < 0 else math.log(max(option.prob if option else 0.0, MIN_PROB))
         result.text = "".join(letters)
         result.candidates = [Candidate(result.text, answer, visual)]
 
@@ -528,7 +562,7 @@ class Corrector:
         """A word the lexicons lack, worth looking for skipped characters (rescore, inserts > 0):
         two or more letters and digits, at least one a letter."""
         s = self.settings
-        if not s.review_unknown or not self.inserts_characters:
+        if not s.review_unknown or not self.inserts_characters or not self.lexicons:
             return False
         start, end = core_span(text)
         core = text[start:end]

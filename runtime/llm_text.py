@@ -51,6 +51,8 @@ class Candidate:
     prior: float = 0.0
     #: where it came from: "topk" (the decoder's alternatives) or a lexicon's name
     source: str = "topk"
+    #: the slot (index in the read word) of each character it inserts
+    inserted: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
         return {
@@ -61,6 +63,7 @@ class Candidate:
             "prior": self.prior,
             "score": self.score,
             "source": self.source,
+            "inserted": list(self.inserted),
         }
 
 
@@ -264,7 +267,8 @@ def lexicon_candidates(
                                    insert_logprob, core_slots) if end > start else []
         head, tail = prediction.text[:start], prediction.text[end:]
         return [replace(c, text=head + c.text + tail, llm_text=fold(head + c.text + tail, lower),
-                        visual_logprob=c.visual_logprob + affix) for c in found]
+                        visual_logprob=c.visual_logprob + affix, inserted=tuple(i + start for i in c.inserted))
+                for c in found]
     allowed = frozenset(charset)
     text = prediction.text
     masked_set = set(masked)
@@ -314,8 +318,9 @@ def lexicon_candidates(
             letters.append(char)
         else:
             candidate = "".join(letters)
+            slots = tuple(next(r for r in layout[j:] if r >= 0) for j, r in enumerate(layout) if r < 0)
             out.append(Candidate(candidate, fold(candidate, lower), visual, prior=lexicon.logprob(word) or 0.0,
-                                 source=lexicon.name))
+                                 source=lexicon.name, inserted=slots))
     return out
 
 

@@ -499,3 +499,42 @@ def test_lexicon_llm_failure_or_timeout_keeps_the_vision_answer() -> None:
         got = lexicon_corrector(fake, lexicons, inserts=0, llm_margin=1e9, time_budget_s=0.01).correct_one(
             pred, CHARSET_36)
         assert got.text == "cotfee" and not got.changed and any(word in w for w in got.warnings)
+
+
+def test_fill_writes_a_letter_into_the_gap_and_keeps_the_rest() -> None:
+    pred = Prediction("Resue", [0.99] * 5, [[(c, 0.99)] for c in "Resue"], gaps=[Gap(3, 1, 2.0)])
+    fake = FakeLM(answer=" rescue")
+    got = corrector(fake, mode="fill").correct_one(pred, CHARSET_94)
+    assert got.gated and got.gaps == [3] and got.text == "Rescue" and got.inserted == 1
+    prompt, grammar = fake.calls[0][1], fake.calls[0][2]
+    assert prompt.endswith("res_ue ->") and '"r" "e" "s" m0 "u" "e"' in grammar
+    # an answer that changes a trusted letter, or misses the gap's length, is refused
+    for answer in (" rascue", " resue", " resccue"):
+        refused = corrector(FakeLM(answer=answer), mode="fill").correct_one(pred, CHARSET_94)
+        assert refused.text == "Resue" and refused.warnings
+    # without a gap a confident word is not gated; with inserts=0 gaps are ignored
+    assert not corrector(fake, mode="fill").correct_one(Prediction("Resue", [0.99] * 5, []), CHARSET_94).gated
+    assert not corrector(fake, mode="fill", inserts=0).correct_one(pred, CHARSET_94).gated
+
+
+def test_a_weak_boundary_takes_a_second_character_and_an_empty_gap_costs() -> None:
+    from runtime.lexicon import Lexicon
+
+    # "Rescue" read "Rece": a clear gap before "c" (slot 2: frames 2.5 -> 9) and a weaker one
+    # before the last "e" (slot 3: 9 -> 14, 1.33 pitches: the pitch is the median of 2.5, 6.5,
+    # 5 and the prior 2.5, 3.75 frames)
+    frames = [0.0, 2.5, 9.0, 14.0]
+    pred = Prediction("Rece", [0.99] * 4, [[(c, 0.99)] for c in "Rece"], char_frames=frames,
+                      gaps=[Gap(2, 1, 2.0)])
+    lexicons = [Lexicon(["rescue", "recipe"], [-9.0, -9.0])]
+    strict = lexicon_corrector(FakeLM(), lexicons, weak_gap_ratio=None).correct_one(pred, CHARSET_94)
+    assert strict.gaps == [2] and strict.text != "Rescue"
+    got = lexicon_corrector(FakeLM(), lexicons, weak_gap_ratio=1.3).correct_one(pred, CHARSET_94)
+    assert got.gaps == [2, 3] and got.text == "Rescue"
+    assert next(c for c in got.candidates if c.text == "Rescue").inserted == (2, 3)
+    # a candidate that leaves the gap empty pays unfilled_gap_logprob
+    plain = Prediction("Ram", [0.99] * 3, [[(c, 0.99)] for c in "Ram"], gaps=[Gap(1, 1, 2.0)])
+    lex = [Lexicon(["ram", "roam"], [-8.0, -10.0])]
+    assert lexicon_corrector(FakeLM(), lex, llm_margin=0.0).correct_one(plain, CHARSET_94).text == "Ram"
+    assert lexicon_corrector(FakeLM(), lex, llm_margin=0.0, unfilled_gap_logprob=-6.0).correct_one(
+        plain, CHARSET_94).text == "Roam"
