@@ -116,10 +116,12 @@ class CharCodec:
 
 
 # -- joint CTC / attention choice ----------------------------------------------------------
-#: weights of the two log-likelihoods in :func:`joint_score` (chosen on the validation split
-#: carved from training crops: docs/training-on-a-cpu.md)
+#: weights of the two log-likelihoods in :func:`joint_score`, chosen on the validation split
+#: carved from training crops, at the default model's padding (docs/training-on-a-cpu.md):
+#: the CTC likelihood alone picks best between the two candidates; the decoder's term helped
+#: only while crops were read unpadded
 CTC_WEIGHT = 1.0
-DECODER_WEIGHT = 1.0
+DECODER_WEIGHT = 0.0
 
 
 def ctc_greedy(log_probs: np.ndarray) -> np.ndarray:
@@ -160,14 +162,17 @@ def positional_log_likelihood(probs: np.ndarray, ids: np.ndarray, eos_id: int = 
     return float(np.log(np.maximum(chosen, 1e-30)).sum())
 
 
-def joint_score(probs: np.ndarray, ctc_log_probs: np.ndarray, ids: np.ndarray, eos_id: int = 0) -> float:
-    """``CTC_WEIGHT * log P_ctc(ids) + DECODER_WEIGHT * log P_decoder(ids, EOS)`` of one row."""
-    return (CTC_WEIGHT * ctc_log_likelihood(ctc_log_probs, ids)
-            + DECODER_WEIGHT * positional_log_likelihood(probs, ids, eos_id))
+def joint_score(probs: np.ndarray, ctc_log_probs: np.ndarray, ids: np.ndarray, eos_id: int = 0,
+                ctc_weight: float = CTC_WEIGHT, decoder_weight: float = DECODER_WEIGHT) -> float:
+    """``ctc_weight * log P_ctc(ids) + decoder_weight * log P_decoder(ids, EOS)`` of one row."""
+    score = ctc_weight * ctc_log_likelihood(ctc_log_probs, ids)
+    if decoder_weight:
+        score += decoder_weight * positional_log_likelihood(probs, ids, eos_id)
+    return score
 
 
-def ctc_rescored(codec: CharCodec, probs: np.ndarray, ctc_log_probs: np.ndarray,
-                 topk: int = 0) -> list[Prediction]:
+def ctc_rescored(codec: CharCodec, probs: np.ndarray, ctc_log_probs: np.ndarray, topk: int = 0,
+                 ctc_weight: float = CTC_WEIGHT, decoder_weight: float = DECODER_WEIGHT) -> list[Prediction]:
     """Predictions of the decoder's ``probs`` ``(B, T, C+1)``, each replaced by the image
     tower's CTC reading (``ctc_log_probs`` ``(B, S, C+1)``) when that reading has the higher
     :func:`joint_score`: joint CTC/attention rescoring of two candidates (the decoder's
@@ -180,8 +185,10 @@ def ctc_rescored(codec: CharCodec, probs: np.ndarray, ctc_log_probs: np.ndarray,
         decoded = decoded[: first_eos(decoded)]
         greedy = ctc_greedy(ctc_row)[: row.shape[0] - 1]
         chosen = decoded
+        weights = {"ctc_weight": ctc_weight, "decoder_weight": decoder_weight}
         if (len(greedy) and not np.array_equal(greedy, decoded)
-                and joint_score(row, ctc_row, greedy, codec.eos_id) > joint_score(row, ctc_row, decoded, codec.eos_id)):
+                and joint_score(row, ctc_row, greedy, codec.eos_id, **weights)
+                > joint_score(row, ctc_row, decoded, codec.eos_id, **weights)):
             chosen = greedy
         prediction = codec.prediction(row, np.append(chosen, codec.eos_id), topk)
         if np.array_equal(chosen, ctc_greedy(ctc_row)):  # the best path reads this very word

@@ -81,12 +81,21 @@ def test_rescoring_takes_the_ctc_reading_only_when_it_scores_higher() -> None:
     (prediction,) = ctc_rescored(CODEC, unsure[None], frames[None], topk=3)
     assert prediction.text == "radio"
     assert len(prediction.char_probs) == len(prediction.topk) == 5
-    # a decoder that is sure of its word keeps it against a weak CTC reading
+    # with the decoder's term weighted in, a decoder sure of its word keeps it against a
+    # weak CTC reading; the default weights (the CTC likelihood alone) take the CTC word
     weak = _ctc_log_probs(["r", "", "a", "d", "", "i", "o", "", ""], sure=1.0)
-    (kept,) = ctc_rescored(CODEC, _decoder_probs("radios")[None], weak[None])
+    sure = _decoder_probs("radios")
+    (kept,) = ctc_rescored(CODEC, sure[None], weak[None], decoder_weight=1.0)
     assert kept.text == "radios"
-    assert joint_score(_decoder_probs("radios"), weak, _ids("radios")) > joint_score(
-        _decoder_probs("radios"), weak, _ids("radio"))
+    assert joint_score(sure, weak, _ids("radios"), decoder_weight=1.0) > joint_score(
+        sure, weak, _ids("radio"), decoder_weight=1.0)
+    (default,) = ctc_rescored(CODEC, sure[None], weak[None])
+    assert default.text == "radio"
+    # the decoder's word wins when the CTC frames themselves favour it over their best path
+    frames = _ctc_log_probs(["r", "", "a", "d", "", "i", "o", "", "s"], sure=8.0)
+    frames[-1] = np.log(softmax(np.where(np.arange(CODEC.num_classes) == _ids("s")[0], 0.2, 0.0)
+                                .astype(np.float32) + np.where(np.arange(CODEC.num_classes) == 0, 0.1, 0.0)))
+    assert ctc_rescored(CODEC, sure[None], frames[None])[0].text in {"radio", "radios"}
 
 
 def test_rescoring_never_picks_an_empty_ctc_reading_and_matches_plain_decoding_when_they_agree() -> None:
