@@ -341,33 +341,58 @@ def make_corrector(llm: str, mode: str, lexicon: str, settings: dict[str, Any], 
     return corrector
 
 
-#: the gap rules the ``tune`` step tries (find_gaps ratio, min_extra; the best of ``gaps``)
-TUNE_GAP_RULES = ({"ratio": 1.5, "min_extra": 1.5}, {"ratio": 1.6, "min_extra": 2.0})
+#: the gap rules the ``tune`` step tries (runtime.decoding.find_gaps arguments; the best
+#: trade-offs of the ``gaps`` step)
+TUNE_GAP_RULES = ({"ratio": 1.5, "min_extra": 1.5, "prior": 3.0}, {"ratio": 1.6, "min_extra": 2.0, "prior": 3.0})
+#: the first stage of ``tune``: what decides which word wins (earlier grids found
+#: insert_logprob -1 better than -3 and weak_gap_ratio 1.3 better than none)
+TUNE_AXES = {"prior_weight": (0.5, 1.0), "oov_logprob": (-16.0, -20.0), "unfilled_gap_logprob": (0.0, -2.0, -4.0),
+             "max_masked_fraction": (1.0, 0.6), "mask_inner_symbols": (True, False)}
+TUNE_FIXED = {"insert_logprob": -1.0, "weight": 0.5, "weak_gap_ratio": 1.3}
+#: the second stage: how often the LLM is asked, and how much it counts
+TUNE_LLM_AXES = {"llm_margin": (1.0, 2.0, 4.0), "weight": (0.0, 0.5, 1.0)}
+
+
+def _tune_row(base: Any, memo: MemoBackend, words: dict[str, list[Word]], charset: str, rule: dict[str, float],
+              settings: dict[str, Any]) -> dict[str, Any]:
+    corrector = base.with_settings(**settings)
+    corrector.backend = memo
+    per_set = {name: evaluate(corrector, words[name], charset) for name in VAL_SETS}
+    gain = {name: r["fixed"] - r["broken"] for name, r in per_set.items()}
+    row = {"gap_rule": rule, "settings": settings, "gain": gain, "total": sum(gain.values()),
+           "gate_rate": {name: r["gate_rate"] for name, r in per_set.items()},
+           "llm_calls": {name: r["llm_calls"] for name, r in per_set.items()}}
+    print(json.dumps(row), file=sys.stderr)
+    return row
+
+
+def _tune_key(row: dict[str, Any]) -> tuple:
+    """No more real crops broken than fixed first, then the most words gained, then the
+    fewest LLM calls on the real crops."""
+    return (row["gain"]["val_real"] >= 0, row["total"], -row["llm_calls"]["val_real"])
 
 
 def tune(work: Path, llm: str = "default") -> dict[str, Any]:
-    """Grid over the gap rule and the rescore weights on the validation sets; the best by
-    fixed - broken (among those that fix more real crops than they break)."""
+    """Two stages on the validation sets: the gap rule and the ranking weights
+    (:data:`TUNE_AXES`), then the LLM's margin and weight (:data:`TUNE_LLM_AXES`); each time
+    the best by :func:`_tune_key`."""
     base = make_corrector(llm, "rescore", "default", {"cache_size": 0, "time_budget_s": None})
     memo = MemoBackend(base.backend)
-    axes = {"prior_weight": (0.5, 1.0), "insert_logprob": (-1.0, -3.0), "weight": (0.5, 1.0),
-            "unfilled_gap_logprob": (0.0, -2.0, -4.0), "weak_gap_ratio": (None, 1.3)}
-    grid = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
     rows = []
     for rule in TUNE_GAP_RULES:
         words, meta = load_words(work, **rule)
-        for settings in grid:
-            corrector = base.with_settings(**settings)
-            corrector.backend = memo
-            per_set = {name: evaluate(corrector, words[name], meta["charset"]) for name in VAL_SETS}
-            gain = {name: r["fixed"] - r["broken"] for name, r in per_set.items()}
-            rows.append({"gap_rule": rule, "settings": settings, "gain": gain, "total": sum(gain.values()),
-                         "gate_rate": {name: r["gate_rate"] for name, r in per_set.items()},
-                         "llm_calls": {name: r["llm_calls"] for name, r in per_set.items()}})
-            print(json.dumps(rows[-1]), file=sys.stderr)
-    # fixed > broken on the real validation crops first, then the most words gained overall
-    best = max(rows, key=lambda r: (r["gain"]["val_real"] > 0, r["total"], r["gain"]["val_real"]))
-    (work / "tuned.json").write_text(json.dumps({"best": best, "grid": rows}, indent=1))
+        for values in itertools.product(*TUNE_AXES.values()):
+            settings = {**TUNE_FIXED, **dict(zip(TUNE_AXES, values, strict=True))}
+            rows.append(_tune_row(base, memo, words, meta["charset"], rule, settings))
+    first = max(rows, key=_tune_key)
+    words, meta = load_words(work, **first["gap_rule"])
+    second = []
+    for values in itertools.product(*TUNE_LLM_AXES.values()):
+        settings = {**first["settings"], **dict(zip(TUNE_LLM_AXES, values, strict=True))}
+        second.append(_tune_row(base, memo, words, meta["charset"], first["gap_rule"], settings))
+    best = max(second, key=_tune_key)
+    (work / "tuned.json").write_text(json.dumps({"best": best, "first": first, "grid": rows, "llm_grid": second},
+                                                indent=1))
     print(json.dumps(best))
     return best
 

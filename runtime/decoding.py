@@ -204,13 +204,17 @@ def ctc_rescored(codec: CharCodec, probs: np.ndarray, ctc_log_probs: np.ndarray,
 
 # -- where characters are missing -----------------------------------------------------------
 #: a gap is reported where two neighbouring characters are at least this many character
-#: pitches apart ...
+#: pitches apart ... (the constants below were chosen on validation data carved from the
+#: training crops, never on test sets: ``python -m benchmarks.correction gaps`` and ``tune``;
+#: on the occluded validation words the rule finds the slot of about 80% of the skipped
+#: characters, and flags about 2% of the correctly read real validation crops)
 GAP_RATIO = 1.6
 #: ... and at least this many frames farther apart than the pitch (a frame is 8 px of the
 #: 48 px high input: with a pitch of 2 frames, one frame of jitter alone is a ratio of 1.5)
 MIN_EXTRA_FRAMES = 2.0
-#: the character pitch in CTC frames assumed for a short word
-PRIOR_PITCH = 2.5
+#: the character pitch in CTC frames assumed for a short word (a three-letter word fills a
+#: wider share of its crop than a long one: 2.5 flagged too many short real words)
+PRIOR_PITCH = 3.0
 #: a word's own pitch is trusted from this many character distances on (fewer: the median
 #: is taken with copies of :data:`PRIOR_PITCH` added up to this many)
 MIN_DISTANCES = 4

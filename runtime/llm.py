@@ -89,11 +89,13 @@ MODES = ("rescore", "fill")
 class CorrectorSettings:
     """Everything that decides a correction.
 
-    The rescore weights (weight, prior_weight, oov_logprob, insert_logprob, rare_logprob)
-    were chosen by ``python -m benchmarks.correction tune`` on validation data carved from
-    the training crops (the default model's 348 held-out real crops and occluded IIIT5K-train
-    words), SmolLM2-135M, threshold 0.8: the most words fixed minus broken among the
-    settings that fix more than they break on the real crops.
+    The rescore settings (prior_weight, oov_logprob, insert_logprob, unfilled_gap_logprob,
+    weak_gap_ratio, max_masked_fraction, mask_inner_symbols, then llm_margin and weight)
+    and the gap rule of :func:`runtime.decoding.find_gaps` were chosen by ``python -m
+    benchmarks.correction tune`` on validation data carved from the training crops (the
+    default model's 348 held-out real crops and occluded IIIT5K-train words), SmolLM2-135M,
+    threshold 0.8: the most words fixed minus broken among the settings that break no more
+    real crops than they fix, then the fewest LLM calls.
     """
 
     mode: str = "rescore"
@@ -106,7 +108,7 @@ class CorrectorSettings:
     #: rescore: weight of the LLM log-probability against the visual one
     weight: float = 0.5
     #: rescore: weight of the lexicon's frequency prior (natural-log word probability)
-    prior_weight: float = 0.5
+    prior_weight: float = 1.0
     #: rescore: prior of a candidate found in no lexicon (when lexicons are used)
     oov_logprob: float = -20.0
     #: rescore: lexicon words kept per lexicon after the cheap (visual + prior) ranking
@@ -114,7 +116,7 @@ class CorrectorSettings:
     #: rescore: candidates the LLM scores (the best by the cheap ranking)
     llm_candidates: int = 3
     #: rescore: the LLM is skipped when the cheap ranking's best leads the next by more (nats)
-    llm_margin: float = 4.0
+    llm_margin: float = 1.0
     #: rescore: lexicon words with up to this many more inner characters are candidates too
     #: (a decoder skips a covered character; 0: never)
     inserts: int = 2
@@ -128,11 +130,14 @@ class CorrectorSettings:
     #: least this many pitches apart (but not enough for a gap) may take one character too
     #: (a second covered character often leaves a weaker trace; None: never)
     weak_gap_ratio: float | None = 1.3
+    #: with inserts: symbols inside a word (``dr_ss``) are masked too (a decoder may write
+    #: one where a character is covered)
+    mask_inner_symbols: bool = True
     #: rescore: score charged per gap a candidate leaves empty (the CTC frames say a
     #: character is there; 0: no charge)
-    unfilled_gap_logprob: float = 0.0
+    unfilled_gap_logprob: float = -4.0
     #: rescore: visual log-probability charged per inserted character
-    insert_logprob: float = -3.0
+    insert_logprob: float = -1.0
     #: rescore with inserts: a confident word found in no lexicon (prior below
     #: ``rare_logprob``) goes past the gate too (off by default: the CTC gaps say where a
     #: character was skipped, at a fraction of the cost)
@@ -145,7 +150,7 @@ class CorrectorSettings:
     #: wall-clock budget per gated word, in seconds (None: no limit)
     time_budget_s: float | None = 2.0
     #: words with a larger masked fraction keep the vision answer (1.0: no limit)
-    max_masked_fraction: float = 1.0
+    max_masked_fraction: float = 0.6
     #: fill: what a masked position may hold: "alnum" (the charset's letters and digits, plus
     #: other characters the decoder's top-k has there), "charset" (all of it) or "topk"
     fill_slots: str = "alnum"
@@ -398,7 +403,7 @@ class Corrector:
         except (ValueError, TypeError) as exc:
             result.warnings.append(f"gate: {exc}")
             return self._finish(result, start)
-        if self.inserts_characters and any(c.isalpha() for c in prediction.text):
+        if self.settings.mask_inner_symbols and self.inserts_characters and any(c.isalpha() for c in prediction.text):
             decision = decision.with_masked(inner_symbols(prediction.text))
         slots = self.gap_slots(prediction)
         result.gaps = sorted(slots)

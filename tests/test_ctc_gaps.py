@@ -108,10 +108,11 @@ def test_a_normal_word_has_no_gap() -> None:
 
 
 def test_the_decoders_word_is_aligned_when_it_differs_from_the_ctc_reading() -> None:
-    # the CTC frames show a stray mark in the occluded stretch; the decoder's word wins
+    # the CTC frames show a stray mark in the occluded stretch; the decoder's word wins (with
+    # the decoder's term weighted in) and is aligned to the frames by Viterbi
     frames = _frames("r..e..s....x...u..e......")
     frames[11] = np.log(softmax(np.where(np.arange(CODEC.num_classes) == _ids("x")[0], 0.6, 0.0)))
-    (prediction,) = ctc_rescored(CODEC, _decoder_probs("resue")[None], frames[None])
+    (prediction,) = ctc_rescored(CODEC, _decoder_probs("resue")[None], frames[None], decoder_weight=1.0)
     assert prediction.text == "resue" and len(prediction.char_frames) == 5
     assert [g.slot for g in prediction.gaps] == [3]
 

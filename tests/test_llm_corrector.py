@@ -118,7 +118,7 @@ def test_max_candidates_caps_the_llm_work() -> None:
     alternatives = [(c, 0.02) for c in "abcdefgh"]
     pred = Prediction("xyz", [0.02, 0.02, 0.02], [alternatives] * 3)
     fake = FakeLM()
-    corrector(fake, k=8, max_candidates=10).correct([pred], CHARSET_36)
+    corrector(fake, k=8, max_candidates=10, max_masked_fraction=1.0).correct([pred], CHARSET_36)
     assert len(fake.calls[0][2]) == 10
 
 
@@ -520,10 +520,10 @@ def test_fill_writes_a_letter_into_the_gap_and_keeps_the_rest() -> None:
 def test_a_weak_boundary_takes_a_second_character_and_an_empty_gap_costs() -> None:
     from runtime.lexicon import Lexicon
 
-    # "Rescue" read "Rece": a clear gap before "c" (slot 2: frames 2.5 -> 9) and a weaker one
-    # before the last "e" (slot 3: 9 -> 14, 1.33 pitches: the pitch is the median of 2.5, 6.5,
-    # 5 and the prior 2.5, 3.75 frames)
-    frames = [0.0, 2.5, 9.0, 14.0]
+    # "Rescue" read "Rece": a clear gap before "c" (slot 2: frames 2 -> 9) and a weaker one
+    # before the last "e" (slot 3: 9 -> 15, 1.33 pitches: the pitch is the median of 2, 7, 6
+    # and the prior 3, 4.5 frames)
+    frames = [0.0, 2.0, 9.0, 15.0]
     pred = Prediction("Rece", [0.99] * 4, [[(c, 0.99)] for c in "Rece"], char_frames=frames,
                       gaps=[Gap(2, 1, 2.0)])
     lexicons = [Lexicon(["rescue", "recipe"], [-9.0, -9.0])]
@@ -535,6 +535,8 @@ def test_a_weak_boundary_takes_a_second_character_and_an_empty_gap_costs() -> No
     # a candidate that leaves the gap empty pays unfilled_gap_logprob
     plain = Prediction("Ram", [0.99] * 3, [[(c, 0.99)] for c in "Ram"], gaps=[Gap(1, 1, 2.0)])
     lex = [Lexicon(["ram", "roam"], [-8.0, -10.0])]
-    assert lexicon_corrector(FakeLM(), lex, llm_margin=0.0).correct_one(plain, CHARSET_94).text == "Ram"
-    assert lexicon_corrector(FakeLM(), lex, llm_margin=0.0, unfilled_gap_logprob=-6.0).correct_one(
+    costs = {"llm_margin": 0.0, "prior_weight": 0.5, "insert_logprob": -3.0}
+    assert lexicon_corrector(FakeLM(), lex, unfilled_gap_logprob=0.0, **costs).correct_one(
+        plain, CHARSET_94).text == "Ram"
+    assert lexicon_corrector(FakeLM(), lex, unfilled_gap_logprob=-6.0, **costs).correct_one(
         plain, CHARSET_94).text == "Roam"
