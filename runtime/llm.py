@@ -576,9 +576,20 @@ class Corrector:
         return self._prior(core) < s.rare_logprob
 
     def _prior(self, text: str) -> float:
-        """The best frequency prior of ``text`` (its letters and digits) over the lexicons."""
+        """The frequency prior of ``text`` without its leading and trailing symbols (the best
+        over the lexicons). A word with symbols inside (``VICTORIA'S``, ``e-mail``) gets that
+        of its rarest piece of two or more characters: the lexicons hold no symbols, and
+        calling it unknown would let any known word replace it."""
         start, end = core_span(text)
-        priors = [lp for lex in self.lexicons if (lp := lex.logprob(text[start:end])) is not None]
+        core = text[start:end]
+        pieces = [core] if core.isalnum() else [p for p in re.split(r"[\W_]+", core) if len(p) > 1]
+        if not pieces:
+            return self.settings.oov_logprob
+        return min(self._word_prior(piece) for piece in pieces)
+
+    def _word_prior(self, word: str) -> float:
+        """The best frequency prior of ``word`` over the lexicons (``oov_logprob`` when none has it)."""
+        priors = [lp for lex in self.lexicons if (lp := lex.logprob(word)) is not None]
         return max(priors, default=self.settings.oov_logprob)
 
     def _fill_slot(self, prediction: Prediction, position: int, charset: str) -> frozenset[str]:

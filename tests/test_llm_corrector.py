@@ -540,3 +540,15 @@ def test_a_weak_boundary_takes_a_second_character_and_an_empty_gap_costs() -> No
         plain, CHARSET_94).text == "Ram"
     assert lexicon_corrector(FakeLM(), lex, unfilled_gap_logprob=-6.0, **costs).correct_one(
         plain, CHARSET_94).text == "Roam"
+
+
+def test_a_word_with_an_inner_symbol_is_not_unknown_to_the_lexicon() -> None:
+    from runtime.lexicon import Lexicon
+
+    # "VICTORIA'S" with an unsure apostrophe: "VICTORIANS" is a word, but so is "victoria"
+    pred = unsure("VICTORIA'S", 8, [("'", 0.6), ("N", 0.3), ("I", 0.05)])
+    lexicons = [Lexicon(["victoria", "victorians"], [-11.0, -14.0])]
+    got = lexicon_corrector(FakeLM(), lexicons, llm_margin=0.0).correct_one(pred, CHARSET_94)
+    assert got.gated and got.text == "VICTORIA'S"
+    prior = {c.text: c.prior for c in got.candidates}
+    assert prior["VICTORIA'S"] == -11.0 and prior["VICTORIANS"] == -14.0
