@@ -183,7 +183,8 @@ def ctc_rescored(codec: CharCodec, probs: np.ndarray, ctc_log_probs: np.ndarray,
     for row, ctc_row in zip(probs, np.asarray(ctc_log_probs, dtype=np.float32), strict=True):
         decoded = row.argmax(-1)
         decoded = decoded[: first_eos(decoded)]
-        greedy = ctc_greedy(ctc_row)[: row.shape[0] - 1]
+        best_path = ctc_greedy(ctc_row)
+        greedy = best_path[: row.shape[0] - 1]
         chosen = decoded
         weights = {"ctc_weight": ctc_weight, "decoder_weight": decoder_weight}
         if (len(greedy) and not np.array_equal(greedy, decoded)
@@ -191,7 +192,7 @@ def ctc_rescored(codec: CharCodec, probs: np.ndarray, ctc_log_probs: np.ndarray,
                 > joint_score(row, ctc_row, decoded, codec.eos_id, **weights)):
             chosen = greedy
         prediction = codec.prediction(row, np.append(chosen, codec.eos_id), topk)
-        if np.array_equal(chosen, ctc_greedy(ctc_row)):  # the best path reads this very word
+        if np.array_equal(chosen, best_path):  # the best path reads this very word
             alignment = best_path_alignment(ctc_row)
         else:
             alignment = ctc_alignment(ctc_row, chosen)
