@@ -132,16 +132,23 @@ def ctc_greedy(log_probs: np.ndarray) -> np.ndarray:
     return best[keep]
 
 
+def _ctc_states(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CTC's extended label sequence of ``ids`` (blank, c1, blank, c2, ..., blank) and, per
+    state, whether it may be reached by skipping the blank before it (a character that
+    differs from the one two states back)."""
+    labels = np.zeros(2 * len(ids) + 1, dtype=np.int64)
+    labels[1::2] = ids
+    skip = np.zeros(len(labels), dtype=bool)
+    skip[3::2] = labels[3::2] != labels[1:-2:2]
+    return labels, skip
+
+
 def ctc_log_likelihood(log_probs: np.ndarray, ids: np.ndarray) -> float:
     """log P(``ids`` | CTC outputs ``(T, C+1)``, blank 0), summed over every alignment
     (the forward algorithm, in log space); ``-inf`` when ``ids`` cannot fit in T frames."""
     log_probs = np.asarray(log_probs, dtype=np.float64)
-    labels = np.zeros(2 * len(ids) + 1, dtype=np.int64)
-    labels[1::2] = ids
+    labels, skip = _ctc_states(ids)
     states = len(labels)
-    # a label state may skip the blank before it when it differs from the label two back
-    skip = np.zeros(states, dtype=bool)
-    skip[3::2] = labels[3::2] != labels[1:-2:2]
     alpha = np.full(states, -np.inf)
     alpha[0] = log_probs[0, 0]
     if states > 1:
@@ -229,11 +236,8 @@ def ctc_alignment(log_probs: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
     log_probs = np.asarray(log_probs, dtype=np.float64)
     ids = np.asarray(ids, dtype=np.int64)
     frames = log_probs.shape[0]
-    labels = np.zeros(2 * len(ids) + 1, dtype=np.int64)
-    labels[1::2] = ids
+    labels, skip = _ctc_states(ids)
     states = len(labels)
-    skip = np.zeros(states, dtype=bool)
-    skip[3::2] = labels[3::2] != labels[1:-2:2]
     score = np.full(states, -np.inf)
     score[0] = log_probs[0, 0]
     if states > 1:
