@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from runtime.charset import resolve_charset
-from runtime.decoding import Prediction, character_pitch
+from runtime.decoding import Prediction, character_pitch, ctc_log_likelihoods
 from runtime.gate import (
     DEFAULT_THRESHOLD,
     MASK_CHAR,
@@ -89,13 +89,14 @@ MODES = ("rescore", "fill")
 class CorrectorSettings:
     """Everything that decides a correction.
 
-    The rescore settings (prior_weight, oov_logprob, insert_logprob, unfilled_gap_logprob,
-    weak_gap_ratio, max_masked_fraction, mask_inner_symbols, then llm_margin and weight)
-    and the gap rule of :func:`runtime.decoding.find_gaps` were chosen by ``python -m
-    benchmarks.correction tune`` on validation data carved from the training crops (the
-    default model's 348 held-out real crops and occluded IIIT5K-train words), SmolLM2-135M,
-    threshold 0.8: the most words fixed minus broken among the settings that break no more
-    real crops than they fix, then the fewest LLM calls.
+    The rescore settings (insert_credit, gap_credit, review_unknown, oov_logprob,
+    keep_margin, then llm_margin and weight) and the gap rule of
+    :func:`runtime.decoding.find_gaps` were chosen by ``python -m benchmarks.correction
+    tune`` on validation data carved from the training crops (the default model's 348
+    held-out real crops, the other 6,377 real training crops as a breakage check, and
+    occluded IIIT5K-train words), SmolLM2-135M, threshold 0.8: the most words fixed minus
+    broken among the settings that fix more real crops than they break, then the fewest
+    LLM calls.
     """
 
     mode: str = "rescore"
@@ -105,6 +106,20 @@ class CorrectorSettings:
     k: int = 5
     #: rescore: most candidates scored per word (the best by visual log-probability)
     max_candidates: int = 32
+    #: rescore: how a candidate's visual log-probability is measured: "ctc" (the image
+    #: tower's CTC likelihood of the whole candidate, over every alignment, less that of the
+    #: read word: a changed or inserted character costs what the frames say; used when the
+    #: prediction carries CTC outputs, "decoder" otherwise) or "decoder" (the decoder's
+    #: per-position probabilities at the masked positions)
+    visual: str = "ctc"
+    #: rescore, visual="ctc": nats credited per inserted character (a covered character
+    #: reads as blank frames, which the CTC likelihood charges for) ...
+    insert_credit: float = 3.0
+    #: ... and per character inserted at a CTC gap (:attr:`Prediction.gaps`)
+    gap_credit: float = 12.0
+    #: rescore: the read word is replaced only by a candidate that scores more than this
+    #: above it (nats; near-ties between the frames' best reading and another are coin flips)
+    keep_margin: float = 1.0
     #: rescore: weight of the LLM log-probability against the visual one
     weight: float = 0.5
     #: rescore: weight of the lexicon's frequency prior (natural-log word probability)
@@ -116,32 +131,32 @@ class CorrectorSettings:
     #: rescore: candidates the LLM scores (the best by the cheap ranking)
     llm_candidates: int = 3
     #: rescore: the LLM is skipped when the cheap ranking's best leads the next by more (nats)
-    llm_margin: float = 1.0
+    llm_margin: float = 3.0
     #: rescore: lexicon words with up to this many more inner characters are candidates too
     #: (a decoder skips a covered character; 0: never)
     inserts: int = 2
-    #: rescore: where extra characters may go: "gaps" (only at the CTC gaps of the
-    #: prediction, :attr:`Prediction.gaps`, which also send a confident word past the gate)
-    #: or "anywhere" (between any two characters of a gated word)
-    insert_at: str = "gaps"
+    #: rescore: where extra characters may go: "anywhere" (between any two characters of a
+    #: gated word; with visual="ctc" the frames say what each place costs) or "gaps" (only
+    #: at the CTC gaps of the prediction, :attr:`Prediction.gaps`). Either way a gap sends
+    #: a confident word past the gate
+    insert_at: str = "anywhere"
     #: rescore, insert_at="gaps": a gap may take up to its estimated missing count + this
     gap_slack: int = 1
-    #: rescore, insert_at="gaps": in a word with a gap, boundaries whose characters are at
-    #: least this many pitches apart (but not enough for a gap) may take one character too
-    #: (a second covered character often leaves a weaker trace; None: never)
+    #: rescore: in a word with a gap, boundaries whose characters are at least this many
+    #: pitches apart (but not enough for a gap) count as gaps of one character too (a
+    #: second covered character often leaves a weaker trace; None: never)
     weak_gap_ratio: float | None = 1.3
     #: with inserts: symbols inside a word (``dr_ss``) are masked too (a decoder may write
     #: one where a character is covered)
     mask_inner_symbols: bool = True
-    #: rescore: score charged per gap a candidate leaves empty (the CTC frames say a
-    #: character is there; 0: no charge)
+    #: rescore, decoder visual: score charged per gap a candidate leaves empty (the CTC
+    #: frames say a character is there; 0: no charge)
     unfilled_gap_logprob: float = -4.0
-    #: rescore: visual log-probability charged per inserted character
+    #: rescore, decoder visual: visual log-probability charged per inserted character
     insert_logprob: float = -1.0
     #: rescore with inserts: a confident word found in no lexicon (prior below
-    #: ``rare_logprob``) goes past the gate too (off by default: the CTC gaps say where a
-    #: character was skipped, at a fraction of the cost)
-    review_unknown: bool = False
+    #: ``rare_logprob``) goes past the gate too: a skipped character need not leave a gap
+    review_unknown: bool = True
     #: the prior below which ``review_unknown`` gates a word (wordfreq's list holds
     #: fragments such as "thm": absence alone is too weak a signal)
     rare_logprob: float = -14.0
@@ -170,7 +185,7 @@ class CorrectorSettings:
         check_threshold(self.threshold)
         if self.k < 1 or self.max_candidates < 1:
             raise ValueError("k and max_candidates must be at least 1")
-        for name in ("weight", "prior_weight", "llm_margin"):
+        for name in ("weight", "prior_weight", "llm_margin", "keep_margin"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -178,6 +193,12 @@ class CorrectorSettings:
             raise ValueError(f"oov_logprob must be a finite number <= 0, got {self.oov_logprob!r}")
         if self.lexicon_pool < 0 or self.llm_candidates < 1 or self.inserts < 0 or self.gap_slack < 0:
             raise ValueError("lexicon_pool, inserts and gap_slack must be >= 0 and llm_candidates >= 1")
+        if self.visual not in ("ctc", "decoder"):
+            raise ValueError(f"visual must be 'ctc' or 'decoder', got {self.visual!r}")
+        for name in ("insert_credit", "gap_credit"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.insert_at not in ("gaps", "anywhere"):
             raise ValueError(f"insert_at must be 'gaps' or 'anywhere', got {self.insert_at!r}")
         if not math.isfinite(self.rare_logprob):
@@ -343,21 +364,21 @@ class Corrector:
         or fill (the LLM writes them at the CTC gaps), with ``inserts`` > 0."""
         s = self.settings
         return (self.backend is not None and s.inserts > 0
-                and (s.mode == "fill" and s.insert_at == "gaps" or s.mode == "rescore" and bool(self.lexicons)))
+                and (s.mode == "fill" or s.mode == "rescore" and bool(self.lexicons)))
 
     @property
     def reviews_all_words(self) -> bool:
         """Whether confident words may go past the gate too (a CTC gap, or a word in no
         lexicon with ``review_unknown``): the recognizer then hands every word to
         :meth:`correct`, which lets the others pass in microseconds."""
-        s = self.settings
-        return self.inserts_characters and (s.insert_at == "gaps" or s.review_unknown)
+        return self.inserts_characters
 
     def gap_slots(self, prediction: Prediction) -> dict[int, int]:
         """Slot -> most characters to insert there, from the prediction's CTC gaps (inner
-        slots of its letters and digits; empty unless inserting at gaps)."""
+        slots of its letters and digits; empty unless characters may be inserted). A word
+        with one goes past the gate; only with ``insert_at="gaps"`` do they limit where."""
         s = self.settings
-        if not self.inserts_characters or s.insert_at != "gaps":
+        if not self.inserts_characters:
             return {}
         start, end = core_span(prediction.text)
         slack = s.gap_slack if s.mode == "rescore" else 0  # fill writes the estimated count
@@ -472,6 +493,18 @@ class Corrector:
             best.sort(key=lambda c: -c.score)
             result.candidates = best + candidates[len(best) :]
         result.text = result.candidates[0].text
+        read = next((c for c in result.candidates if c.text == prediction.text), None)
+        if read is not None:  # compared on the scores both have (the LLM's only if it scored both)
+            top = result.candidates[0]
+            both = read.llm_logprob is not None and top.llm_logprob is not None
+            if self._cheap(top, both) - self._cheap(read, both) <= s.keep_margin:
+                result.text = prediction.text
+
+    def _cheap(self, candidate: Candidate, with_llm: bool) -> float:
+        """A candidate's score, without the LLM's term unless ``with_llm``."""
+        if with_llm or candidate.llm_logprob is None:
+            return float(candidate.score)
+        return float(candidate.score) - self.settings.weight * candidate.llm_logprob
 
     def _insert_slots(self, slots: dict[int, int]) -> dict[int, int] | None:
         """Where characters may be inserted: ``slots`` when inserting at gaps, None (anywhere)
@@ -489,16 +522,44 @@ class Corrector:
             found += lexicon_candidates(prediction, decision.masked, charset, lexicon, s.k, s.lexicon_pool,
                                         s.prior_weight, s.lowercase, inserts, s.insert_logprob, slots)
         strong = {g.slot for g in getattr(prediction, "gaps", None) or ()} & set(slots or ())
+        ctc = getattr(prediction, "ctc_log_probs", None) if s.visual == "ctc" else None
+        if ctc is not None:
+            found.append(Candidate(prediction.text, fold(prediction.text, s.lowercase), 0.0, source="vision"))
         unique: dict[str, Candidate] = {}
         for c in found:
             unique.setdefault(c.llm_text, c)
         out = list(unique.values())
+        if ctc is not None:
+            out = self._ctc_visual(prediction.text, ctc, out, charset, set(self.gap_slots(prediction)))
+            strong = set()  # the CTC likelihood itself charges a candidate that leaves a gap empty
         for c in out:
             if self.lexicons:
                 c.prior = self._prior(c.text)
             c.score = (c.visual_logprob + s.prior_weight * c.prior
                        + s.unfilled_gap_logprob * len(strong - set(c.inserted)))
         out.sort(key=lambda c: -c.score)
+        return out
+
+    def _ctc_visual(self, read: str, ctc_log_probs: np.ndarray, candidates: list[Candidate],
+                    charset: str, gaps: set[int]) -> list[Candidate]:
+        """``candidates`` with visual log-probabilities from the CTC outputs: log P_ctc(word)
+        - log P_ctc(``read``) + ``gap_credit`` per character inserted at one of ``gaps``
+        (slots) and ``insert_credit`` per other inserted character; words the frames cannot
+        hold (or outside ``charset``) are dropped."""
+        s = self.settings
+        index = {c: i + 1 for i, c in enumerate(charset)}
+        kept = [c for c in candidates if all(ch in index for ch in c.text)]
+        if not kept:
+            return []
+        words = [np.array([index[ch] for ch in text], dtype=np.int64) for text in [read, *(c.text for c in kept)]]
+        values = ctc_log_likelihoods(ctc_log_probs, words)
+        out = []
+        for c, value in zip(kept, values[1:], strict=True):
+            if math.isfinite(value):
+                at_gaps = sum(slot in gaps for slot in c.inserted)
+                c.visual_logprob = (float(value - values[0]) + s.gap_credit * at_gaps
+                                    + s.insert_credit * (len(c.text) - len(read) - at_gaps))
+                out.append(c)
         return out
 
     def _fill(

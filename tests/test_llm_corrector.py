@@ -366,6 +366,10 @@ def lexicon_corrector(fake: LLMBackend, lexicons: list, **settings: object) -> C
     return Corrector(fake, CorrectorSettings(**settings), lexicons=lexicons)  # type: ignore[arg-type]
 
 
+#: characters inserted only at CTC gaps, and no review of unknown words
+AT_GAPS = {"insert_at": "gaps", "review_unknown": False}
+
+
 def test_lexicon_word_beyond_the_topk_is_found() -> None:
     from runtime.lexicon import Lexicon
 
@@ -406,10 +410,10 @@ def test_skipped_characters_are_inserted_and_the_recognizer_accepts_them() -> No
     known = Prediction("house", [0.99] * 5, [])
     assert not lexicon_corrector(fake, lexicons).correct_one(known, CHARSET_94).gated
     assert not lexicon_corrector(fake, lexicons, inserts=0).correct_one(pred, CHARSET_94).gated
-    # without a gap a confident word passes (unless unknown words are reviewed, inserting anywhere)
+    # without a gap a confident word passes unless unknown words are reviewed (the default)
     no_gap = Prediction("Resue", [0.99] * 5, [[(c, 0.99)] for c in "Resue"])
-    assert not lexicon_corrector(fake, lexicons).correct_one(no_gap, CHARSET_94).gated
-    old = lexicon_corrector(fake, lexicons, review_unknown=True, insert_at="anywhere").correct_one(no_gap, CHARSET_94)
+    assert not lexicon_corrector(fake, lexicons, **AT_GAPS).correct_one(no_gap, CHARSET_94).gated
+    old = lexicon_corrector(fake, lexicons).correct_one(no_gap, CHARSET_94)
     assert old.gated and old.unknown_word and old.text == "Rescue"
 
 
@@ -420,18 +424,18 @@ def test_characters_are_inserted_only_at_the_gap() -> None:
     base = Prediction("Resue", [0.99] * 5, [[(c, 0.99)] for c in "Resue"])
     # a gap before "s" (slot 2): "Re?sue" fits no word; "Rescue"/"Resume" need slot 3
     early = Prediction(base.text, base.char_probs, base.topk, gaps=[Gap(2, 1, 2.0)])
-    got = lexicon_corrector(FakeLM(), lexicons).correct_one(early, CHARSET_94)
+    got = lexicon_corrector(FakeLM(), lexicons, **AT_GAPS).correct_one(early, CHARSET_94)
     assert got.gated and got.text != "Rescue" and got.text != "Resume"
     assert all(c.text == "Resue" or (c.text[:2] == "Re" and c.text[-3:] == "sue") for c in got.candidates)
     # a two-character gap at slot 2 lets "Reissue" in; only one character is allowed by a weak gap
     two = Prediction(base.text, base.char_probs, base.topk, gaps=[Gap(2, 2, 3.0)])
     cheap = {"gap_slack": 0, "insert_logprob": -1.0}
-    assert lexicon_corrector(FakeLM(), lexicons, **cheap).correct_one(two, CHARSET_94).text == "Reissue"
+    assert lexicon_corrector(FakeLM(), lexicons, **cheap, **AT_GAPS).correct_one(two, CHARSET_94).text == "Reissue"
     one = Prediction(base.text, base.char_probs, base.topk, gaps=[Gap(2, 1, 2.0)])
-    assert lexicon_corrector(FakeLM(), lexicons, **cheap).correct_one(one, CHARSET_94).text == "Resue"
+    assert lexicon_corrector(FakeLM(), lexicons, **cheap, **AT_GAPS).correct_one(one, CHARSET_94).text == "Resue"
     # a gap at the word's edge (or outside its letters) is no inner slot: nothing is inserted
     edge = Prediction("(Resue)", [0.99] * 7, [[(c, 0.99)] for c in "(Resue)"], gaps=[Gap(1, 1, 2.0)])
-    assert not lexicon_corrector(FakeLM(), lexicons).correct_one(edge, CHARSET_94).gated
+    assert not lexicon_corrector(FakeLM(), lexicons, **AT_GAPS).correct_one(edge, CHARSET_94).gated
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -453,7 +457,7 @@ def test_a_gap_never_lets_the_llm_change_a_trusted_character(seed: int) -> None:
         topk = [[(c, p)] + [(rng.choice(charset), (1 - p) / 3) for _ in range(2)] for c, p in zip(text, probs)]
         gaps = [Gap(slot, rng.randint(1, 2), 2.0) for slot in rng.sample(range(1, n), k=min(n - 1, rng.randint(0, 2)))]
         pred = Prediction(text, probs, topk, gaps=gaps)
-        c = lexicon_corrector(fake, [lexicon], llm_margin=1e9, insert_logprob=0.0).correct_one(pred, charset)
+        c = lexicon_corrector(fake, [lexicon], llm_margin=1e9, insert_logprob=0.0, **AT_GAPS).correct_one(pred, charset)
         decision = gate(pred, 0.8)
         slots = {g.slot: 2 for g in gaps}
         assert set(c.text) <= set(charset)
@@ -527,18 +531,18 @@ def test_a_weak_boundary_takes_a_second_character_and_an_empty_gap_costs() -> No
     pred = Prediction("Rece", [0.99] * 4, [[(c, 0.99)] for c in "Rece"], char_frames=frames,
                       gaps=[Gap(2, 1, 2.0)])
     lexicons = [Lexicon(["rescue", "recipe"], [-9.0, -9.0])]
-    strict = lexicon_corrector(FakeLM(), lexicons, weak_gap_ratio=None).correct_one(pred, CHARSET_94)
+    strict = lexicon_corrector(FakeLM(), lexicons, weak_gap_ratio=None, **AT_GAPS).correct_one(pred, CHARSET_94)
     assert strict.gaps == [2] and strict.text != "Rescue"
-    got = lexicon_corrector(FakeLM(), lexicons, weak_gap_ratio=1.3).correct_one(pred, CHARSET_94)
+    got = lexicon_corrector(FakeLM(), lexicons, weak_gap_ratio=1.3, **AT_GAPS).correct_one(pred, CHARSET_94)
     assert got.gaps == [2, 3] and got.text == "Rescue"
     assert next(c for c in got.candidates if c.text == "Rescue").inserted == (2, 3)
     # a candidate that leaves the gap empty pays unfilled_gap_logprob
     plain = Prediction("Ram", [0.99] * 3, [[(c, 0.99)] for c in "Ram"], gaps=[Gap(1, 1, 2.0)])
     lex = [Lexicon(["ram", "roam"], [-8.0, -10.0])]
     costs = {"llm_margin": 0.0, "prior_weight": 0.5, "insert_logprob": -3.0}
-    assert lexicon_corrector(FakeLM(), lex, unfilled_gap_logprob=0.0, **costs).correct_one(
+    assert lexicon_corrector(FakeLM(), lex, unfilled_gap_logprob=0.0, **costs, **AT_GAPS).correct_one(
         plain, CHARSET_94).text == "Ram"
-    assert lexicon_corrector(FakeLM(), lex, unfilled_gap_logprob=-6.0, **costs).correct_one(
+    assert lexicon_corrector(FakeLM(), lex, unfilled_gap_logprob=-6.0, **costs, **AT_GAPS).correct_one(
         plain, CHARSET_94).text == "Roam"
 
 
