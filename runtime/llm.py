@@ -120,6 +120,12 @@ class CorrectorSettings:
     #: rescore: the read word is replaced only by a candidate that scores more than this
     #: above it (nats; near-ties between the frames' best reading and another are coin flips)
     keep_margin: float = 1.0
+    #: rescore: ... and by more than this when the candidate changes characters of a word
+    #: of at most ``short_length`` characters without adding any (two letters and a masked
+    #: one match too many lexicon words: on the real validation crops such changes broke
+    #: more words than they fixed)
+    short_margin: float = 1.0
+    short_length: int = 3
     #: rescore: weight of the LLM log-probability against the visual one
     weight: float = 0.5
     #: rescore: weight of the lexicon's frequency prior (natural-log word probability)
@@ -185,12 +191,14 @@ class CorrectorSettings:
         check_threshold(self.threshold)
         if self.k < 1 or self.max_candidates < 1:
             raise ValueError("k and max_candidates must be at least 1")
-        for name in ("weight", "prior_weight", "llm_margin", "keep_margin"):
+        for name in ("weight", "prior_weight", "llm_margin", "keep_margin", "short_margin"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not math.isfinite(self.oov_logprob) or self.oov_logprob > 0:
             raise ValueError(f"oov_logprob must be a finite number <= 0, got {self.oov_logprob!r}")
+        if self.short_length < 0:
+            raise ValueError(f"short_length must be >= 0, got {self.short_length!r}")
         if self.lexicon_pool < 0 or self.llm_candidates < 1 or self.inserts < 0 or self.gap_slack < 0:
             raise ValueError("lexicon_pool, inserts and gap_slack must be >= 0 and llm_candidates >= 1")
         if self.visual not in ("ctc", "decoder"):
@@ -497,7 +505,8 @@ class Corrector:
         if read is not None:  # compared on the scores both have (the LLM's only if it scored both)
             top = result.candidates[0]
             both = read.llm_logprob is not None and top.llm_logprob is not None
-            if self._cheap(top, both) - self._cheap(read, both) <= s.keep_margin:
+            short = len(top.text) == len(read.text) <= s.short_length
+            if self._cheap(top, both) - self._cheap(read, both) <= (s.short_margin if short else s.keep_margin):
                 result.text = prediction.text
 
     def _cheap(self, candidate: Candidate, with_llm: bool) -> float:
@@ -526,15 +535,19 @@ class Corrector:
         if ctc is not None:
             found.append(Candidate(prediction.text, fold(prediction.text, s.lowercase), 0.0, source="vision"))
         unique: dict[str, Candidate] = {}
-        for c in found:
-            unique.setdefault(c.llm_text, c)
+        for c in found:  # case variants stay apart: the read word must be among them
+            unique.setdefault(c.text if ctc is not None else c.llm_text, c)
         out = list(unique.values())
         if ctc is not None:
             out = self._ctc_visual(prediction.text, ctc, out, charset, set(self.gap_slots(prediction)))
             strong = set()  # the CTC likelihood itself charges a candidate that leaves a gap empty
+        start, end = core_span(prediction.text)
         for c in out:
             if self.lexicons:
                 c.prior = self._prior(c.text)
+                first, last = core_span(c.text)
+                if last - first < end - start:  # an edge letter turned into a symbol ("|on" for "ion")
+                    c.prior = s.oov_logprob
             c.score = (c.visual_logprob + s.prior_weight * c.prior
                        + s.unfilled_gap_logprob * len(strong - set(c.inserted)))
         out.sort(key=lambda c: -c.score)
