@@ -234,14 +234,13 @@ def ctc_rescored(codec: CharCodec, probs: np.ndarray, ctc_log_probs: np.ndarray,
 #: a gap is reported where two neighbouring characters are at least this many character
 #: pitches apart ... (the constants below were chosen on validation data carved from the
 #: training crops, never on test sets: ``python -m benchmarks.correction gaps`` and ``tune``;
-#: on the occluded validation words the rule finds the slot of 83% (one covered) and 79%
-#: (two covered) of the skipped characters, and flags 23 of the 312 correctly read real
-#: validation crops: since candidates are scored by the CTC likelihood, a false gap costs
-#: little, so the looser of the two rules ``tune`` tried won)
-GAP_RATIO = 1.5
+#: on the occluded validation words the rule finds the slot of 79% (one covered) and 72%
+#: (two covered) of the skipped characters, and flags 11 of the 312 correctly read real
+#: validation crops)
+GAP_RATIO = 1.6
 #: ... and at least this many frames farther apart than the pitch (a frame is 8 px of the
 #: 48 px high input: with a pitch of 2 frames, one frame of jitter alone is a ratio of 1.5)
-MIN_EXTRA_FRAMES = 1.5
+MIN_EXTRA_FRAMES = 2.0
 #: the character pitch in CTC frames assumed for a short word (a three-letter word fills a
 #: wider share of its crop than a long one: 2.5 flagged too many short real words)
 PRIOR_PITCH = 3.0

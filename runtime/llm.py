@@ -114,24 +114,24 @@ class CorrectorSettings:
     visual: str = "ctc"
     #: rescore, visual="ctc": nats credited per inserted character (a covered character
     #: reads as blank frames, which the CTC likelihood charges for) ...
-    insert_credit: float = 3.0
+    insert_credit: float = 6.0
     #: ... and per character inserted at a CTC gap (:attr:`Prediction.gaps`)
-    gap_credit: float = 12.0
+    gap_credit: float = 14.0
     #: rescore: the read word is replaced only by a candidate that scores more than this
     #: above it (nats; near-ties between the frames' best reading and another are coin flips)
-    keep_margin: float = 1.0
+    keep_margin: float = 0.0
     #: rescore: ... and by more than this when the candidate changes characters of a word
     #: of at most ``short_length`` characters without adding any (two letters and a masked
     #: one match too many lexicon words: on the real validation crops such changes broke
     #: more words than they fixed)
-    short_margin: float = 1.0
+    short_margin: float = 4.0
     short_length: int = 3
     #: rescore: weight of the LLM log-probability against the visual one
     weight: float = 0.5
     #: rescore: weight of the lexicon's frequency prior (natural-log word probability)
     prior_weight: float = 1.0
     #: rescore: prior of a candidate found in no lexicon (when lexicons are used)
-    oov_logprob: float = -20.0
+    oov_logprob: float = -17.0
     #: rescore: lexicon words kept per lexicon after the cheap (visual + prior) ranking
     lexicon_pool: int = 32
     #: rescore: candidates the LLM scores (the best by the cheap ranking)
