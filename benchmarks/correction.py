@@ -13,14 +13,17 @@ Sets (``--work``, default ``runs/correction``, holds what is derived from them; 
 images stay outside the repository): the test sets IC13-857, IC13-1015, SVT-647 and
 misc_real (reported only, never tuned on); ``val_real``, the 348 real scene-text crops the
 default model was validated on while training (the cache's 5% split, seed 0: the model
-never trained on them); occluded IIIT5K-train words (``benchmarks.occlusion``: 1 and 2
+never trained on them); ``train_real``, the other 6,377 real scene-text training crops
+(the model trained on them and reads 89% right: they show how often correct words are
+broken); occluded IIIT5K-train words (``benchmarks.occlusion``: 1 and 2
 inner characters covered), split by word into a validation part (the IIIT5K words of
 ``val_real`` plus a seeded quarter of the others) and a reported part (the rest: words
 whose uncovered crops the model *did* train on). ``prepare`` needs the ``train`` extra
 (it reproduces the training split); the rest needs the runtime and the ``llm`` extra.
 
 ``predict`` reads every crop once at batch 1 without the LLM and stores each word's text,
-character probabilities and top-k; every later step runs the corrector on those cached
+character probabilities, top-k, character frames and (``ctc.npz``) the tower's CTC
+log-probabilities; every later step runs the corrector on those cached
 predictions, so a configuration costs only LLM time. Fixed = the vision answer was wrong
 and the corrected one is right; broken = the reverse (protocol comparison: lower case,
 ``[0-9a-z]``).
