@@ -385,10 +385,12 @@ TUNE_GAP_RULES = ({"ratio": 1.5, "min_extra": 1.5, "prior": 3.0}, {"ratio": 1.6,
 #: crops where the decoder's per-position probabilities broke 71, for a few occluded words
 #: less; inserting anywhere (credited more at CTC gaps) found more skipped characters than
 #: inserting at gaps only; prior weight 1 beat 0.5 with either scoring
-TUNE_AXES = {"insert_credit": (3.0, 6.0), "gap_credit": (10.0, 12.0, 14.0), "oov_logprob": (-17.0, -20.0),
-             "keep_margin": (0.0, 1.0, 2.0), "short_margin": (1.0, 4.0, 8.0)}
-#: an earlier round found review_unknown=True better than False (with oov_logprob -16 / -20)
-TUNE_FIXED = {"visual": "ctc", "insert_at": "anywhere", "prior_weight": 1.0, "weight": 0.5, "review_unknown": True}
+TUNE_AXES = {"insert_credit": (3.0, 6.0), "gap_credit": (12.0, 14.0, 18.0), "oov_logprob": (-17.0, -20.0),
+             "keep_margin": (0.0, 1.0), "symbol_credit": (0.0, 4.0, 8.0)}
+#: earlier rounds found review_unknown=True better than False (with oov_logprob -16 / -20)
+#: and short_margin 4 better than 1 or 8 (with keep_margin 0 to 2)
+TUNE_FIXED = {"visual": "ctc", "insert_at": "anywhere", "prior_weight": 1.0, "weight": 0.5, "review_unknown": True,
+              "short_margin": 4.0}
 #: the second stage: how often the LLM is asked, and how much it counts
 TUNE_LLM_AXES = {"llm_margin": (1.0, 2.0, 3.0), "weight": (0.0, 0.5, 1.0)}
 #: the real validation sets: none of their crops may end up broken more often than fixed

@@ -35,7 +35,7 @@ import os
 import re
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
@@ -115,8 +115,13 @@ class CorrectorSettings:
     #: rescore, visual="ctc": nats credited per inserted character (a covered character
     #: reads as blank frames, which the CTC likelihood charges for) ...
     insert_credit: float = 6.0
-    #: ... and per character inserted at a CTC gap (:attr:`Prediction.gaps`)
+    #: ... and per character inserted at a CTC gap (:attr:`Prediction.gaps`), up to the
+    #: number of characters the gap is estimated to have lost
     gap_credit: float = 14.0
+    #: rescore, visual="ctc", mask_inner_symbols: nats credited per symbol inside the word
+    #: read that a candidate replaces by a letter or digit (a covered character often reads
+    #: as "_" or ".", which the CTC likelihood charges for replacing)
+    symbol_credit: float = 0.0
     #: rescore: the read word is replaced only by a candidate that scores more than this
     #: above it (nats; near-ties between the frames' best reading and another are coin flips)
     keep_margin: float = 0.0
@@ -203,7 +208,7 @@ class CorrectorSettings:
             raise ValueError("lexicon_pool, inserts and gap_slack must be >= 0 and llm_candidates >= 1")
         if self.visual not in ("ctc", "decoder"):
             raise ValueError(f"visual must be 'ctc' or 'decoder', got {self.visual!r}")
-        for name in ("insert_credit", "gap_credit"):
+        for name in ("insert_credit", "gap_credit", "symbol_credit"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -539,7 +544,9 @@ class Corrector:
             unique.setdefault(c.text if ctc is not None else c.llm_text, c)
         out = list(unique.values())
         if ctc is not None:
-            out = self._ctc_visual(prediction.text, ctc, out, charset, set(self.gap_slots(prediction)))
+            room = {g.slot: g.missing for g in getattr(prediction, "gaps", None) or ()}
+            room = {slot: room.get(slot, 1) for slot in self.gap_slots(prediction)}
+            out = self._ctc_visual(prediction.text, ctc, out, charset, room)
             strong = set()  # the CTC likelihood itself charges a candidate that leaves a gap empty
         start, end = core_span(prediction.text)
         for c in out:
@@ -554,12 +561,14 @@ class Corrector:
         return out
 
     def _ctc_visual(self, read: str, ctc_log_probs: np.ndarray, candidates: list[Candidate],
-                    charset: str, gaps: set[int]) -> list[Candidate]:
+                    charset: str, gaps: dict[int, int]) -> list[Candidate]:
         """``candidates`` with visual log-probabilities from the CTC outputs: log P_ctc(word)
-        - log P_ctc(``read``) + ``gap_credit`` per character inserted at one of ``gaps``
-        (slots) and ``insert_credit`` per other inserted character; words the frames cannot
-        hold (or outside ``charset``) are dropped."""
+        - log P_ctc(``read``) + ``gap_credit`` per character inserted at a gap (``gaps``:
+        slot -> characters it lost), ``insert_credit`` per other inserted character and
+        ``symbol_credit`` per inner symbol replaced by a letter or digit; words the frames
+        cannot hold (or outside ``charset``) are dropped."""
         s = self.settings
+        symbols = inner_symbols(read) if s.mask_inner_symbols else ()
         index = {c: i + 1 for i, c in enumerate(charset)}
         kept = [c for c in candidates if all(ch in index for ch in c.text)]
         if not kept:
@@ -569,9 +578,13 @@ class Corrector:
         out = []
         for c, value in zip(kept, values[1:], strict=True):
             if math.isfinite(value):
-                at_gaps = sum(slot in gaps for slot in c.inserted)
+                per_slot = Counter(c.inserted)
+                at_gaps = sum(min(n, gaps.get(slot, 0)) for slot, n in per_slot.items())
+                shown = _read_positions(len(read), per_slot)
+                replaced = sum(c.text[shown[i]].isalnum() for i in symbols if shown[i] < len(c.text))
                 c.visual_logprob = (float(value - values[0]) + s.gap_credit * at_gaps
-                                    + s.insert_credit * (len(c.text) - len(read) - at_gaps))
+                                    + s.insert_credit * (len(c.text) - len(read) - at_gaps)
+                                    + s.symbol_credit * replaced)
                 out.append(c)
         return out
 
@@ -701,6 +714,16 @@ class Corrector:
         """A corrector on the same model with other settings (its own cache)."""
         return Corrector(self.backend, replace(self.settings, **changes), self.unavailable,  # type: ignore[arg-type]
                          self.lexicons)
+
+
+def _read_positions(length: int, inserted: Counter[int]) -> list[int]:
+    """Where each of a read word's ``length`` characters sits in a candidate that inserts
+    ``inserted[slot]`` characters before read position ``slot``."""
+    out, shift = [], 0
+    for i in range(length):
+        shift += inserted.get(i, 0)
+        out.append(i + shift)
+    return out
 
 
 def _check(text: str, decision: GateDecision, charset: str, inserts: int = 0,
