@@ -128,3 +128,25 @@ def test_trusted_characters_survive_ctc_scoring() -> None:
         got = c.correct_one(Prediction(text, probs, topk, ctc_log_probs=frames), CHARSET_94)
         assert set(got.text) <= set(CHARSET_94)
         assert keeps_trusted(got.text, gate(Prediction(text, probs, topk), 0.8), c.settings.inserts)
+
+
+def test_a_gap_credits_only_the_characters_it_lost() -> None:
+    frames = ctc_frames([{"F": 0.99}, {}, {}, {}, {}, {}, {"R": 0.99}, {}])
+    pred = Prediction("FR", [0.99, 0.99], [[("F", 0.99)], [("R", 0.99)]], gaps=[Gap(1, 1, 2.0)],
+                      ctc_log_probs=frames)
+    got = corrector({"for": -9.0, "fair": -9.0}, gap_credit=14.0, insert_credit=0.0).correct_one(pred, CHARSET_94)
+    assert got.text == "FOR"  # one lost character: the second insertion earns nothing
+    visual = {c.text: c.visual_logprob for c in got.candidates}
+    assert visual["FOR"] > visual["FAIR"] + 10
+    two = Prediction("FR", pred.char_probs, pred.topk, gaps=[Gap(1, 2, 3.0)], ctc_log_probs=frames)
+    assert corrector({"for": -9.0, "fair": -9.0}, gap_credit=14.0, insert_credit=0.0).correct_one(
+        two, CHARSET_94).text == "FAIR"
+
+
+def test_symbol_credit_lets_a_letter_replace_a_symbol_read_where_one_was_covered() -> None:
+    frames = ctc_frames([{"d": 0.99}, {}, {"r": 0.99}, {}, {"_": 0.9}, {}, {"s": 0.99}, {}, {"s": 0.99}, {}])
+    pred = Prediction("dr_ss", [0.99] * 5, [[(c, 0.99)] for c in "dr_ss"], ctc_log_probs=frames)
+    words = {"dress": -9.0}
+    kept = corrector(words, symbol_credit=0.0).correct_one(pred, CHARSET_94)
+    assert kept.gated and kept.masked == [2] and kept.text == "dr_ss"
+    assert corrector(words, symbol_credit=12.0).correct_one(pred, CHARSET_94).text == "dress"
