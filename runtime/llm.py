@@ -121,7 +121,7 @@ class CorrectorSettings:
     #: rescore, visual="ctc", mask_inner_symbols: nats credited per symbol inside the word
     #: read that a candidate replaces by a letter or digit (a covered character often reads
     #: as "_" or ".", which the CTC likelihood charges for replacing)
-    symbol_credit: float = 0.0
+    symbol_credit: float = 4.0
     #: rescore: the read word is replaced only by a candidate that scores more than this
     #: above it (nats; near-ties between the frames' best reading and another are coin flips)
     keep_margin: float = 0.0
