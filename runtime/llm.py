@@ -11,15 +11,18 @@ whose characters are all at or above the threshold pass untouched; the others go
 LLM in one of two modes:
 
 - ``rescore``: candidates from the decoder's top-k at the masked positions and from the
-  lexicons (words with the word's length and its trusted characters: a user's list first,
-  then the shipped English one; :mod:`runtime.lexicon`), ranked cheaply by visual
-  log-probability + ``prior_weight`` x frequency prior (``oov_logprob`` for a word in no
-  lexicon); only when the best ``llm_candidates`` of them are within ``llm_margin`` of each
-  other does the LLM score them (one batched evaluation after the cached prompt prefix),
-  adding ``weight`` x its log-probability of the word. A word whose CTC frames show a gap
-  (:attr:`Prediction.gaps`: a long blank run where the decoder skipped a covered
-  character) goes past the gate even when every character is confident, and only there
-  may lexicon words have extra characters;
+  lexicons (words with the word's trusted characters and its length or 1-2 more inner
+  characters: a user's list first, then the shipped English one; :mod:`runtime.lexicon`),
+  ranked cheaply by visual log-probability + ``prior_weight`` x frequency prior
+  (``oov_logprob`` for a word in no lexicon). The visual term is the image tower's CTC
+  likelihood of the whole candidate less that of the word read (:attr:`Prediction.ctc_log_probs`,
+  one batched forward pass), with credits for characters inserted (more at a CTC gap,
+  :attr:`Prediction.gaps`) and for inner symbols replaced; without CTC outputs, the
+  decoder's probabilities at the masked positions. Only when the best ``llm_candidates``
+  are within ``llm_margin`` of each other does the LLM score them (one batched evaluation
+  after the cached prompt prefix), adding ``weight`` x its log-probability of the word. A
+  word with a CTC gap, or in no lexicon (``review_unknown``), goes past the gate even when
+  every character is confident;
 - ``fill``: the LLM writes the word under a GBNF grammar that fixes the trusted characters.
 
 Invariants: the output is always within the charset; trusted characters never change; any
