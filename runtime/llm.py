@@ -92,8 +92,8 @@ MODES = ("rescore", "fill")
 class CorrectorSettings:
     """Everything that decides a correction.
 
-    The rescore settings (insert_credit, gap_credit, review_unknown, oov_logprob,
-    keep_margin, then llm_margin and weight) and the gap rule of
+    The rescore settings (insert_credit, gap_credit, symbol_credit, review_unknown,
+    oov_logprob, keep_margin, short_margin, then llm_margin and weight) and the gap rule of
     :func:`runtime.decoding.find_gaps` were chosen by ``python -m benchmarks.correction
     tune`` on validation data carved from the training crops (the default model's 348
     held-out real crops, the other 6,377 real training crops as a breakage check, and
