@@ -63,6 +63,8 @@ class CharCodec:
         self.num_classes = len(self.charset) + 1  # head outputs: EOS + characters
         self.num_tokens = len(self.charset) + 3  # embedding rows: + BOS and PAD
         self._index = {c: i + 1 for i, c in enumerate(self.charset)}
+        #: the charset's characters, for membership tests
+        self.characters = frozenset(self.charset)
         self._chars = np.array(["\0", *self.charset])
 
     def encode(self, labels: list[str], length: int | None = None) -> np.ndarray:
@@ -77,13 +79,18 @@ class CharCodec:
         out = np.full((len(labels), width), self.pad_id, dtype=np.int64)
         out[:, 0] = self.bos_id
         for row, label in enumerate(labels):
-            try:
-                ids = [self._index[c] for c in label]
-            except KeyError as exc:
-                raise ValueError(f"label {label!r} has a character outside the charset: {exc}") from None
+            ids = self.ids(label)
             out[row, 1 : 1 + len(ids)] = ids
             out[row, 1 + len(ids)] = self.eos_id
         return out
+
+    def ids(self, text: str) -> np.ndarray:
+        """The character ids of ``text`` (int64, no BOS or EOS); ``ValueError`` for a
+        character outside the charset."""
+        try:
+            return np.array([self._index[c] for c in text], dtype=np.int64)
+        except KeyError as exc:
+            raise ValueError(f"label {text!r} has a character outside the charset: {exc}") from None
 
     def ids_to_text(self, ids: np.ndarray) -> list[str]:
         """Greedy ids ``(B, T)`` -> strings, cut at the first EOS."""

@@ -41,11 +41,12 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 
 import numpy as np
 
 from runtime.charset import resolve_charset
-from runtime.decoding import Prediction, character_pitch, ctc_log_likelihoods
+from runtime.decoding import CharCodec, Prediction, character_pitch, ctc_log_likelihoods
 from runtime.gate import (
     DEFAULT_THRESHOLD,
     MASK_CHAR,
@@ -485,7 +486,7 @@ class Corrector:
         slots: dict[int, int] | None = None,
     ) -> None:
         s = self.settings
-        candidates = self._candidates(prediction, decision, charset, self._insert_slots(slots or {}))
+        candidates = self._candidates(prediction, decision, charset, slots or {})
         result.candidates = candidates
         if not candidates:
             raise _Rejected("no candidate within the charset")
@@ -529,28 +530,30 @@ class Corrector:
         return slots if self.settings.insert_at == "gaps" else None
 
     def _candidates(self, prediction: Prediction, decision: GateDecision, charset: str,
-                    slots: dict[int, int] | None = None) -> list[Candidate]:
+                    gaps: dict[int, int]) -> list[Candidate]:
         """Top-k and lexicon candidates, each once, ranked by visual + prior_weight x prior
-        (extra characters only at ``slots``; None: anywhere)."""
+        (``gaps``: :meth:`gap_slots`; extra characters only there when inserting at gaps)."""
         s = self.settings
+        slots = self._insert_slots(gaps)
         found = rescore_candidates(prediction, decision.masked, charset, s.k, s.max_candidates, s.lowercase)
         inserts = s.inserts if slots is None else min(s.inserts, sum(slots.values()))
         for lexicon in self.lexicons:
             found += lexicon_candidates(prediction, decision.masked, charset, lexicon, s.k, s.lexicon_pool,
                                         s.prior_weight, s.lowercase, inserts, s.insert_logprob, slots)
-        strong = {g.slot for g in getattr(prediction, "gaps", None) or ()} & set(slots or ())
         ctc = getattr(prediction, "ctc_log_probs", None) if s.visual == "ctc" else None
         if ctc is not None:
             found.append(Candidate(prediction.text, fold(prediction.text, s.lowercase), 0.0, source="vision"))
         unique: dict[str, Candidate] = {}
-        for c in found:  # case variants stay apart: the read word must be among them
+        for c in found:  # with CTC scoring case variants stay apart: the read word must be among them
             unique.setdefault(c.text if ctc is not None else c.llm_text, c)
         out = list(unique.values())
-        if ctc is not None:
-            room = {g.slot: g.missing for g in getattr(prediction, "gaps", None) or ()}
-            room = {slot: room.get(slot, 1) for slot in self.gap_slots(prediction)}
-            out = self._ctc_visual(prediction.text, ctc, out, charset, room)
-            strong = set()  # the CTC likelihood itself charges a candidate that leaves a gap empty
+        detected = {g.slot: g.missing for g in getattr(prediction, "gaps", None) or ()}
+        if ctc is not None:  # the CTC likelihood itself charges a candidate that leaves a gap empty
+            out = self._ctc_visual(prediction.text, ctc, out, charset,
+                                   {slot: detected.get(slot, 1) for slot in gaps})
+            strong: set[int] = set()
+        else:
+            strong = set(detected) & set(slots or ())
         start, end = core_span(prediction.text)
         for c in out:
             if self.lexicons:
@@ -571,13 +574,12 @@ class Corrector:
         ``symbol_credit`` per inner symbol replaced by a letter or digit; words the frames
         cannot hold (or outside ``charset``) are dropped."""
         s = self.settings
+        codec = _codec(charset)
         symbols = inner_symbols(read) if s.mask_inner_symbols else ()
-        index = {c: i + 1 for i, c in enumerate(charset)}
-        kept = [c for c in candidates if all(ch in index for ch in c.text)]
+        kept = [c for c in candidates if set(c.text) <= codec.characters]
         if not kept:
             return []
-        words = [np.array([index[ch] for ch in text], dtype=np.int64) for text in [read, *(c.text for c in kept)]]
-        values = ctc_log_likelihoods(ctc_log_probs, words)
+        values = ctc_log_likelihoods(ctc_log_probs, [codec.ids(text) for text in [read, *(c.text for c in kept)]])
         out = []
         for c, value in zip(kept, values[1:], strict=True):
             if math.isfinite(value):
@@ -717,6 +719,12 @@ class Corrector:
         """A corrector on the same model with other settings (its own cache)."""
         return Corrector(self.backend, replace(self.settings, **changes), self.unavailable,  # type: ignore[arg-type]
                          self.lexicons)
+
+
+@lru_cache(maxsize=8)
+def _codec(charset: str) -> CharCodec:
+    """The token ids of ``charset`` (:class:`runtime.decoding.CharCodec`), built once per charset."""
+    return CharCodec(charset)
 
 
 def _read_positions(length: int, inserted: Counter[int]) -> list[int]:
