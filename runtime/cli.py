@@ -44,14 +44,12 @@ exit status:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="clipllama-run", description="Scene text recognition with CLIP4STR and a gated Llama corrector.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image, directory of images or labelled set")
+def add_recognizer_options(parser: argparse.ArgumentParser, backend_note: str = "") -> None:
+    """How the recognizer is built: the options ``clipllama-run``, ``clipllama-serve`` and
+    ``clipllama-batch`` share (``backend_note`` is added to the backend's help)."""
     parser.add_argument("--engine", metavar="BUNDLE", help="bundle directory (default: the embedded bundle)")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="inference backend (default: auto)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help=f"inference backend (default: auto{backend_note})")
     parser.add_argument("--precision", choices=PRECISIONS, help="graph variant (default: fp16 on GPU, else fp32)")
     parser.add_argument("--llm", default=None, metavar="PATH|default|none",
                         help="GGUF model for the correction, 'default' (embedded model) or 'none' "
@@ -61,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lexicon", default="default", metavar="FILE|default|none",
                         help="word list for the rescore mode (one word per line, .gz too), searched before "
                              "the shipped English list; 'none' turns lexicons off (default: the English list)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipllama-run", description="Scene text recognition with CLIP4STR and a gated Llama corrector.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image, directory of images or labelled set")
+    add_recognizer_options(parser)
     parser.add_argument("--batch", type=int, default=DEFAULT_BATCH_SIZE, metavar="N", help="batch size")
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for onnxruntime (at least 1)")
     parser.add_argument("--recursive", action="store_true", help="read the images in subfolders of a folder too")

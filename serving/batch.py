@@ -272,10 +272,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --batch, --part-size and --concurrency must be at least 1", file=sys.stderr)
         return EXIT_CANNOT_RUN
     from runtime.bundle import BundleError, load_bundle
+    from runtime.lexicon import load_lexicons
 
     try:
         load_bundle(args.engine, verify=False)
-    except (BundleError, OSError) as exc:
+        load_lexicons(args.lexicon, use_default=False)  # a user's list must be readable here
+    except (BundleError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN
     named_sets, listing_errors = list_inputs(args.inputs)

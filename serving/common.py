@@ -50,6 +50,8 @@ class RecognizerSettings:
     llm: str | None = None
     llm_mode: str = "rescore"
     threshold: float | None = None
+    #: the user's word list for the rescore mode ("default": the English list; "none": off)
+    lexicon: str | None = "default"
     #: onnxruntime threads; None: the CPUs reserved for the replica or actor
     threads: int | None = None
 
@@ -58,33 +60,26 @@ class RecognizerSettings:
         threads = self.threads or (max(1, math.ceil(num_cpus)) if num_cpus else None)
         return Recognizer.from_bundle(Path(self.engine) if self.engine else None, backend=self.backend,
                                       llm=self.llm, threshold=self.threshold, llm_mode=self.llm_mode,
-                                      precision=self.precision, threads=threads)
+                                      precision=self.precision, threads=threads, lexicon=self.lexicon)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def add_recognizer_options(parser: Any) -> None:
-    """The recognizer options shared with ``clipllama-run`` (same names and meanings)."""
-    from runtime.backends import BACKENDS, PRECISIONS
-    from runtime.recognizer import LLM_MODES
+    """The recognizer options of ``clipllama-run`` (:func:`runtime.cli.add_recognizer_options`)
+    and the threads of each worker."""
+    from runtime.cli import add_recognizer_options as shared
 
-    parser.add_argument("--engine", metavar="BUNDLE", help="bundle directory (default: the embedded bundle)")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto",
-                        help="inference backend (default: auto; GPU workers pick the GPU backends)")
-    parser.add_argument("--precision", choices=PRECISIONS, help="graph variant (default: fp16 on GPU, else fp32)")
-    parser.add_argument("--llm", default=None, metavar="PATH|default|none",
-                        help="GGUF model for the correction, 'default' or 'none' (default: the embedded "
-                             "model when llama-cpp-python is installed)")
-    parser.add_argument("--threshold", type=float, help="confidence gate threshold (default: the bundle's)")
-    parser.add_argument("--llm-mode", choices=LLM_MODES, default="rescore", help="LLM correction mode")
+    shared(parser, "; GPU workers pick the GPU backends")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="onnxruntime threads per worker (default: its --num-cpus, rounded up)")
 
 
 def settings_from_args(args: Any) -> RecognizerSettings:
     return RecognizerSettings(engine=args.engine, backend=args.backend, precision=args.precision, llm=args.llm,
-                              llm_mode=args.llm_mode, threshold=args.threshold, threads=args.threads)
+                              llm_mode=args.llm_mode, threshold=args.threshold, threads=args.threads,
+                              lexicon=args.lexicon)
 
 
 def json_record(result: ReadResult, recognizer: Recognizer | None, set_name: str | None = None) -> dict[str, Any]:

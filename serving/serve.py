@@ -51,6 +51,7 @@ def check(args: argparse.Namespace) -> str | None:
     """What is wrong with the arguments or the bundle, before Ray starts (None: nothing)."""
     from runtime.bundle import BundleError, load_bundle
     from runtime.gate import check_threshold
+    from runtime.lexicon import load_lexicons
 
     if args.replicas < 1 or args.num_cpus <= 0 or args.num_gpus < 0:
         return "--replicas must be at least 1, --num-cpus above 0 and --num-gpus at least 0"
@@ -59,6 +60,7 @@ def check(args: argparse.Namespace) -> str | None:
     try:
         bundle = load_bundle(args.engine, verify=False)
         check_threshold(bundle.threshold if args.threshold is None else args.threshold)
+        load_lexicons(args.lexicon, use_default=False)  # a user's list must be readable here
     except (BundleError, ValueError, OSError) as exc:
         return str(exc)
     return None

@@ -7,6 +7,7 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +107,19 @@ def test_serve_refuses_bad_arguments_before_ray(capsys) -> None:
     assert "threshold" in capsys.readouterr().err
     assert serve.main(["--engine", "/nonexistent/bundle"]) == 2
     assert serve.main(["--replicas", "0"]) == 2
+    capsys.readouterr()
+    # a user's word list (the option clipllama-run has too) must be readable before Ray starts
+    for entry, argv in ((serve.main, []), (batch.main, ["x", "-o", "y"])):
+        assert entry([*argv, "--lexicon", "/nonexistent/words.txt"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "words.txt" in err
+
+
+def test_serve_settings_carry_the_lexicon(tmp_path: Path) -> None:
+    from serving.common import settings_from_args
+
+    words = tmp_path / "words.txt"
+    words.write_text("zylatab\n")
+    args = serve.build_parser().parse_args(["--lexicon", str(words), "--llm", "none"])
+    assert settings_from_args(args).lexicon == str(words)
+    assert serve.build_parser().parse_args([]).lexicon == "default"
