@@ -24,13 +24,9 @@ from runtime.decoding import (
 CODEC = CharCodec("36")
 
 
-def _ids(text: str) -> np.ndarray:
-    return CODEC.encode([text])[0, 1 : len(text) + 1]
-
-
 def _decoder_probs(text: str, steps: int = 12) -> np.ndarray:
     logits = np.zeros((steps, CODEC.num_classes), dtype=np.float32)
-    for position, token in enumerate([*_ids(text), CODEC.eos_id][:steps]):
+    for position, token in enumerate([*CODEC.ids(text), CODEC.eos_id][:steps]):
         logits[position, token] = 8.0
     return softmax(logits)
 
@@ -39,7 +35,7 @@ def _frames(layout: str) -> np.ndarray:
     """CTC log-probabilities from a layout string: one frame per character, "." a blank."""
     logits = np.zeros((len(layout), CODEC.num_classes), dtype=np.float32)
     for t, char in enumerate(layout):
-        logits[t, 0 if char == "." else _ids(char)[0]] = 8.0
+        logits[t, 0 if char == "." else CODEC.ids(char)[0]] = 8.0
     return np.log(softmax(logits))
 
 
@@ -111,7 +107,7 @@ def test_the_decoders_word_is_aligned_when_it_differs_from_the_ctc_reading() -> 
     # the CTC frames show a stray mark in the occluded stretch; the decoder's word wins (with
     # the decoder's term weighted in) and is aligned to the frames by Viterbi
     frames = _frames("r..e..s....x...u..e......")
-    frames[11] = np.log(softmax(np.where(np.arange(CODEC.num_classes) == _ids("x")[0], 0.6, 0.0)))
+    frames[11] = np.log(softmax(np.where(np.arange(CODEC.num_classes) == CODEC.ids("x")[0], 0.6, 0.0)))
     (prediction,) = ctc_rescored(CODEC, _decoder_probs("resue")[None], frames[None], decoder_weight=1.0)
     assert prediction.text == "resue" and len(prediction.char_frames) == 5
     assert [g.slot for g in prediction.gaps] == [3]

@@ -23,14 +23,10 @@ from runtime.decoding import (
 CODEC = CharCodec("36")
 
 
-def _ids(text: str) -> np.ndarray:
-    return CODEC.encode([text])[0, 1 : len(text) + 1]
-
-
 def _decoder_probs(text: str, steps: int = 8, sure: float = 8.0) -> np.ndarray:
     """Per-position distributions that read ``text`` then EOS."""
     logits = np.zeros((steps, CODEC.num_classes), dtype=np.float32)
-    for position, token in enumerate([*_ids(text), CODEC.eos_id][:steps]):
+    for position, token in enumerate([*CODEC.ids(text), CODEC.eos_id][:steps]):
         logits[position, token] = sure
     return softmax(logits)
 
@@ -39,7 +35,7 @@ def _ctc_log_probs(frames: list[str], sure: float = 8.0) -> np.ndarray:
     """CTC outputs: one frame per entry, a character or "" for the blank."""
     logits = np.zeros((len(frames), CODEC.num_classes), dtype=np.float32)
     for t, char in enumerate(frames):
-        logits[t, _ids(char)[0] if char else 0] = sure
+        logits[t, CODEC.ids(char)[0] if char else 0] = sure
     return np.log(softmax(logits))
 
 
@@ -69,14 +65,14 @@ def test_greedy_merges_repeats_and_drops_blanks() -> None:
 
 def test_positional_likelihood_counts_the_end_of_word() -> None:
     probs = _decoder_probs("bar")
-    assert positional_log_likelihood(probs, _ids("bar")) > positional_log_likelihood(probs, _ids("ba"))
-    assert positional_log_likelihood(probs, _ids("bar")) > positional_log_likelihood(probs, _ids("bars"))
+    assert positional_log_likelihood(probs, CODEC.ids("bar")) > positional_log_likelihood(probs, CODEC.ids("ba"))
+    assert positional_log_likelihood(probs, CODEC.ids("bar")) > positional_log_likelihood(probs, CODEC.ids("bars"))
 
 
 def test_rescoring_takes_the_ctc_reading_only_when_it_scores_higher() -> None:
     # the decoder adds a character the CTC frames do not show, and is unsure of it
     unsure = _decoder_probs("radios")
-    unsure[5] = softmax(np.where(np.arange(CODEC.num_classes) == _ids("s")[0], 1.0, 0.0).astype(np.float32))
+    unsure[5] = softmax(np.where(np.arange(CODEC.num_classes) == CODEC.ids("s")[0], 1.0, 0.0).astype(np.float32))
     frames = _ctc_log_probs(["r", "", "a", "d", "", "i", "o", "", ""])
     (prediction,) = ctc_rescored(CODEC, unsure[None], frames[None], topk=3)
     assert prediction.text == "radio"
@@ -87,13 +83,13 @@ def test_rescoring_takes_the_ctc_reading_only_when_it_scores_higher() -> None:
     sure = _decoder_probs("radios")
     (kept,) = ctc_rescored(CODEC, sure[None], weak[None], decoder_weight=1.0)
     assert kept.text == "radios"
-    assert joint_score(sure, weak, _ids("radios"), decoder_weight=1.0) > joint_score(
-        sure, weak, _ids("radio"), decoder_weight=1.0)
+    assert joint_score(sure, weak, CODEC.ids("radios"), decoder_weight=1.0) > joint_score(
+        sure, weak, CODEC.ids("radio"), decoder_weight=1.0)
     (default,) = ctc_rescored(CODEC, sure[None], weak[None])
     assert default.text == "radio"
     # the decoder's word wins when the CTC frames themselves favour it over their best path
     frames = _ctc_log_probs(["r", "", "a", "d", "", "i", "o", "", "s"], sure=8.0)
-    frames[-1] = np.log(softmax(np.where(np.arange(CODEC.num_classes) == _ids("s")[0], 0.2, 0.0)
+    frames[-1] = np.log(softmax(np.where(np.arange(CODEC.num_classes) == CODEC.ids("s")[0], 0.2, 0.0)
                                 .astype(np.float32) + np.where(np.arange(CODEC.num_classes) == 0, 0.1, 0.0)))
     assert ctc_rescored(CODEC, sure[None], frames[None])[0].text in {"radio", "radios"}
 
