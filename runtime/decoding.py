@@ -7,8 +7,11 @@ Everything here is numpy; training converts tensors with ``.numpy()`` and calls 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -231,7 +234,7 @@ def ctc_rescored(codec: CharCodec, probs: np.ndarray, ctc_log_probs: np.ndarray,
             alignment = ctc_alignment(ctc_row, chosen)
         if alignment is not None:
             prediction.char_frames = character_centres(alignment, len(chosen))
-            prediction.gaps = find_gaps(prediction.char_frames)
+            prediction.gaps = find_gaps(prediction.char_frames, text=prediction.text)
         prediction.ctc_log_probs = ctc_row
         out.append(prediction)
     return out
@@ -254,6 +257,18 @@ PRIOR_PITCH = 3.0
 #: a word's own pitch is trusted from this many character distances on (fewer: the median
 #: is taken with copies of :data:`PRIOR_PITCH` added up to this many)
 MIN_DISTANCES = 4
+#: relative widths of characters in the tower's CTC frames (1.0: the median character; an
+#: "m" spans about 1.7 times that, an "I" 0.6), fitted on real training crops by
+#: ``python -m benchmarks.char_widths``; characters not listed count 1.0
+CHAR_WIDTHS = Path(__file__).resolve().parent / "assets" / "char_widths.json"
+
+
+@lru_cache(maxsize=1)
+def char_widths() -> dict[str, float]:
+    """The shipped relative character widths (:data:`CHAR_WIDTHS`; empty when it is missing)."""
+    if not CHAR_WIDTHS.is_file():
+        return {}
+    return {str(c): float(w) for c, w in json.loads(CHAR_WIDTHS.read_text(encoding="utf-8"))["widths"].items()}
 
 
 def ctc_alignment(log_probs: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
@@ -306,31 +321,47 @@ def character_centres(alignment: np.ndarray, length: int) -> list[float]:
     return [float(frames[alignment == j].mean()) for j in range(length)]
 
 
+def pair_widths(text: str | None, pairs: int) -> np.ndarray:
+    """Per pair of neighbouring characters of ``text``, the distance between their centres
+    in widths of a median character (the mean of the two :func:`char_widths`): 1.0 each
+    when ``text`` is None or has not ``pairs + 1`` characters."""
+    if text is None or len(text) != pairs + 1:
+        return np.ones(pairs)
+    widths = char_widths()
+    return np.array([(widths.get(a, 1.0) + widths.get(b, 1.0)) / 2 for a, b in zip(text, text[1:])])
+
+
 def character_pitch(centres: Sequence[float], prior: float = PRIOR_PITCH,
-                    min_distances: int = MIN_DISTANCES) -> float:
+                    min_distances: int = MIN_DISTANCES, text: str | None = None) -> float:
     """A word's character pitch in frames: the median distance between neighbouring
-    characters, pulled towards ``prior`` when the word has fewer than ``min_distances``."""
+    characters (each divided by its :func:`pair_widths` when the word's ``text`` is given),
+    pulled towards ``prior`` when the word has fewer than ``min_distances``."""
     distances = np.diff(np.asarray(centres, dtype=np.float64))
+    distances = distances / pair_widths(text, len(distances))
     if len(distances) >= min_distances:
         return float(np.median(distances))
     return float(np.median([*distances, *[prior] * (min_distances - len(distances))]))
 
 
 def find_gaps(centres: Sequence[float], ratio: float = GAP_RATIO, prior: float = PRIOR_PITCH,
-              min_distances: int = MIN_DISTANCES, min_extra: float = MIN_EXTRA_FRAMES) -> list[Gap]:
-    """Slots between neighbouring characters (centres in CTC frames) at least ``ratio``
-    pitches (:func:`character_pitch`) and ``min_extra`` frames more than one pitch apart,
-    strongest first; ``missing`` = the distance in pitches rounded, less one (at least 1)."""
+              min_distances: int = MIN_DISTANCES, min_extra: float = MIN_EXTRA_FRAMES,
+              text: str | None = None) -> list[Gap]:
+    """Slots between neighbouring characters (centres in CTC frames) at least ``ratio`` times
+    and ``min_extra`` frames farther apart than expected (the pitch, :func:`character_pitch`,
+    times the pair's :func:`pair_widths` when ``text`` is given: an "m" next to a "g" is no
+    gap), strongest first; ``missing`` = the extra distance in pitches, rounded (at least 1)."""
     if len(centres) < 2:
         return []
-    pitch = character_pitch(centres, prior, min_distances)
+    pitch = character_pitch(centres, prior, min_distances, text)
     if not pitch > 0:
         return []
+    distances = np.diff(np.asarray(centres, dtype=np.float64))
+    expected = pitch * pair_widths(text, len(distances))
     out = []
-    for j, distance in enumerate(np.diff(np.asarray(centres, dtype=np.float64))):
-        strength = float(distance / pitch)
-        if strength >= ratio and distance - pitch >= min_extra:
-            out.append(Gap(j + 1, max(1, int(round(strength)) - 1), strength))
+    for j, (distance, normal) in enumerate(zip(distances, expected, strict=True)):
+        strength = float(distance / normal)
+        if strength >= ratio and distance - normal >= min_extra:
+            out.append(Gap(j + 1, max(1, int(round((distance - normal) / pitch))), strength))
     return sorted(out, key=lambda g: -g.strength)
 
 

@@ -46,7 +46,7 @@ from functools import lru_cache
 import numpy as np
 
 from runtime.charset import resolve_charset
-from runtime.decoding import CharCodec, Prediction, character_pitch, ctc_log_likelihoods
+from runtime.decoding import CharCodec, Prediction, character_pitch, ctc_log_likelihoods, pair_widths
 from runtime.gate import (
     DEFAULT_THRESHOLD,
     MASK_CHAR,
@@ -135,6 +135,10 @@ class CorrectorSettings:
     #: more words than they fixed)
     short_margin: float = 4.0
     short_length: int = 3
+    #: rescore: ... and by more than this when neither word is in a lexicon (the prior
+    #: cannot tell them apart, and a small LLM's preference between two unknown words is
+    #: close to a coin flip)
+    unknown_margin: float = 0.0
     #: rescore: weight of the LLM log-probability against the visual one
     weight: float = 0.5
     #: rescore: weight of the lexicon's frequency prior (natural-log word probability)
@@ -200,7 +204,7 @@ class CorrectorSettings:
         check_threshold(self.threshold)
         if self.k < 1 or self.max_candidates < 1:
             raise ValueError("k and max_candidates must be at least 1")
-        for name in ("weight", "prior_weight", "llm_margin", "keep_margin", "short_margin"):
+        for name in ("weight", "prior_weight", "llm_margin", "keep_margin", "short_margin", "unknown_margin"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -406,9 +410,11 @@ class Corrector:
                 slots[g.slot] = min(room if s.mode == "rescore" else s.inserts, g.missing + slack)
         frames = getattr(prediction, "char_frames", None) or []
         if slots and s.mode == "rescore" and s.weak_gap_ratio is not None and len(frames) == len(prediction.text):
-            pitch = character_pitch(frames)
-            for j, distance in enumerate(np.diff(np.asarray(frames, dtype=np.float64))):
-                if start < j + 1 < end and j + 1 not in slots and pitch > 0 and distance / pitch >= s.weak_gap_ratio:
+            distances = np.diff(np.asarray(frames, dtype=np.float64))
+            normal = character_pitch(frames, text=prediction.text) * pair_widths(prediction.text, len(distances))
+            for j, (distance, expected) in enumerate(zip(distances, normal, strict=True)):
+                weak = expected > 0 and distance / expected >= s.weak_gap_ratio
+                if start < j + 1 < end and j + 1 not in slots and weak:
                     slots[j + 1] = 1
         return slots
 
@@ -515,7 +521,9 @@ class Corrector:
             top = result.candidates[0]
             both = read.llm_logprob is not None and top.llm_logprob is not None
             short = len(top.text) == len(read.text) <= s.short_length
-            if self._cheap(top, both) - self._cheap(read, both) <= (s.short_margin if short else s.keep_margin):
+            unknown = bool(self.lexicons) and max(top.prior, read.prior) <= s.oov_logprob
+            margin = max(s.short_margin if short else s.keep_margin, s.unknown_margin if unknown else 0.0)
+            if self._cheap(top, both) - self._cheap(read, both) <= margin:
                 result.text = prediction.text
 
     def _cheap(self, candidate: Candidate, with_llm: bool) -> float:

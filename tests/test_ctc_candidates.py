@@ -110,6 +110,34 @@ def test_keep_margin_keeps_the_read_word_on_a_near_tie() -> None:
     assert kept.gated and kept.text == "cotfee" and kept.candidates[0].text == "coffee"
 
 
+class PrefersCoffee(SilentLM):
+    """An LLM that likes "coffee" one nat more than anything else."""
+
+    def score(self, prefix, continuations, deadline=None):
+        return [-10.0 if c.startswith("coffee") else -11.0 for c in continuations]
+
+
+def test_unknown_margin_keeps_the_read_word_between_two_words_in_no_lexicon() -> None:
+    frames = ctc_frames([{"c": 0.99}, {}, {"o": 0.99}, {}, {"t": 0.5, "f": 0.45}, {}, {"f": 0.99}, {},
+                         {"e": 0.99}, {}, {"e": 0.99}, {}])
+    topk = [[(c, 0.99)] for c in "cotfee"]
+    topk[2] = [("t", 0.5), ("f", 0.45)]
+    pred = Prediction("cotfee", [0.99, 0.99, 0.5, 0.99, 0.99, 0.99], topk, ctc_log_probs=frames)
+
+    def run(words: dict[str, float], margin: float) -> str:
+        settings = CorrectorSettings(visual="ctc", insert_at="anywhere", weight=1.0, unknown_margin=margin)
+        c = Corrector(PrefersCoffee(), settings, lexicons=[Lexicon(list(words), list(words.values()))])
+        return c.correct_one(pred, CHARSET_94).text
+
+    # neither word is listed: the LLM's 1 nat against the frames' 0.1 is a near-tie
+    assert run({"tea": -8.0}, 0.0) == "coffee"
+    assert run({"tea": -8.0}, 1.0) == "cotfee"
+    # a listed candidate is not held back by the margin for unknown words
+    assert run({"tea": -8.0, "coffee": -11.0}, 1.0) == "coffee"
+    with pytest.raises(ValueError, match="unknown_margin"):
+        CorrectorSettings(unknown_margin=-1.0)
+
+
 def test_trusted_characters_survive_ctc_scoring() -> None:
     from runtime.gate import gate
     from runtime.llm import keeps_trusted

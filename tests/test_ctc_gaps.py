@@ -90,7 +90,7 @@ def test_a_long_blank_run_is_a_gap_at_the_right_slot() -> None:
     assert prediction.text == "resue"
     assert prediction.char_frames == [0.0, 3.0, 6.0, 15.0, 18.0]
     assert [(g.slot, g.missing) for g in prediction.gaps] == [(3, 2)]  # 9 frames at a 3-frame pitch
-    assert prediction.gaps[0].strength == pytest.approx(3.0)
+    assert 2.5 < prediction.gaps[0].strength < 3.5  # 3 pitches, give or take the widths of "s" and "u"
     # one covered character: one missing
     (one,) = ctc_rescored(CODEC, _decoder_probs("resue")[None], _frames("r..e..s.....u..e......")[None])
     assert [(g.slot, g.missing) for g in one.gaps] == [(3, 1)]
@@ -127,3 +127,40 @@ def test_no_ctc_frames_no_gaps_and_the_prior_pitch_for_short_words() -> None:
 
 def test_character_centres() -> None:
     assert character_centres(np.array([0, 0, -1, 1, -1, -1, 2, 2, 2]), 3) == [0.5, 3.0, 7.0]
+
+
+def test_character_widths_decide_what_counts_as_a_gap() -> None:
+    from runtime.decoding import char_widths, pair_widths
+
+    widths = char_widths()
+    assert widths["m"] > widths["n"] > widths["i"] and widths["W"] > widths["I"]
+    assert list(pair_widths("mg", 1)) == pytest.approx([(widths["m"] + widths["g"]) / 2])
+    assert list(pair_widths(None, 2)) == [1.0, 1.0] and list(pair_widths("abc", 1)) == [1.0]
+    # a wide "m" next to a "g": their centres sit far apart without anything between them
+    assert find_gaps([0.0, 4.5], ratio=1.5, min_extra=1.5) != []
+    assert find_gaps([0.0, 4.5], ratio=1.5, min_extra=1.5, text="mg") == []
+    # two narrow letters as far apart are a gap only when the widths are known
+    assert find_gaps([0.0, 4.2], ratio=1.5, min_extra=1.5) == []
+    assert [g.slot for g in find_gaps([0.0, 4.2], ratio=1.5, min_extra=1.5, text="il")] == [1]
+    # the pitch is per median-width character: "mmmm" evenly spaced has no gap and a wide pitch
+    frames = [0.0, 4.9, 9.8, 14.7, 19.6]
+    assert find_gaps(frames, text="mmmmm") == [] and character_pitch(frames, text="mmmmm") == pytest.approx(
+        4.9 / widths["m"])
+
+
+def test_fitted_widths_recover_the_widths_that_made_the_frames() -> None:
+    from benchmarks.char_widths import fit
+
+    truth = {"i": 0.6, "n": 1.0, "o": 1.05, "e": 1.0, "m": 1.7, "w": 1.5, "t": 0.8, "s": 0.95}
+    rng = np.random.default_rng(0)
+    words = []
+    for _ in range(400):
+        text = "".join(rng.choice(list(truth), size=int(rng.integers(3, 9))))
+        pitch = rng.uniform(2.0, 5.0)
+        steps = [pitch * (truth[a] + truth[b]) / 2 * rng.lognormal(0.0, 0.03) for a, b in zip(text, text[1:])]
+        words.append((text, np.concatenate([[0.0], np.cumsum(steps)])))
+    widths, spread = fit(words)
+    scale = np.median(list(truth.values()))
+    for c, w in truth.items():
+        assert widths[c] == pytest.approx(w / scale, rel=0.03)
+    assert spread < 0.05
