@@ -247,10 +247,10 @@ def ctc_rescored(codec: CharCodec, probs: np.ndarray, ctc_log_probs: np.ndarray,
 #: on the occluded validation words the rule finds the slot of 79% (one covered) and 72%
 #: (two covered) of the skipped characters, and flags 11 of the 312 correctly read real
 #: validation crops)
-GAP_RATIO = 1.6
+GAP_RATIO = 1.5
 #: ... and at least this many frames farther apart than the pitch (a frame is 8 px of the
 #: 48 px high input: with a pitch of 2 frames, one frame of jitter alone is a ratio of 1.5)
-MIN_EXTRA_FRAMES = 2.0
+MIN_EXTRA_FRAMES = 1.5
 #: the character pitch in CTC frames assumed for a short word (a three-letter word fills a
 #: wider share of its crop than a long one: 2.5 flagged too many short real words)
 PRIOR_PITCH = 3.0

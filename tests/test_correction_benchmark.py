@@ -58,3 +58,18 @@ def test_evaluate_counts_fixed_broken_and_reachable() -> None:
     assert (got["fixed"], got["broken"], got["changed"]) == (1, 1, 3)
     assert got["vision"] == pytest.approx(25.0) and got["accuracy"] == pytest.approx(25.0)
     assert got["reachable"] == pytest.approx(75.0)  # Rescue, house (read right), Bank; not zebra
+
+
+def test_settings_that_break_clean_text_lose_the_tune(tmp_path: Path) -> None:
+    from benchmarks.correction import REAL_VAL, VAL_SETS, _tune_key, set_paths
+
+    assert "train_bd" in REAL_VAL and set(REAL_VAL) <= set(VAL_SETS)
+    assert set_paths(tmp_path)["train_bd"] == tmp_path / "train_bd.tsv"
+
+    def row(bd_gain: int, total: int) -> dict:
+        gain = {"val_real": 1, "train_real": 100, "train_bd": bd_gain, "val_occ1": 300, "val_occ2": 150}
+        return {"gain": gain, "total": total, "llm_calls": dict.fromkeys(VAL_SETS, 10)}
+
+    # more words gained in all does not make up for breaking more born-digital words than fixing
+    assert max([row(-3, 600), row(2, 580)], key=_tune_key)["total"] == 580
+    assert max([row(1, 600), row(2, 580)], key=_tune_key)["total"] == 600

@@ -125,7 +125,8 @@ def test_unknown_margin_keeps_the_read_word_between_two_words_in_no_lexicon() ->
     pred = Prediction("cotfee", [0.99, 0.99, 0.5, 0.99, 0.99, 0.99], topk, ctc_log_probs=frames)
 
     def run(words: dict[str, float], margin: float) -> str:
-        settings = CorrectorSettings(visual="ctc", insert_at="anywhere", weight=1.0, unknown_margin=margin)
+        settings = CorrectorSettings(visual="ctc", insert_at="anywhere", weight=1.0, keep_margin=0.0,
+                                     unknown_margin=margin)
         c = Corrector(PrefersCoffee(), settings, lexicons=[Lexicon(list(words), list(words.values()))])
         return c.correct_one(pred, CHARSET_94).text
 
