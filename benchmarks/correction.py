@@ -16,8 +16,9 @@ misc_real (reported only, never tuned on); ``val_real``, the 348 real scene-text
 default model was validated on while training (the cache's 5% split, seed 0: the model
 never trained on them); ``train_real``, the other 6,377 real scene-text training crops
 (the model trained on them and reads 89% right: they show how often correct words are
-broken); occluded IIIT5K-train words (``benchmarks.occlusion``: 1 and 2
-inner characters covered), split by word into a validation part (the IIIT5K words of
+broken); ``train_bd``, the 4,182 born-digital training crops (clean text with real symbols
+and abbreviations, the same check; never a scene-text score); occluded IIIT5K-train words
+(``benchmarks.occlusion``: 1 and 2 inner characters covered), split by word into a validation part (the IIIT5K words of
 ``val_real`` plus a seeded quarter of the others) and a reported part (the rest: words
 whose uncovered crops the model *did* train on). ``prepare`` needs the ``train`` extra
 (it reproduces the training split); the rest needs the runtime and the ``llm`` extra.

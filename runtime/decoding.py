@@ -241,14 +241,14 @@ def ctc_rescored(codec: CharCodec, probs: np.ndarray, ctc_log_probs: np.ndarray,
 
 
 # -- where characters are missing -----------------------------------------------------------
-#: a gap is reported where two neighbouring characters are at least this many character
-#: pitches apart ... (the constants below were chosen on validation data carved from the
-#: training crops, never on test sets: ``python -m benchmarks.correction gaps`` and ``tune``;
-#: on the occluded validation words the rule finds the slot of 79% (one covered) and 72%
-#: (two covered) of the skipped characters, and flags 11 of the 312 correctly read real
-#: validation crops)
+#: a gap is reported where two neighbouring characters are at least this many times farther
+#: apart than expected (the pitch times their mean width, :func:`pair_widths`) ... (the
+#: constants below were chosen on validation data carved from the training crops, never
+#: on test sets: ``python -m benchmarks.correction gaps`` and ``tune``; on the occluded
+#: validation words the rule finds the slot of 80% (one covered) and 77% (two covered) of
+#: the skipped characters, and flags 6 of the 312 correctly read real validation crops)
 GAP_RATIO = 1.5
-#: ... and at least this many frames farther apart than the pitch (a frame is 8 px of the
+#: ... and at least this many frames farther apart than expected (a frame is 8 px of the
 #: 48 px high input: with a pitch of 2 frames, one frame of jitter alone is a ratio of 1.5)
 MIN_EXTRA_FRAMES = 1.5
 #: the character pitch in CTC frames assumed for a short word (a three-letter word fills a
@@ -258,7 +258,7 @@ PRIOR_PITCH = 3.0
 #: is taken with copies of :data:`PRIOR_PITCH` added up to this many)
 MIN_DISTANCES = 4
 #: relative widths of characters in the tower's CTC frames (1.0: the median character; an
-#: "m" spans about 1.7 times that, an "I" 0.6), fitted on real training crops by
+#: "m" spans about 1.6 times that, an "I" 0.6), fitted on real training crops by
 #: ``python -m benchmarks.char_widths``; characters not listed count 1.0
 CHAR_WIDTHS = Path(__file__).resolve().parent / "assets" / "char_widths.json"
 
