@@ -18,9 +18,9 @@ never trained on them); ``train_real``, the other 6,377 real scene-text training
 (the model trained on them and reads 89% right: they show how often correct words are
 broken); ``train_bd``, the 4,182 born-digital training crops (clean text with real symbols
 and abbreviations, the same check; never a scene-text score); occluded IIIT5K-train words
-(``benchmarks.occlusion``: 1 and 2 inner characters covered), split by word into a validation part (the IIIT5K words of
-``val_real`` plus a seeded quarter of the others) and a reported part (the rest: words
-whose uncovered crops the model *did* train on). ``prepare`` needs the ``train`` extra
+(``benchmarks.occlusion``: 1 and 2 inner characters covered), split by word into a
+validation part (the IIIT5K words of ``val_real`` plus a seeded quarter of the others) and
+a reported part (the rest: words whose uncovered crops the model *did* train on). ``prepare`` needs the ``train`` extra
 (it reproduces the training split); the rest needs the runtime and the ``llm`` extra.
 
 ``predict`` reads every crop once at batch 1 without the LLM and stores each word's text,
@@ -399,9 +399,8 @@ TUNE_AXES = {"gap_credit": (12.0, 14.0), "oov_logprob": (-17.0, -20.0), "keep_ma
              "symbol_credit": (0.0, 4.0, 8.0)}
 #: earlier rounds found insert_credit 6 better than 3 and gap_credit 18 worse than 12 or 14
 #: (round 4: best totals 580 / 570 / 564), review_unknown=True better than False (with
-#: oov_logprob -16 / -20)
-#: and short_margin 4 better than 1 or 8 (with keep_margin 0 to 2); unknown_margin 1 in the
-#: first two stages (round 4 at LLM weight 0.5: train_real fixed - broken 107 / 107 / 106 /
+#: oov_logprob -16 / -20) and short_margin 4 better than 1 or 8 (with keep_margin 0 to 2);
+#: unknown_margin 1 in the first two stages (round 4 at LLM weight 0.5: train_real fixed - broken 107 / 107 / 106 /
 #: 103 for 0 / 1 / 1.5 / 2 nats, the other sets unchanged), tuned in the third
 TUNE_FIXED = {"visual": "ctc", "insert_at": "anywhere", "prior_weight": 1.0, "weight": 0.5, "review_unknown": True,
               "short_margin": 4.0, "unknown_margin": 1.0, "insert_credit": 6.0}
@@ -598,8 +597,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepare(args.work)
     if args.step in ("all", "predict"):
         predict(args.work, args.sets, args.engine)
-    if args.step in ("all", "widths"):
-        char_widths.main(["--work", str(args.work)])
+    if args.step in ("all", "widths") and char_widths.main(["--work", str(args.work)]):
+        return 1
     if args.step in ("all", "gaps"):
         gap_report(args.work)
     if args.step in ("all", "tune"):

@@ -343,20 +343,28 @@ def character_pitch(centres: Sequence[float], prior: float = PRIOR_PITCH,
     return float(np.median([*distances, *[prior] * (min_distances - len(distances))]))
 
 
+def expected_distances(centres: Sequence[float], text: str | None = None, prior: float = PRIOR_PITCH,
+                       min_distances: int = MIN_DISTANCES) -> tuple[np.ndarray, np.ndarray, float]:
+    """The distances between neighbouring character centres, the distance expected for each
+    pair (the pitch times the pair's :func:`pair_widths`) and the pitch
+    (:func:`character_pitch`)."""
+    distances = np.diff(np.asarray(centres, dtype=np.float64))
+    pitch = character_pitch(centres, prior, min_distances, text)
+    return distances, pitch * pair_widths(text, len(distances)), pitch
+
+
 def find_gaps(centres: Sequence[float], ratio: float = GAP_RATIO, prior: float = PRIOR_PITCH,
               min_distances: int = MIN_DISTANCES, min_extra: float = MIN_EXTRA_FRAMES,
               text: str | None = None) -> list[Gap]:
     """Slots between neighbouring characters (centres in CTC frames) at least ``ratio`` times
-    and ``min_extra`` frames farther apart than expected (the pitch, :func:`character_pitch`,
-    times the pair's :func:`pair_widths` when ``text`` is given: an "m" next to a "g" is no
-    gap), strongest first; ``missing`` = the extra distance in pitches, rounded (at least 1)."""
+    and ``min_extra`` frames farther apart than expected (:func:`expected_distances`: with
+    ``text``, an "m" next to a "g" is no gap), strongest first; ``missing`` = the extra
+    distance in pitches, rounded (at least 1)."""
     if len(centres) < 2:
         return []
-    pitch = character_pitch(centres, prior, min_distances, text)
+    distances, expected, pitch = expected_distances(centres, text, prior, min_distances)
     if not pitch > 0:
         return []
-    distances = np.diff(np.asarray(centres, dtype=np.float64))
-    expected = pitch * pair_widths(text, len(distances))
     out = []
     for j, (distance, normal) in enumerate(zip(distances, expected, strict=True)):
         strength = float(distance / normal)

@@ -46,7 +46,7 @@ from functools import lru_cache
 import numpy as np
 
 from runtime.charset import resolve_charset
-from runtime.decoding import CharCodec, Prediction, character_pitch, ctc_log_likelihoods, pair_widths
+from runtime.decoding import CharCodec, Prediction, ctc_log_likelihoods, expected_distances
 from runtime.gate import (
     DEFAULT_THRESHOLD,
     MASK_CHAR,
@@ -204,7 +204,8 @@ class CorrectorSettings:
         check_threshold(self.threshold)
         if self.k < 1 or self.max_candidates < 1:
             raise ValueError("k and max_candidates must be at least 1")
-        for name in ("weight", "prior_weight", "llm_margin", "keep_margin", "short_margin", "unknown_margin"):
+        for name in ("weight", "prior_weight", "llm_margin", "keep_margin", "short_margin", "unknown_margin",
+                     "insert_credit", "gap_credit", "symbol_credit"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -216,10 +217,6 @@ class CorrectorSettings:
             raise ValueError("lexicon_pool, inserts and gap_slack must be >= 0 and llm_candidates >= 1")
         if self.visual not in ("ctc", "decoder"):
             raise ValueError(f"visual must be 'ctc' or 'decoder', got {self.visual!r}")
-        for name in ("insert_credit", "gap_credit", "symbol_credit"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.insert_at not in ("gaps", "anywhere"):
             raise ValueError(f"insert_at must be 'gaps' or 'anywhere', got {self.insert_at!r}")
         if not math.isfinite(self.rare_logprob):
@@ -410,10 +407,9 @@ class Corrector:
                 slots[g.slot] = min(room if s.mode == "rescore" else s.inserts, g.missing + slack)
         frames = getattr(prediction, "char_frames", None) or []
         if slots and s.mode == "rescore" and s.weak_gap_ratio is not None and len(frames) == len(prediction.text):
-            distances = np.diff(np.asarray(frames, dtype=np.float64))
-            normal = character_pitch(frames, text=prediction.text) * pair_widths(prediction.text, len(distances))
-            for j, (distance, expected) in enumerate(zip(distances, normal, strict=True)):
-                weak = expected > 0 and distance / expected >= s.weak_gap_ratio
+            distances, expected, _ = expected_distances(frames, prediction.text)
+            for j, (distance, normal) in enumerate(zip(distances, expected, strict=True)):
+                weak = normal > 0 and distance / normal >= s.weak_gap_ratio
                 if start < j + 1 < end and j + 1 not in slots and weak:
                     slots[j + 1] = 1
         return slots
