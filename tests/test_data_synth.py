@@ -139,3 +139,38 @@ def test_cli_difficulty_matches_the_dataset(tmp_path):
     lmdb_set, ref = open_set(out, train=True), SynthWords(4, seed=2, difficulty=0.0)
     assert np.array_equal(np.asarray(lmdb_set[3][0]), np.asarray(ref[3][0]))
     assert ref.name == "synth:4:2:0"
+
+
+def test_covered_words_hide_inner_characters_of_the_same_picture():
+    plain, covered = SynthWords(60, seed=11), SynthWords(60, seed=11, cover_counts=(1, 2))
+    assert covered.name.endswith(":cover1-2")
+    hidden = 0
+    for i in range(60):
+        (a, la), (b, lb) = plain[i], covered[i]
+        positions = covered.covered(la, i)
+        assert la == lb and a.size == b.size  # the same word, font and geometry
+        assert all(0 < p < len(la) - 1 for p in positions) and len(positions) in {0, 1, 2}
+        assert len(positions) <= (len(la) - 1) // 2  # k covered characters need 2k + 1
+        changed = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max(axis=2) > 0
+        if not positions:
+            assert not changed.any()
+        else:
+            hidden += 1
+            assert 0 < changed.mean() < 0.9  # a box over some of the word, not all of it
+    assert hidden > 20
+    with pytest.raises(ValueError):
+        SynthWords(10, cover_counts=(0,))
+
+
+def test_a_covered_character_is_a_box_of_the_border_colour():
+    """Without degradations the covered glyph's ink is gone under one flat box."""
+    renderer = WordRenderer(difficulty=0.0)
+    a = np.asarray(renderer.render("market", random.Random(3), np.random.default_rng(3)))
+    b = np.asarray(renderer.render("market", random.Random(3), np.random.default_rng(3), cover=(2,)))
+    ring = np.concatenate([b[:2].reshape(-1, 3), b[-2:].reshape(-1, 3), b[:, :2].reshape(-1, 3),
+                           b[:, -2:].reshape(-1, 3)])
+    colour = np.median(ring, axis=0).astype(int)
+    changed = np.argwhere(np.abs(a.astype(int) - b.astype(int)).max(axis=2) > 0)
+    (y0, x0), (y1, x1) = changed.min(axis=0), changed.max(axis=0)
+    assert (b[y0 : y1 + 1, x0 : x1 + 1] == colour).all()  # the changed region is one flat box
+    assert x0 > 0 and x1 < b.shape[1] // 2 + b.shape[0]  # over the third letter, not the word's end

@@ -189,3 +189,42 @@ def test_frozen_tower_trainer_learns_from_a_cache(tmp_path: Path) -> None:
     assert (tmp_path / "r" / "best" / "model.safetensors").is_file() and (tmp_path / "r" / "last").is_dir()
     assert len(lines) >= 2 and min(x["loss"] for x in lines[1:]) < lines[0]["loss"]
     assert all("ctc_loss" in x for x in lines)
+
+
+def test_frozen_tower_trainer_mixes_covered_words_and_reports_extra_validation(tmp_path: Path) -> None:
+    """--cover-shards caches covered synthetic words (used only with --cover-share);
+    --extra-val sets are reported beside the split and weigh in the checkpoint choice."""
+
+    from training.frozen_tower import main
+
+    extra = tmp_path / "occ"
+    (extra / "images").mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (90, 30), "white").save(extra / "images" / f"{i}.png")
+    (extra / "labels.tsv").write_text("0.png\tRescue\n1.png\tmarket\n")
+    cache = ["cache", "--config", "clipllama-ppocr", "-o", str(tmp_path / "c"), "--synth-shards", "1",
+             "--synth-shard-size", "24", "--cover-shards", "1", "--extra-val", str(extra)]
+    assert main(cache) == 0
+    assert sorted(p.name for p in (tmp_path / "c").glob("*.npz")) == [
+        "cover000.npz", "synth000.npz", "val-occ.npz", "val.npz"]
+    with np.load(tmp_path / "c" / "val-occ.npz") as shard:
+        assert shard["labels"].tolist() == ["Rescue", "market"]
+    train = ["train", "--config", "clipllama-ppocr", "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "r"),
+             "--max-steps", "2", "--val-every", "2", "--batch-size", "8", "--cover-share", "0.5",
+             "--extra-val-weight", "0.5"]
+    assert main(train) == 0
+    line = json.loads((tmp_path / "r" / "log.csv").read_text().splitlines()[-1])
+    assert line["score"] == pytest.approx(line["accuracy"] + 0.5 * line["occ_accuracy"])
+
+
+def test_share_weights_give_each_group_its_share() -> None:
+    from training.frozen_tower import share_weights
+
+    shards = [Path(n) for n in ("real.npz", "real-aug0.npz", "synth000.npz", "cover000.npz")]
+    sizes = [10, 30, 50, 20]
+    weights = share_weights(shards, sizes, {"real": 0.4, "cover": 0.25})
+    assert weights[:40].sum() == pytest.approx(0.4) and weights[90:].sum() == pytest.approx(0.25)
+    assert weights[40:90].sum() == pytest.approx(0.35) and np.allclose(weights[:40], 0.01)
+    assert share_weights(shards, sizes, {"real": None}) is None
+    with pytest.raises(ValueError):
+        share_weights(shards, sizes, {"real": 0.8, "cover": 0.5})

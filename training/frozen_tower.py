@@ -43,6 +43,7 @@ from training.model.clip4str import CLIP4STR
 from training.model.ppocr_tower import feature_graph
 
 VAL_SHARD = "val"
+COVER_PREFIX = "cover"  # shards of synthetic words with covered characters
 
 
 # -- the cache --------------------------------------------------------------------------
@@ -152,6 +153,13 @@ def build_cache(args: argparse.Namespace) -> None:
         synth = SynthWords(args.synth_shard_size, args.seed + 1000 + k, cfg.charset_train, cfg.max_label_length,
                            difficulty=args.synth_difficulty)
         cache_dataset(tower, synth, out / f"synth{k:03d}.npz")
+    for k in range(args.cover_shards):  # synthetic words with inner characters covered
+        synth = SynthWords(args.synth_shard_size, args.seed + 2000 + k, cfg.charset_train, cfg.max_label_length,
+                           difficulty=args.synth_difficulty, cover_counts=tuple(args.cover_counts))
+        cache_dataset(tower, synth, out / f"{COVER_PREFIX}{k:03d}.npz")
+    for path in args.extra_val:  # more validation sets (e.g. occluded crops), reported beside the split
+        dataset = open_set(path, cfg.charset_train, cfg.max_label_length)
+        cache_dataset(tower, dataset, out / f"{VAL_SHARD}-{Path(path).name}.npz")
     (out / "cache.json").write_text(json.dumps({"config": args.config, "real": args.real, "seed": args.seed,
                                                 "val_fraction": args.val_fraction, "val_words": len(val)}))
 
@@ -226,6 +234,25 @@ def sample_batch(lengths: np.ndarray, order: np.ndarray, size: int, rng: np.rand
     return order[start : start + size]
 
 
+def share_weights(shards: list[Path], sizes: list[int], shares: dict[str, float | None]) -> np.ndarray | None:
+    """Sampling weights per word: the shards whose names start with a prefix of ``shares``
+    get that share of the random batches together (``None``: no share set); the other
+    shards share the rest. ``None`` when no share is set (draw every word alike)."""
+    shares = {prefix: share for prefix, share in shares.items() if share is not None}
+    if not shares:
+        return None
+    if sum(shares.values()) > 1:
+        raise ValueError(f"shares {shares} add up to more than 1")
+    groups = np.concatenate([np.full(n, next((k for k in shares if p.stem.startswith(k)), ""))
+                             for p, n in zip(shards, sizes)])
+    weights = np.zeros(len(groups))
+    rest = 1.0 - sum(shares.values())
+    for group in np.unique(groups):
+        members = groups == group
+        weights[members] = (shares[group] if group else rest) / members.sum()
+    return weights / weights.sum()
+
+
 def ctc_loss(logits: torch.Tensor, lengths: torch.Tensor, labels: list[str], model: CLIP4STR) -> torch.Tensor:
     """CTC over the image tokens (class 0, the decoders' EOS, is the blank); a word with
     more characters than its image has tokens contributes nothing."""
@@ -245,13 +272,13 @@ def train(args: argparse.Namespace) -> None:
     cfg = model_config(args.config)
     model = CLIP4STR(cfg)
     model.image_encoder.features.requires_grad_(False)
-    shards = sorted(p for p in cache.glob("*.npz") if p.stem != VAL_SHARD and not p.name.endswith(".tmp.npz"))
+    shards = sorted(p for p in cache.glob("*.npz")
+                    if not p.stem.startswith(VAL_SHARD) and not p.name.endswith(".tmp.npz"))
+    if not args.cover_share:  # the recipe's stages 1-3: no covered words
+        shards = [p for p in shards if not p.stem.startswith(COVER_PREFIX)]
     data, val = FeatureSet(shards), FeatureSet([cache / f"{VAL_SHARD}.npz"])
-    weights = None
-    if args.real_share is not None:  # random batches draw real crops (shards real*) with this share
-        real = np.concatenate([np.full(n, p.stem.startswith("real")) for p, n in zip(shards, data.shard_sizes)])
-        weights = np.where(real, args.real_share / max(1, real.sum()), (1 - args.real_share) / max(1, (~real).sum()))
-        weights /= weights.sum()
+    extra_val = {p.stem[len(VAL_SHARD) + 1:]: FeatureSet([p]) for p in sorted(cache.glob(f"{VAL_SHARD}-*.npz"))}
+    weights = share_weights(shards, data.shard_sizes, {"real": args.real_share, COVER_PREFIX: args.cover_share})
     if args.init:
         from safetensors.torch import load_file
 
@@ -305,19 +332,24 @@ def train(args: argparse.Namespace) -> None:
         done = elapsed >= budget or (args.max_steps is not None and step >= args.max_steps)
         if step % args.val_every == 0 or done:
             result = evaluate(model, val, padding)
+            for name, extra in extra_val.items():
+                result[f"{name}_accuracy"] = evaluate(model, extra, padding)["accuracy"]
+            # the selection score: the split's accuracy, plus the extra sets' at --extra-val-weight
+            result["score"] = result["accuracy"] + args.extra_val_weight * sum(
+                result[f"{name}_accuracy"] for name in extra_val)
             line = {"step": step, "minutes": round(elapsed / 60, 2), **stats, **result}
             print(json.dumps(line), flush=True)
             log.write(json.dumps(line) + "\n")
             log.flush()
-            if result["accuracy"] > best:
-                best = result["accuracy"]
+            if result["score"] > best:
+                best = result["score"]
                 save_checkpoint(model, run / "best", meta={"step": step, "val": result, "recipe": vars(args)})
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                         "best": best, "elapsed": elapsed, "aux": aux.state_dict() if aux else None}, state_path)
         if done:
             break
     save_checkpoint(model, run / "last", meta={"step": step, "recipe": vars(args)})
-    print(f"done: {step} steps, best validation accuracy {best:.4f}", flush=True)
+    print(f"done: {step} steps, best validation score {best:.4f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--synth-shards", type=int, default=20)
     c.add_argument("--synth-shard-size", type=int, default=5000)
     c.add_argument("--synth-difficulty", type=float, default=1.0)
+    c.add_argument("--cover-shards", type=int, default=0,
+                   help="shards of synthetic words with inner characters covered (named cover*)")
+    c.add_argument("--cover-counts", type=int, nargs="+", default=[1, 2], help="characters covered per word")
+    c.add_argument("--extra-val", nargs="+", default=[],
+                   help="more validation sets (cached as val-<name>), reported beside the split")
     c.add_argument("--seed", type=int, default=0)
     t = sub.add_parser("train", help="train the decoders on cached features")
     t.add_argument("--config", required=True)
@@ -352,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="stop after this many steps (the schedule still follows --minutes)")
     t.add_argument("--real-share", type=float, default=None,
                    help="share of real crops (shards real*) in the random batches (default: as cached)")
+    t.add_argument("--cover-share", type=float, default=None,
+                   help="share of covered synthetic words (shards cover*) in the random batches "
+                        "(default: none are used)")
+    t.add_argument("--extra-val-weight", type=float, default=0.0,
+                   help="checkpoints are chosen on the split's accuracy plus this times each extra "
+                        "validation set's (cache --extra-val)")
     args = parser.parse_args(argv)
     build_cache(args) if args.command == "cache" else train(args)
     return 0

@@ -113,8 +113,10 @@ class WordRenderer:
         return rng.choice(covering) if covering else None
 
     # -- text masks ----------------------------------------------------------------------
-    def _masks(self, text: str, font: ImageFont.FreeTypeFont, stroke: int, tracking: float):
-        """(fill mask, outline mask or None), cropped to the ink plus ``size // 2`` pixels."""
+    def _masks(self, text: str, font: ImageFont.FreeTypeFont, stroke: int, tracking: float,
+               cover: tuple[int, ...] = ()):
+        """(fill mask, outline mask or None, cover mask or None), cropped to the ink plus
+        ``size // 2`` pixels; the cover mask is the ink boxes of the characters at ``cover``."""
         pad = font.size // 2 + stroke + 2
         if tracking:
             advances = [font.getlength(c) + tracking for c in text]
@@ -137,10 +139,26 @@ class WordRenderer:
             masks.append(mask)
         ink = masks[-1].getbbox()
         if ink is None:
-            return None, None
+            return None, None, None
+        covered = self._cover_mask(text, font, stroke, tracking, cover, size, pad) if cover else None
         box = (max(0, ink[0] - pad), max(0, ink[1] - pad), min(size[0], ink[2] + pad), min(size[1], ink[3] + pad))
         masks = [m.crop(box) for m in masks]
-        return masks[0], (masks[1] if stroke else None)
+        return masks[0], (masks[1] if stroke else None), (covered.crop(box) if covered else None)
+
+    @staticmethod
+    def _cover_mask(text: str, font: ImageFont.FreeTypeFont, stroke: int, tracking: float,
+                    cover: tuple[int, ...], size: tuple[int, int], pad: int) -> Image.Image:
+        """A mask of the ink boxes (grown by ~1/24 of the font size) of ``text[i]`` for each
+        ``i`` in ``cover``, where :meth:`_masks` draws them."""
+        mask = Image.new("L", size, 0)
+        draw = ImageDraw.Draw(mask)
+        grow = font.size // 24 + 1
+        for i in cover:
+            x = pad + (sum(font.getlength(c) + tracking for c in text[:i]) if tracking else font.getlength(text[:i]))
+            left, top, right, bottom = font.getbbox(text[i], stroke_width=stroke)
+            draw.rectangle((x + left - grow, pad + stroke + top - grow, x + right + grow, pad + stroke + bottom + grow),
+                           fill=255)
+        return mask
 
     def _chance(self, rng: random.Random, p: float) -> bool:
         """True with probability ``p * difficulty``; one draw, as ``rng.random() < p`` made
@@ -168,8 +186,10 @@ class WordRenderer:
             mesh.append((box, quad))
         return [m.transform((width, out_h), Image.Transform.MESH, mesh, Image.Resampling.BILINEAR) for m in masks]
 
-    def _geometry(self, masks: list[Image.Image], rng: random.Random, gen: np.random.Generator) -> list[Image.Image]:
-        box = masks[-1].getbbox()
+    def _geometry(self, masks: list[Image.Image], rng: random.Random, gen: np.random.Generator,
+                  ink: int = -1) -> list[Image.Image]:
+        """Shear, rotate and put ``masks`` in perspective, framed on the ink of ``masks[ink]``."""
+        box = masks[ink].getbbox()
         if box is None:
             return masks
         x0, y0, x1, y1 = box
@@ -235,8 +255,14 @@ class WordRenderer:
         return np.clip(bg, 0, 255).astype(np.uint8)
 
     # -- the whole crop ------------------------------------------------------------------
-    def render(self, text: str, rng: random.Random, gen: np.random.Generator) -> Image.Image | None:
-        """An RGB word crop of ``text``, or ``None`` when no font draws it."""
+    def render(self, text: str, rng: random.Random, gen: np.random.Generator,
+               cover: tuple[int, ...] = ()) -> Image.Image | None:
+        """An RGB word crop of ``text``, or ``None`` when no font draws it.
+
+        ``cover``: indices of characters to hide under a box filled with the median colour
+        of the crop's border, drawn before the degradations (as
+        :mod:`benchmarks.occlusion` covers real crops); the other random draws are the
+        same as without it."""
         info = self.pick_font(text, rng)
         if info is None:
             return None
@@ -244,13 +270,17 @@ class WordRenderer:
         font = self.font(info.path, size)
         stroke = rng.randint(1, max(1, size // 16)) if self._chance(rng, 0.15) else 0
         tracking = rng.uniform(0.05, 0.35) * size if self._chance(rng, 0.12) and len(text) > 1 else 0.0
-        fill_mask, stroke_mask = self._masks(text, font, stroke, tracking)
+        fill_mask, stroke_mask, cover_mask = self._masks(text, font, stroke, tracking, cover)
         if fill_mask is None:  # nothing drawn: a glyph-less render
             return None
         masks = [fill_mask] if stroke_mask is None else [fill_mask, stroke_mask]
+        n_ink = len(masks)
+        if cover_mask is not None:
+            masks.append(cover_mask)
         if self._chance(rng, 0.2):
             masks = self._curve(masks, rng)
-        masks = self._geometry(masks, rng, gen)
+        masks = self._geometry(masks, rng, gen, ink=n_ink - 1)
+        masks, cover_mask = masks[:n_ink], (masks[n_ink] if cover_mask is not None else None)
         ink = masks[-1].getbbox()
         if ink is None:
             return None
@@ -262,6 +292,8 @@ class WordRenderer:
         box = (int(x0 - margins[0]), int(y0 - margins[2]), int(x1 + margins[1]) + 1, int(y1 + margins[3]) + 1)
         masks = [m.crop(box) for m in masks]
         crop_size = masks[0].size
+        if cover_mask is not None:
+            cover_mask = cover_mask.crop(box)
 
         background = self._background(crop_size, rng, gen)
         image = Image.fromarray(background)
@@ -284,7 +316,24 @@ class WordRenderer:
             image.paste(Image.fromarray(grad), (0, 0), masks[0])
         else:
             image.paste(fill, (0, 0, *crop_size), masks[0])
+        if cover_mask is not None:
+            image = self._cover(image, cover_mask)
         return self._degrade(image, rng, gen)
+
+    @staticmethod
+    def _cover(image: Image.Image, cover_mask: Image.Image) -> Image.Image:
+        """``image`` with the bounding rectangle of each run of covered columns filled
+        with the median colour of the crop's border, as :mod:`benchmarks.occlusion` covers
+        real crops (two covered characters may be apart)."""
+        from benchmarks.occlusion import border_colour, occlude
+
+        covered = np.asarray(cover_mask) > 127
+        columns = np.flatnonzero(covered.any(axis=0))
+        boxes = []
+        for run in np.split(columns, np.flatnonzero(np.diff(columns) > 1) + 1) if len(columns) else ():
+            rows = np.flatnonzero(covered[:, run].any(axis=1))
+            boxes.append((int(run[0]), int(rows[0]), int(run[-1] - run[0] + 1), int(rows[-1] - rows[0] + 1)))
+        return occlude(image, boxes, border_colour(image))
 
     def _degrade(self, image: Image.Image, rng: random.Random, gen: np.random.Generator) -> Image.Image:
         width, height = image.size

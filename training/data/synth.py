@@ -44,6 +44,7 @@ class SynthWords(Dataset):
         max_length: int = MAX_LABEL_LENGTH,
         transform: Callable[[Image.Image], Any] | None = None,
         difficulty: float = 1.0,
+        cover_counts: tuple[int, ...] = (),
     ) -> None:
         if num_samples <= 0:
             raise ValueError("num_samples must be positive")
@@ -53,7 +54,15 @@ class SynthWords(Dataset):
         self.max_length = max_length
         self.transform = transform
         self.difficulty = check_difficulty(difficulty)  # now, not in a worker at the first item
+        #: each item hides this many inner characters (one count drawn per item, among those
+        #: the word is long enough for: at least 2k + 1 characters), as the occlusion
+        #: benchmark does to real crops; empty: nothing hidden
+        self.cover_counts = tuple(int(k) for k in cover_counts)
+        if any(k < 1 for k in self.cover_counts):
+            raise ValueError("cover counts must be positive")
         self.name = f"synth:{num_samples}:{seed}" + (f":{difficulty:g}" if difficulty != 1.0 else "")
+        if self.cover_counts:
+            self.name += ":cover" + "-".join(map(str, self.cover_counts))
         self.num_dropped = 0
         self._words: WordSampler | None = None
         self._renderer: WordRenderer | None = None
@@ -81,10 +90,19 @@ class SynthWords(Dataset):
             label = normalize_label(text, self.charset, self.max_length)
             if label is None:
                 continue
-            image = self._renderer.render(text, rng, gen)
+            image = self._renderer.render(text, rng, gen, self.covered(text, index))
             if image is not None:
                 return image, label
         raise RuntimeError(f"could not render a word for item {index} (seed {self.seed})")
+
+    def covered(self, text: str, index: int) -> tuple[int, ...]:
+        """Inner positions of ``text`` to hide in item ``index`` (drawn from their own
+        generator, so the word and the picture are those of the uncovered item)."""
+        counts = [k for k in self.cover_counts if len(text) >= 2 * k + 1]
+        if not counts:
+            return ()
+        rng = random.Random(f"{self.seed}:{index}:cover")
+        return tuple(sorted(rng.sample(range(1, len(text) - 1), rng.choice(counts))))
 
     def __getitem__(self, index: int):
         image, label = self.sample(index)
