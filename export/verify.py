@@ -37,7 +37,7 @@ from PIL import Image
 from runtime.backends import Backend, select_backend
 from runtime.bundle import load_bundle
 from runtime.charset import WordAccuracy, keep_for_eval, weighted_total
-from runtime.preprocess import ImageError, load_image, preprocess
+from runtime.preprocess import ImageError, load_image, preprocess, width_groups
 from runtime.recognizer import Recognizer
 from training.checkpoint import load_checkpoint
 from training.model.clip4str import CLIP4STR
@@ -238,8 +238,9 @@ def verify_set(model: CLIP4STR, recognizers: dict[str, Recognizer], samples: Seq
         for recognizer in recognizers.values():
             recognizer.read([samples[0].image])
         torch_outputs(model, preprocess([samples[0].image], spec))
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
+    # batches of equal padded width, as Recognizer.read forms them: each batch is one read
+    for indices in width_groups([s.image.size for s in samples], spec, batch_size):
+        chunk = [samples[i] for i in indices]
         images, labels = [s.image for s in chunk], [s.label for s in chunk]
         batch = preprocess(images, spec)
         seconds, torch_words, expected = torch_outputs(model, batch)

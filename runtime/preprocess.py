@@ -203,6 +203,22 @@ def preprocess(images: Sequence[Image.Image], spec: Preprocessing) -> np.ndarray
     return pad_batch([normalize(r[None], spec)[0] for r in resized], spec)
 
 
+def width_groups(sizes: Sequence[tuple[int, int]], spec: Preprocessing, batch_size: int) -> list[list[int]]:
+    """Indices of images of ``sizes`` (``(width, height)``) in batches of at most
+    ``batch_size`` whose images all have the same padded width (:meth:`Preprocessing.batch_width`
+    of the image alone): each is then padded exactly as when read alone, so a word's
+    reading does not depend on the other images of its batch. Batches come in order of
+    their first image; within one, indices keep their order."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    groups: dict[int, list[int]] = {}
+    for i, size in enumerate(sizes):
+        groups.setdefault(spec.batch_width([spec.image_width(size)]), []).append(i)
+    batches = [members[k : k + batch_size] for members in groups.values()
+               for k in range(0, len(members), batch_size)]
+    return sorted(batches, key=lambda batch: batch[0])
+
+
 def pad_batch(images: Sequence[np.ndarray], spec: Preprocessing) -> np.ndarray:
     """Normalised ``(3, H, w_i)`` arrays -> one ``(B, 3, H, W)`` batch, right-padded with
     zeros to :meth:`Preprocessing.batch_width`."""

@@ -27,7 +27,7 @@ from runtime.bundle import Bundle, load_bundle
 from runtime.decoding import CharCodec, Prediction, ctc_rescored, softmax
 from runtime.gate import check_threshold, gate
 from runtime.inputs import Sample, Source, array_to_image, source_name
-from runtime.preprocess import ImageError, load_image, pad_batch, preprocess
+from runtime.preprocess import ImageError, load_image, pad_batch, preprocess, width_groups
 from runtime.tokenizer import BPETokenizer, TextBridge
 
 #: Stage names of :attr:`ReadResult.timings_ms`, in the order they run.
@@ -35,6 +35,9 @@ STAGES = ("preprocess", "image_encoder", "visual_decoder", "tokenize", "text_enc
           "decode_gate", "llm")
 LLM_MODES = ("rescore", "fill")
 DEFAULT_BATCH_SIZE = 32
+#: :meth:`Recognizer.read` groups images of equal padded width within windows of this many
+#: batches (a window's images are loaded at once)
+GROUP_WINDOW = 8
 
 
 @dataclass
@@ -200,42 +203,59 @@ class Recognizer:
     def read(self, images: Sequence[Source | Sample] | Source | Sample,
              batch_size: int = DEFAULT_BATCH_SIZE) -> list[ReadResult]:
         """One :class:`ReadResult` per input, in order. Inputs: paths, encoded bytes,
-        PIL images, numpy arrays (HxW[xC]) or :class:`~runtime.inputs.Sample`."""
+        PIL images, numpy arrays (HxW[xC]) or :class:`~runtime.inputs.Sample`.
+
+        Images are batched (at most ``batch_size``) with others of the same padded input
+        width (:func:`~runtime.preprocess.width_groups`, over windows of
+        ``GROUP_WINDOW * batch_size`` inputs), so each word reads as it would alone."""
         if isinstance(images, str | bytes | bytearray | Image.Image | np.ndarray | Sample | Path):
             images = [images]
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         items = list(images)
         results: list[ReadResult] = []
-        for start in range(0, len(items), batch_size):
-            results.extend(self._read_batch(items[start:start + batch_size], start))
+        window = batch_size * GROUP_WINDOW
+        for start in range(0, len(items), window):
+            results.extend(self._read_window(items[start:start + window], start, batch_size))
         return results
 
-    def _read_batch(self, items: list[Source | Sample], offset: int) -> list[ReadResult]:
+    def _read_window(self, items: list[Source | Sample], offset: int, batch_size: int) -> list[ReadResult]:
+        """Load ``items``, then read them in batches of equal padded width."""
         results = [ReadResult(source_name(item, offset + i),
                               label=item.label if isinstance(item, Sample) else None)
                    for i, item in enumerate(items)]
-        timer = _Timer()
-        good: list[int] = []
+        loaded: list[int] = []
         pictures: list[Image.Image] = []
+        load_ms: dict[int, float] = {}
+        for i, item in enumerate(items):
+            start = time.perf_counter()
+            try:
+                pictures.append(_load(item))
+                loaded.append(i)
+            except ImageError as exc:
+                results[i].error = str(exc)
+            except Exception as exc:  # a reader bug must not lose the batch
+                results[i].error = f"cannot read input ({type(exc).__name__}: {exc})"
+            load_ms[i] = 1000.0 * (time.perf_counter() - start)
+        sizes = [picture.size for picture in pictures]
+        for batch in width_groups(sizes, self.bundle.preprocessing, batch_size):
+            self._read_batch(results, [loaded[k] for k in batch], [pictures[k] for k in batch], load_ms)
+        return results
+
+    def _read_batch(self, results: list[ReadResult], good: list[int], pictures: list[Image.Image],
+                    load_ms: dict[int, float]) -> None:
+        """Read ``pictures`` as one batch into ``results[good[k]]``."""
+        timer = _Timer()
         with timer("preprocess"):
-            for i, item in enumerate(items):
-                try:
-                    pictures.append(_load(item))
-                    good.append(i)
-                except ImageError as exc:
-                    results[i].error = str(exc)
-                except Exception as exc:  # a reader bug must not lose the batch
-                    results[i].error = f"cannot read input ({type(exc).__name__}: {exc})"
             batch, good = self._preprocess(pictures, good, results)
         if batch is None:
-            return results
+            return
         try:
             predictions = self._decode(batch, timer)
         except Exception as exc:  # backend failure: every image of this batch reports it
             for i in good:
                 results[i].error = f"inference failed ({type(exc).__name__}: {exc})"
-            return results
+            return
         for i, prediction in zip(good, predictions):
             self._fill(results[i], prediction)
         with timer("llm"):
@@ -245,8 +265,7 @@ class Recognizer:
         llm_share = timer.ms.get("llm", 0.0) / len(gated) if gated else 0.0
         for i in good:
             own = results[i].timings_ms.get("llm", llm_share if i in gated else 0.0)
-            results[i].timings_ms = {**share, "llm": own}
-        return results
+            results[i].timings_ms = {**share, "preprocess": share["preprocess"] + load_ms.get(i, 0.0), "llm": own}
 
     def _preprocess(self, pictures: list[Image.Image], good: list[int],
                     results: list[ReadResult]) -> tuple[np.ndarray | None, list[int]]:

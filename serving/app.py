@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -30,13 +28,11 @@ from runtime.recognizer import DEFAULT_BATCH_SIZE, ReadResult
 from serving.common import RecognizerSettings, json_record
 
 #: How the images of requests batched together are grouped into recognizer calls:
-#: ``width``: images of the same padded input width together, so no image is padded more
-#: than when read alone (results equal a read of that request alone, up to float rounding
-#: of the batch size); ``request``: each request is its own call (bit-identical to
-#: ``Recognizer.read`` of that request, slowest); ``pad``: all images in batches of
-#: ``DEFAULT_BATCH_SIZE`` (fastest; each word's confidences depend on its batch neighbours'
-#: widths, as with ``clipllama-run --batch``).
-MERGE_POLICIES = ("width", "request", "pad")
+#: ``width``: all in one call, which batches images of the same padded input width
+#: (``Recognizer.read``), so no image is padded more than when read alone (results equal a
+#: read of that request alone, up to float rounding of the batch size); ``request``: each
+#: request is its own call (bit-identical to ``Recognizer.read`` of that request, slowest).
+MERGE_POLICIES = ("width", "request")
 
 
 @dataclass(frozen=True)
@@ -161,19 +157,11 @@ class Reader:
         if self.batching.merge == "request":
             return [[json_record(r, self.recognizer) for r in read(samples)] for samples in requests]
         flat = [(k, j) for k, samples in enumerate(requests) for j in range(len(samples))]
-        groups: dict[int, list[tuple[int, int]]] = defaultdict(list)
-        for k, j in flat:
-            groups[self._width(requests[k][j].data) if self.batching.merge == "width" else 0].append((k, j))
+        results = read([requests[k][j] for k, j in flat], batch_size=DEFAULT_BATCH_SIZE)
         records: list[list[dict[str, Any]]] = [[{} for _ in samples] for samples in requests]
-        for members in groups.values():
-            results = read([requests[k][j] for k, j in members], batch_size=DEFAULT_BATCH_SIZE)
-            for (k, j), result in zip(members, results):
-                records[k][j] = json_record(result, self.recognizer)
+        for (k, j), result in zip(flat, results):
+            records[k][j] = json_record(result, self.recognizer)
         return records
-
-    def _width(self, image: Image.Image) -> int:
-        spec = self.recognizer.bundle.preprocessing
-        return spec.batch_width([spec.image_width(image.size)])
 
     def health(self) -> dict[str, Any]:
         model = self.recognizer.bundle.manifest.get("model", {}).get("name")

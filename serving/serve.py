@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests batched together per replica (default: 8)")
     group.add_argument("--batch-wait-ms", type=float, default=5.0, metavar="MS",
                        help="longest wait for a batch to fill (default: 5)")
-    group.add_argument("--merge", choices=("width", "request", "pad"), default="width",
+    group.add_argument("--merge", choices=("width", "request"), default="width",
                        help="how batched requests' images are grouped (default: width; see serving.app)")
     group.add_argument("--address", metavar="ADDR",
                        help="join a running Ray cluster ('auto' or ray://HOST:10001); default: a local instance")

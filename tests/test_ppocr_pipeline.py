@@ -31,6 +31,47 @@ def test_default_bundle_reads_every_sample() -> None:
     assert {p.stem: r.text.lower() for p, r in zip(paths, results)} == {p.stem: p.stem.lower() for p in paths}
 
 
+def test_default_bundle_reads_a_word_the_same_in_any_batch() -> None:
+    """Recognizer.read batches crops of equal padded width only, so a word's reading and
+    confidences do not depend on its batch neighbours (padded to the widest, they did)."""
+    from runtime.bundle import DEFAULT_BUNDLE
+    from runtime.recognizer import Recognizer
+
+    images = []
+    for path in sorted(SAMPLES.glob("*.png")):
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+        for stretch in (1.0, 1.6, 2.4):  # the same words at other widths: several width groups
+            images.append(image.resize((max(8, int(image.width * stretch)), image.height)))
+    recognizer = Recognizer.from_bundle(DEFAULT_BUNDLE, backend="ort-cpu", llm="none", threads=1)
+    try:
+        alone = recognizer.read(images, batch_size=1)
+        together = recognizer.read(images, batch_size=16)
+    finally:
+        recognizer.close()
+    widths = {recognizer.bundle.preprocessing.batch_width([recognizer.bundle.preprocessing.image_width(i.size)])
+              for i in images}
+    assert len(widths) >= 3
+    assert [r.text for r in together] == [r.text for r in alone]
+    for a, b in zip(alone, together):
+        assert np.allclose(a.char_confidences, b.char_confidences, atol=1e-4)
+
+
+def test_width_groups_batch_equal_widths_in_order() -> None:
+    from runtime.preprocess import Preprocessing, width_groups
+
+    spec = Preprocessing(height=48, width=320, keep_aspect=True, width_multiple=8, pad_width=64)
+    sizes = [(100, 48), (30, 48), (101, 48), (20, 48), (300, 24), (600, 48), (96, 48)]
+    # padded widths: 104, 64, 104, 64, 320, 320, 96
+    assert width_groups(sizes, spec, 8) == [[0, 2], [1, 3], [4, 5], [6]]
+    assert width_groups(sizes, spec, 1) == [[i] for i in range(7)]
+    assert sorted(i for batch in width_groups(sizes, spec, 2) for i in batch) == list(range(7))
+    fixed = Preprocessing(height=32, width=128)
+    assert width_groups(sizes, fixed, 4) == [[0, 1, 2, 3], [4, 5, 6]]
+    with pytest.raises(ValueError):
+        width_groups(sizes, spec, 0)
+
+
 def test_default_bundle_is_the_ppocr_tower_model() -> None:
     from runtime.bundle import DEFAULT_BUNDLE
 
