@@ -73,7 +73,7 @@ def test_every_charset_character_renders():
     for c in CHARSET_94:
         info = renderer.pick_font(c, rng)
         assert info is not None and info.covers(c)
-        mask, _ = renderer._masks(c, renderer.font(info.path, 28), 0, 0.0)
+        mask, _, _ = renderer._masks(c, renderer.font(info.path, 28), 0, 0.0)
         assert mask is not None and np.asarray(mask).max() > 100, (c, info.path)
         image = renderer.render(c, rng, gen)
         assert image is not None and min(image.size) >= 1
