@@ -66,22 +66,28 @@ class TorchEngine:
         self.threshold = float(self.model.cfg.threshold)
 
     def run(self, images: list[Image.Image]) -> BatchTiming:
+        """Read ``images`` in batches of equal padded width, as ``Recognizer.read`` does."""
         from runtime.gate import gate
-        from runtime.preprocess import load_image, preprocess
+        from runtime.preprocess import load_image, preprocess, width_groups
 
-        torch, model, stages = self.torch, self.model, {}
+        torch, model = self.torch, self.model
+        stages = dict.fromkeys(("preprocess", "forward", "decode_gate"), 0.0)
+        gated = 0
         start = time.perf_counter()
-        batch = preprocess([load_image(image) for image in images], model.cfg.image)
-        x = torch.from_numpy(batch).to(model.device)
-        t1 = time.perf_counter()
-        with torch.inference_mode():
-            out = model(x)
-        t2 = time.perf_counter()
-        predictions = model.predictions(out, topk=5)
-        gated = sum(gate(p, self.threshold).needs_llm for p in predictions)
-        t3 = time.perf_counter()
-        stages = {"preprocess": 1000 * (t1 - start), "forward": 1000 * (t2 - t1), "decode_gate": 1000 * (t3 - t2)}
-        return BatchTiming(1000 * (t3 - start), stages, gated)
+        pictures = [load_image(image) for image in images]
+        stages["preprocess"] += 1000 * (time.perf_counter() - start)
+        for indices in width_groups([p.size for p in pictures], model.cfg.image, max(1, len(pictures))):
+            t0 = time.perf_counter()
+            x = torch.from_numpy(preprocess([pictures[i] for i in indices], model.cfg.image)).to(model.device)
+            t1 = time.perf_counter()
+            with torch.inference_mode():
+                out = model(x)
+            t2 = time.perf_counter()
+            gated += sum(gate(p, self.threshold).needs_llm for p in model.predictions(out, topk=5))
+            t3 = time.perf_counter()
+            for stage, ms in (("preprocess", t1 - t0), ("forward", t2 - t1), ("decode_gate", t3 - t2)):
+                stages[stage] += 1000 * ms
+        return BatchTiming(1000 * (time.perf_counter() - start), stages, gated)
 
     def close(self) -> None:
         pass
