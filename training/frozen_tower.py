@@ -13,8 +13,9 @@ small fraction of the cost of running the tower every step.
 
 ``cache`` writes shards (``CACHE/<name>.npz``: float16 tokens, lengths, labels); an
 existing shard is kept, so an interrupted run resumes where it stopped. Images go through
-:func:`runtime.preprocess.preprocess` one at a time (exactly the runtime's batch-1
-input) and through the tower in groups of equal width. ``train`` writes a normal
+:func:`runtime.preprocess.preprocess` and the tower in batches of equal padded width
+(:func:`runtime.preprocess.width_groups`, as ``Recognizer.read`` forms them: each image
+padded exactly as the runtime pads it alone). ``train`` writes a normal
 checkpoint (``RUN/best``, chosen on the validation shard) and resumes from
 ``RUN/train_state.pt``.
 """
@@ -25,7 +26,6 @@ import argparse
 import json
 import math
 import time
-from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from torch.utils.data import Subset
 
 from runtime.charset import WordAccuracy
 from runtime.decoding import softmax
-from runtime.preprocess import preprocess
+from runtime.preprocess import preprocess, width_groups
 from training.checkpoint import save_checkpoint
 from training.config import ModelConfig, model_config
 from training.model.clip4str import CLIP4STR
@@ -67,17 +67,11 @@ class TowerFeatures:
 
     @torch.inference_mode()
     def __call__(self, images: list[Image.Image]) -> list[np.ndarray]:
-        inputs = [preprocess([image], self.spec)[0] for image in images]
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i, x in enumerate(inputs):
-            groups[x.shape[-1]].append(i)
         out: list[np.ndarray | None] = [None] * len(images)
-        for members in groups.values():
-            for start in range(0, len(members), self.batch_size):
-                chunk = members[start : start + self.batch_size]
-                features = self.tower(torch.from_numpy(np.stack([inputs[i] for i in chunk])))
-                for i, f in zip(chunk, features.numpy().astype(np.float16)):
-                    out[i] = f
+        for chunk in width_groups([image.size for image in images], self.spec, self.batch_size):
+            batch = preprocess([images[i] for i in chunk], self.spec)  # padded as each alone
+            for i, f in zip(chunk, self.tower(torch.from_numpy(batch)).numpy().astype(np.float16)):
+                out[i] = f
         return out  # type: ignore[return-value]
 
     @torch.inference_mode()
