@@ -12,11 +12,21 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from runtime import bundle as bundle_module
-from runtime.backends import BACKENDS, PRECISIONS, BackendError
+from runtime.backends import BackendError
 from runtime.bundle import BundleError
-from runtime.charset import WordAccuracy, eval_normalize, keep_for_eval
+from runtime.charset import keep_for_eval
 from runtime.inputs import InputError, InputSet, collect_inputs
-from runtime.recognizer import DEFAULT_BATCH_SIZE, LLM_MODES, ReadResult, Recognizer
+from runtime.options import OptionError, RecognizerConfig, add_recognizer_options
+from runtime.recognizer import DEFAULT_BATCH_SIZE, ReadResult, Recognizer
+from runtime.records import (
+    SetScore,
+    backend_info,
+    error_line,
+    json_record,
+    merge_loose,
+    plain_line,
+    unique_names,
+)
 
 #: The bundle used when ``--engine`` is not given (installed with the package).
 DEFAULT_BUNDLE = bundle_module.DEFAULT_BUNDLE
@@ -30,11 +40,12 @@ INPUT is an image file, a directory of images (--recursive: and of its subfolder
 labelled set: a folder with images/ and labels.tsv, a .tsv label file (filename<TAB>label),
 or an LMDB folder (data.mdb). Images larger than 40 megapixels are refused (one error each).
 
-output: 'INPUT<TAB>TEXT' per image on stdout (failed inputs: a message on stderr);
---json prints one JSON object per input instead (with the backend that read it). With
---eval, labelled sets are scored with the standard protocol and the last line is
-{"summary": {SET: {...}}, "backend": {...}}. Notes on stderr say which faster backend was
-not used and why (always with --json; otherwise unless the machine has no NVIDIA GPU).
+output: 'INPUT<TAB>TEXT<TAB>CONFIDENCE' per image on stdout (the word's confidence in [0, 1];
+failed inputs: a message on stderr); --json prints one JSON object per input instead (with
+the backend that read it). With --eval, labelled sets are scored with the standard protocol
+and the last line is {"summary": {SET: {...}}, "backend": {...}}. Notes on stderr say which
+faster backend was not used and why (always with --json; otherwise unless the machine has no
+NVIDIA GPU).
 
 exit status:
   0  every input was read
@@ -44,23 +55,6 @@ exit status:
 """
 
 
-def add_recognizer_options(parser: argparse.ArgumentParser, backend_note: str = "") -> None:
-    """How the recognizer is built: the options ``clipllama-run``, ``clipllama-serve`` and
-    ``clipllama-batch`` share (``backend_note`` is added to the backend's help)."""
-    parser.add_argument("--engine", metavar="BUNDLE", help="bundle directory (default: the embedded bundle)")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto",
-                        help=f"inference backend (default: auto{backend_note})")
-    parser.add_argument("--precision", choices=PRECISIONS, help="graph variant (default: fp16 on GPU, else fp32)")
-    parser.add_argument("--llm", default=None, metavar="PATH|default|none",
-                        help="GGUF model for the correction, 'default' (embedded model) or 'none' "
-                             "(default: the embedded model when llama-cpp-python is installed)")
-    parser.add_argument("--threshold", type=float, help="confidence gate threshold (default: the bundle's, 0.8)")
-    parser.add_argument("--llm-mode", choices=LLM_MODES, default="rescore", help="LLM correction mode")
-    parser.add_argument("--lexicon", default="default", metavar="FILE|default|none",
-                        help="word list for the rescore mode (one word per line, .gz too), searched before "
-                             "the shipped English list; 'none' turns lexicons off (default: the English list)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clipllama-run", description="Scene text recognition with CLIP4STR and a gated Llama corrector.",
@@ -68,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image, directory of images or labelled set")
     add_recognizer_options(parser)
-    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH_SIZE, metavar="N", help="batch size")
-    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for onnxruntime (at least 1)")
+    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
+                        help=f"batch size (default: {DEFAULT_BATCH_SIZE})")
     parser.add_argument("--recursive", action="store_true", help="read the images in subfolders of a folder too")
     parser.add_argument("--json", action="store_true", help="one JSON object per input")
     parser.add_argument("--eval", action="store_true", help="score labelled sets; summary JSON last")
@@ -79,43 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _warning(message: Any, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
     return f"warning: {message}\n"
-
-
-class SetScore:
-    """Accumulates one set's summary: protocol accuracy, gate rate and LLM effects."""
-
-    def __init__(self) -> None:
-        self.accuracy = WordAccuracy()
-        self.gated = self.changed = self.fixed = self.broke = self.errors = 0
-
-    def add(self, result: ReadResult, label: str) -> None:
-        self.accuracy.update([result.text or ""], [label])
-        self.errors += not result.ok
-        self.gated += result.gated
-        if result.llm_changed:
-            self.changed += 1
-            target = eval_normalize(label)
-            before, after = eval_normalize(result.vision_text or ""), eval_normalize(result.text or "")
-            self.fixed += before != target and after == target
-            self.broke += before == target and after != target
-
-    def as_dict(self) -> dict[str, Any]:
-        n = self.accuracy.n
-        return {**self.accuracy.as_dict(), "gate_rate": 100.0 * self.gated / n if n else 0.0,
-                "llm_changed": self.changed, "llm_fixed": self.fixed, "llm_broke": self.broke,
-                "errors": self.errors}
-
-
-def _unique_names(sets: list[InputSet]) -> list[str | None]:
-    seen: dict[str, int] = {}
-    names: list[str | None] = []
-    for s in sets:
-        if s.name is None:
-            names.append(None)
-            continue
-        seen[s.name] = seen.get(s.name, 0) + 1
-        names.append(s.name if seen[s.name] == 1 else f"{s.name}#{seen[s.name]}")
-    return names
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -130,7 +87,7 @@ def _progress(total: int, enabled: bool) -> Any:
 
 def run(args: argparse.Namespace, recognizer: Recognizer, sets: list[InputSet], out: TextIO) -> int:
     """Read every set, print results (and the summary); the exit status."""
-    names = _unique_names(sets)
+    names = unique_names(sets)
     backend = backend_info(recognizer)
     bar = _progress(sum(len(s.samples) for s in sets), not args.no_progress)
     failed = 0
@@ -156,6 +113,9 @@ def run(args: argparse.Namespace, recognizer: Recognizer, sets: list[InputSet], 
         if bar is not None:
             bar.close()
     if args.eval:
+        if not summary:
+            print("note: --eval: no labelled set among the inputs (a folder with images/ and labels.tsv, "
+                  "a .tsv label file or an LMDB set); nothing was scored", file=sys.stderr)
         print(json.dumps({"summary": summary, "backend": backend}), file=out, flush=True)
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
@@ -163,17 +123,14 @@ def run(args: argparse.Namespace, recognizer: Recognizer, sets: list[InputSet], 
 def _print(result: ReadResult, set_name: str | None, out: TextIO, as_json: bool,
            backend: dict[str, Any] | None = None) -> None:
     if as_json:
-        data = result.to_dict()
-        if set_name is not None:
-            data["set"] = set_name
+        data = json_record(result, None, set_name)
         if backend is not None:
             data["backend"] = f"{backend['name']} {backend['precision']}"
         print(json.dumps(data, ensure_ascii=False), file=out, flush=True)
     elif result.ok:
-        print(f"{result.source}\t{result.text}", file=out, flush=True)
+        print(plain_line(result), file=out, flush=True)
     if not result.ok:
-        print(f"error: {result.error}" if result.source in (result.error or "") else
-              f"error: {result.source}: {result.error}", file=sys.stderr, flush=True)
+        print(error_line(result), file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None,
@@ -191,17 +148,16 @@ def main(argv: Sequence[str] | None = None,
     if args.batch < 1:
         print("error: --batch must be at least 1", file=sys.stderr)
         return EXIT_CANNOT_RUN
-    if args.threads is not None and args.threads < 1:
-        print("error: --threads must be at least 1 (leave it out for the default)", file=sys.stderr)
+    if args.engine is None and not (DEFAULT_BUNDLE / "manifest.json").is_file():
+        print(f"error: no default bundle is installed ({DEFAULT_BUNDLE}); pass --engine BUNDLE", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    config = RecognizerConfig.from_args(args)
+    try:
+        config.check()
+    except OptionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN
     bundle = Path(args.engine) if args.engine else DEFAULT_BUNDLE
-    if bundle.is_file() and bundle.name != "manifest.json":
-        print(f"error: --engine {bundle}: is a file; --engine takes a bundle directory (the folder with "
-              "manifest.json)", file=sys.stderr)
-        return EXIT_CANNOT_RUN
-    if args.engine is None and not (bundle / "manifest.json").is_file():
-        print(f"error: no default bundle is installed ({bundle}); pass --engine BUNDLE", file=sys.stderr)
-        return EXIT_CANNOT_RUN
     sets: list[InputSet] = []
     listing_failed = False
     for path in args.inputs:
@@ -214,20 +170,14 @@ def main(argv: Sequence[str] | None = None,
         for note in (n for s in found for n in s.notes):
             print(f"note: {note}", file=sys.stderr)
         sets.extend(found)
-    sets = _merge_loose(sets)
+    sets = merge_loose(sets)
     if not any(len(s.samples) for s in sets):
         print("error: no inputs to read", file=sys.stderr)
         return EXIT_CANNOT_RUN
     try:
-        if make_recognizer is not None:
-            recognizer = make_recognizer(args, bundle)
-        else:
-            recognizer = Recognizer.from_bundle(bundle, backend=args.backend, llm=args.llm,
-                                                threshold=args.threshold, llm_mode=args.llm_mode,
-                                                precision=args.precision, threads=args.threads,
-                                                lexicon=args.lexicon)
+        recognizer = make_recognizer(args, bundle) if make_recognizer is not None else config.build()
     except (BundleError, BackendError, ValueError, RuntimeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return EXIT_CANNOT_RUN
     _backend_notes(recognizer, args.json)
     try:
@@ -242,13 +192,6 @@ def main(argv: Sequence[str] | None = None,
     return EXIT_SOME_FAILED if listing_failed else status
 
 
-def backend_info(recognizer: Recognizer) -> dict[str, Any]:
-    """What read the inputs: the backend that runs, its precision, why nothing faster ran."""
-    backend = recognizer.backend
-    return {"name": getattr(backend, "name", "?"), "precision": getattr(backend, "precision", "?"),
-            "notes": list(getattr(backend, "notes", []) or [])}
-
-
 def _backend_notes(recognizer: Recognizer, as_json: bool) -> None:
     """The backend's notes on stderr, one line each (quiet on a machine with no NVIDIA GPU,
     unless --json)."""
@@ -256,13 +199,6 @@ def _backend_notes(recognizer: Recognizer, as_json: bool) -> None:
         return
     for note in backend_info(recognizer)["notes"]:
         print(f"note: backend {backend_info(recognizer)['name']}: {note}", file=sys.stderr)
-
-
-def _merge_loose(sets: list[InputSet]) -> list[InputSet]:
-    """All loose files in one unnamed set, first, in the order given."""
-    loose = [x for s in sets if s.name is None for x in s.samples]
-    named = [s for s in sets if s.name is not None]
-    return ([InputSet(None, loose)] if loose else []) + named
 
 
 if __name__ == "__main__":

@@ -188,9 +188,12 @@ def list_images(folder: Path, recursive: bool = False) -> tuple[list[Path], list
 
 
 def open_input(path: str | Path, recursive: bool = False) -> InputSet:
-    """The samples of one INPUT (see the module docstring). A path that does not exist
-    becomes one sample, so it is reported as a failed input, not dropped."""
+    """The samples of one INPUT (see the module docstring); :class:`InputError` for a path
+    that does not exist (an image a label file names but that is missing is a sample, and
+    fails when it is read)."""
     p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or folder")
     if p.is_dir():
         if (p / "data.mdb").is_file():
             return InputSet(p.name, LmdbSamples(p), labelled=True)

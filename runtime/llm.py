@@ -266,6 +266,10 @@ class Correction:
     llm_called: bool = False
     #: seconds spent on this word by the corrector
     time_s: float = 0.0
+    #: why the vision answer was kept without asking the model, when that was a decision
+    #: (not a failure): e.g. too many characters below the threshold
+    decision: str | None = None
+    #: failures (model unavailable, timeout, answer rejected): the vision answer stands
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -457,7 +461,7 @@ class Corrector:
                 result.warnings.append(f"LLM unavailable: {self.unavailable}")
             return self._finish(result, start)
         if len(decision.masked) > self.settings.max_masked_fraction * len(prediction.text):
-            result.warnings.append("too many characters below the threshold; vision answer kept")
+            result.decision = "too many characters below the threshold; vision answer kept"
             return self._finish(result, start)
         deadline = None if self.settings.time_budget_s is None else start + self.settings.time_budget_s
         try:

@@ -37,6 +37,10 @@ class ImageError(ValueError):
     """An input that cannot be read as an image; the message says why."""
 
 
+class ImageTooLarge(ImageError):
+    """An image over the pixel limit (found from its header, before it is decoded)."""
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How a model wants its input: size, normalisation, interpolation and aspect policy.
@@ -121,20 +125,21 @@ _INTERPOLATION = {
 }
 
 
-def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS, name: str | None = None) -> Image.Image:
     """Open ``source`` (path, encoded bytes or PIL image) as an RGB image.
 
     Raises :class:`ImageError` for a missing, empty, truncated, corrupt or oversized file
-    or for something that is not an image. 16-bit, CMYK, palette and grey images are
-    converted to RGB; an animated image gives its first frame.
+    (:class:`ImageTooLarge`) or for something that is not an image. 16-bit, CMYK, palette
+    and grey images are converted to RGB; an animated image gives its first frame.
+    ``name``: how messages call encoded bytes (default ``<bytes>``).
     """
     if isinstance(source, Image.Image):
         return _to_rgb(source)
     if isinstance(source, bytes | bytearray):
+        name = name or "<bytes>"
         if not source:
-            raise ImageError("empty image data")
+            raise ImageError(f"{name}: empty image data")
         stream: io.BytesIO | str = io.BytesIO(source)
-        name = "<bytes>"
     else:
         path = Path(source)
         name = str(path)
@@ -151,7 +156,7 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
             with Image.open(stream) as image:
                 width, height = image.size
                 if width * height > max_pixels:
-                    raise ImageError(_too_large(name, width * height, max_pixels))
+                    raise ImageTooLarge(_too_large(name, width * height, max_pixels))
                 if width == 0 or height == 0:
                     raise ImageError(f"{name}: image has no pixels")
                 image.seek(0)
@@ -163,7 +168,7 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
         raise ImageError(f"{name}: not an image (format not recognised)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         size = re.search(r"\((\d+) pixels\)", str(exc))  # Pillow's own limit, when it answers first
-        raise ImageError(_too_large(name, int(size[1]) if size else None, max_pixels)) from None
+        raise ImageTooLarge(_too_large(name, int(size[1]) if size else None, max_pixels)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{name}: corrupt or truncated image ({exc})") from None
 

@@ -27,13 +27,13 @@ from runtime.bundle import Bundle, load_bundle
 from runtime.decoding import CharCodec, Prediction, ctc_rescored, softmax
 from runtime.gate import check_threshold, gate
 from runtime.inputs import Sample, Source, array_to_image, source_name
+from runtime.options import LLM_MODES, RecognizerConfig
 from runtime.preprocess import ImageError, load_image, pad_batch, preprocess, width_groups
 from runtime.tokenizer import BPETokenizer, TextBridge
 
 #: Stage names of :attr:`ReadResult.timings_ms`, in the order they run.
 STAGES = ("preprocess", "image_encoder", "visual_decoder", "tokenize", "text_encoder", "cross_decoder",
           "decode_gate", "llm")
-LLM_MODES = ("rescore", "fill")
 DEFAULT_BATCH_SIZE = 32
 #: :meth:`Recognizer.read` groups images of equal padded width within windows of this many
 #: batches (a window's images are loaded at once)
@@ -48,7 +48,10 @@ class LLMInfo:
     changed: bool = False
     #: candidates considered, best first: ``{"text", "score", ...}`` as the corrector reports them
     candidates: list[dict[str, Any]] = field(default_factory=list)
-    #: why the vision answer stands when the corrector failed (None when it ran)
+    #: why the corrector kept the vision answer without asking the model, as a decision
+    #: (e.g. too many characters below the threshold); None when it decided nothing such
+    decision: str | None = None
+    #: why the vision answer stands when the corrector or its model failed (None: no failure)
     error: str | None = None
 
 
@@ -74,6 +77,9 @@ class ReadResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     label: str | None = None
+    #: True when the confidence fell below the recognizer's ``min_confidence``: ``text`` is
+    #: then empty (``vision_text`` and ``confidence`` still say what was read)
+    low_confidence: bool = False
 
     @property
     def ok(self) -> bool:
@@ -105,13 +111,14 @@ class _Timer:
             self.ms[stage] = self.ms.get(stage, 0.0) + 1000.0 * (time.perf_counter() - start)
 
 
-def _load(item: Source | Sample) -> Image.Image:
+def _load(item: Source | Sample, name: str | None = None) -> Image.Image:
+    """The RGB image of one input (``name``: how errors call encoded bytes)."""
     data = item.data if isinstance(item, Sample) else item
     if isinstance(data, np.ndarray):
         return array_to_image(data)
     if not isinstance(data, str | bytes | bytearray | Image.Image | Path) and not hasattr(data, "__fspath__"):
         raise ImageError(f"unsupported input type {type(data).__name__} (path, bytes, PIL image or array)")
-    return load_image(data)
+    return load_image(data, name=name)
 
 
 def make_corrector(llm: str | None, mode: str, threshold: float, lexicon: str | None = "default") -> Any | None:
@@ -163,7 +170,8 @@ class Recognizer:
     """Reads word images with a bundle's graphs, the gate and an optional LLM corrector."""
 
     def __init__(self, bundle: Bundle, backend: Backend, corrector: Any | None = None,
-                 threshold: float | None = None, llm_mode: str = "rescore") -> None:
+                 threshold: float | None = None, llm_mode: str = "rescore",
+                 min_confidence: float | None = None) -> None:
         self.bundle = bundle
         self.backend = backend
         self.corrector = corrector
@@ -174,17 +182,30 @@ class Recognizer:
         self.bridge = TextBridge(self.codec, bundle.test_charset, self.tokenizer,
                                  bundle.decode.text_context_length)
         self.topk = max(1, bundle.decode.topk)
+        if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
+            raise ValueError(f"min_confidence must be within [0, 1], not {min_confidence}")
+        self.min_confidence = min_confidence
 
     @classmethod
     def from_bundle(cls, path: str | Path | None = None, backend: str = "auto", llm: str | None = None,
                     threshold: float | None = None, llm_mode: str = "rescore", precision: str | None = None,
-                    threads: int | None = None, verify: bool = True, lexicon: str | None = "default") -> Recognizer:
-        """Load and check the bundle at ``path`` (None: the default bundle), pick the backend
-        (see :func:`~runtime.backends.select_backend`), set up the LLM (see :func:`make_corrector`)."""
+                    threads: int | None = None, verify: bool = True, lexicon: str | None = "default",
+                    min_confidence: float | None = None) -> Recognizer:
+        """Load and check the bundle at ``path`` (None: the embedded default bundle), pick the
+        backend (see :func:`~runtime.backends.select_backend`), set up the LLM (see
+        :func:`make_corrector`). ``min_confidence``: words below it read as empty text, flagged
+        :attr:`ReadResult.low_confidence` (None: off)."""
         bundle = load_bundle(path, verify=verify)
         value = check_threshold(bundle.threshold if threshold is None else threshold)
         corrector = make_corrector(llm, llm_mode, value, lexicon)
-        return cls(bundle, select_backend(bundle, backend, precision, threads), corrector, value, llm_mode)
+        return cls(bundle, select_backend(bundle, backend, precision, threads), corrector, value, llm_mode,
+                   min_confidence)
+
+    @classmethod
+    def from_config(cls, config: RecognizerConfig, num_cpus: float | None = None,
+                    verify: bool = True) -> Recognizer:
+        """:meth:`RecognizerConfig.build`: the options every entry point shares."""
+        return config.build(num_cpus, verify=verify)
 
     @property
     def llm_enabled(self) -> bool:
@@ -230,7 +251,7 @@ class Recognizer:
         for i, item in enumerate(items):
             start = time.perf_counter()
             try:
-                pictures.append(_load(item))
+                pictures.append(_load(item, results[i].source))
                 loaded.append(i)
             except ImageError as exc:
                 results[i].error = str(exc)
@@ -260,6 +281,11 @@ class Recognizer:
             self._fill(results[i], prediction)
         with timer("llm"):
             self._correct([results[i] for i in good], predictions)
+        if self.min_confidence is not None:
+            for i in good:
+                if (results[i].confidence or 0.0) < self.min_confidence:
+                    results[i].low_confidence = True
+                    results[i].text = ""
         share = {stage: timer.ms.get(stage, 0.0) / len(good) for stage in STAGES if stage != "llm"}
         gated = [i for i in good if results[i].gated] if self.corrector is not None else []
         llm_share = timer.ms.get("llm", 0.0) / len(gated) if gated else 0.0
@@ -344,9 +370,10 @@ def apply_correction(result: ReadResult, prediction: Prediction, correction: Any
     the characters now chosen (from its top-k; 0 where not among them or inserted)."""
     text = getattr(correction, "text", None)
     warnings_ = list(getattr(correction, "warnings", None) or [])
+    decision = getattr(correction, "decision", None)
     candidates = [_as_dict(c) for c in getattr(correction, "candidates", None) or []]
     info = LLMInfo(str(getattr(correction, "mode", mode)), candidates=candidates,
-                   error="; ".join(warnings_) or None)
+                   decision=decision if isinstance(decision, str) else None, error="; ".join(warnings_) or None)
     result.llm = info
     seconds = getattr(correction, "time_s", None)
     if isinstance(seconds, int | float):

@@ -7,7 +7,8 @@ A request carries one image as its raw body, or many as ``multipart/form-data`` 
 ``{"results": [record, ...]}`` with one record per image, the same record as
 ``clipllama-run --json`` prints (:func:`serving.common.json_record`). Status 200 when at least one
 image was read, 400 when none could be (the records still say why), 413 when the request is
-over a limit. Images of requests that arrive together are read together (``serve.batch``);
+over a limit (body size, image count, or an image over the pixel limit: then no image is
+read). Images of requests that arrive together are read together (``serve.batch``);
 :data:`MERGE_POLICIES` says how.
 """
 
@@ -23,9 +24,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from runtime.inputs import Sample
-from runtime.preprocess import ImageError, load_image
+from runtime.options import RecognizerConfig
+from runtime.preprocess import ImageError, ImageTooLarge, load_image
 from runtime.recognizer import DEFAULT_BATCH_SIZE, ReadResult
-from serving.common import RecognizerSettings, json_record
+from runtime.records import json_record
 
 #: How the images of requests batched together are grouped into recognizer calls:
 #: ``width``: all in one call, which batches images of the same padded input width
@@ -90,10 +92,8 @@ async def _images(request: Request, limits: Limits) -> list[tuple[str, bytes]]:
     form = await Request(request.scope, replay).form(max_files=limits.max_images + 1,
                                                      max_fields=limits.max_images + 1)
     items = []
-    for i, (field, value) in enumerate(form.multi_items()):
-        if isinstance(value, str):  # a plain field: its text is not an image
-            items.append((f"<field {field}>", value.encode()))
-        else:
+    for i, (_, value) in enumerate(form.multi_items()):
+        if not isinstance(value, str):  # a plain form field (-F name=value) is text, not an image
             items.append((value.filename or f"<bytes {i}>", await value.read()))
     await form.close()
     return items
@@ -104,7 +104,7 @@ class Reader:
 
     def __init__(self, settings: dict[str, Any], limits: dict[str, Any], batching: dict[str, Any],
                  num_cpus: float | None = None) -> None:
-        self.recognizer = RecognizerSettings(**settings).build(num_cpus)
+        self.recognizer = RecognizerConfig.from_dict(settings).build(num_cpus)
         self.limits = Limits(**limits)
         self.batching = Batching(**batching)
         self.read_requests.set_max_batch_size(self.batching.max_batch_size)
@@ -125,11 +125,22 @@ class Reader:
         except Exception as exc:  # a malformed multipart body
             return JSONResponse({"error": f"cannot parse the request ({type(exc).__name__}: {exc})"}, 400)
         if not items:
-            return JSONResponse({"error": "no image in the request"}, 400)
+            return JSONResponse({"error": "no image in the request (send the image as the body, or as "
+                                          "multipart file parts: curl -F file=@word.png; form fields are "
+                                          "not images)"}, 400)
         if len(items) > self.limits.max_images:
             return JSONResponse({"error": f"{len(items)} images exceed the {self.limits.max_images}-image limit"},
                                 413)
         decoded = await asyncio.to_thread(self._decode, items)
+        too_large = [x for x in decoded if isinstance(x, dict) and x.get("too_large")]
+        if too_large:  # over a limit: 413, as for the body and the image count; nothing is read
+            records = [x if isinstance(x, dict) else
+                       json_record(ReadResult(x.source, error="not read: the request has an image over the "
+                                                              "pixel limit"), self.recognizer)
+                       for x in decoded]
+            for record in records:
+                record.pop("too_large", None)
+            return JSONResponse({"error": too_large[0]["error"], "results": records}, 413)
         good = [x for x in decoded if isinstance(x, Sample)]
         read = iter(await self.read_requests(good) if good else [])
         records = [next(read) if isinstance(x, Sample) else x for x in decoded]
@@ -142,7 +153,9 @@ class Reader:
         out: list[Sample | dict[str, Any]] = []
         for name, data in items:
             try:
-                out.append(Sample(name, load_image(data, max_pixels=self.limits.max_pixels)))
+                out.append(Sample(name, load_image(data, max_pixels=self.limits.max_pixels, name=name)))
+            except ImageTooLarge as exc:
+                out.append({**json_record(ReadResult(name, error=str(exc)), self.recognizer), "too_large": True})
             except ImageError as exc:
                 out.append(json_record(ReadResult(name, error=str(exc)), self.recognizer))
         return out
@@ -170,7 +183,7 @@ class Reader:
                 "llm": self.recognizer.llm_enabled, "threshold": self.recognizer.threshold}
 
 
-def build_app(settings: RecognizerSettings, limits: Limits, batching: Batching, replicas: int = 1,
+def build_app(settings: RecognizerConfig, limits: Limits, batching: Batching, replicas: int = 1,
               num_cpus: float = 1.0, num_gpus: float = 0.0) -> Any:
     """The Serve application: ``replicas`` copies of :class:`Reader`, each with its own CPUs/GPUs."""
     deployment = serve.deployment(Reader, name="clipllama-reader").options(

@@ -28,15 +28,10 @@ from typing import Any
 import numpy as np
 
 from runtime.inputs import InputError, InputSet, LmdbSamples, Sample, collect_inputs
+from runtime.options import OptionError, RecognizerConfig
 from runtime.recognizer import DEFAULT_BATCH_SIZE, LLMInfo, ReadResult
-from serving.common import (
-    RecognizerSettings,
-    add_recognizer_options,
-    json_record,
-    missing_serve_extra,
-    settings_from_args,
-    stop_on_signals,
-)
+from runtime.records import SetScore, json_record, merge_loose, unique_names
+from serving.common import add_recognizer_options, missing_serve_extra, settings_from_args, stop_on_signals
 from serving.parts import FORMATS, PartWriter, done_ids, read_records
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_CANNOT_RUN = 0, 1, 2
@@ -53,22 +48,24 @@ def read_path_list(path: Path) -> InputSet:
     return InputSet(None, [Sample(str(image), image) for image in images])
 
 
-def list_inputs(paths: Sequence[str]) -> tuple[list[tuple[str | None, InputSet]], list[str]]:
-    """``(name, set)`` for each input set as ``clipllama-run`` names them, and listing errors."""
-    from runtime.cli import _merge_loose, _unique_names
-
+def list_inputs(paths: Sequence[str]) -> tuple[list[tuple[str | None, InputSet]], list[str], list[str]]:
+    """``(name, set)`` for each input set as ``clipllama-run`` names them, listing errors, and
+    listing notes (what folders left out)."""
     sets: list[InputSet] = []
-    errors = []
+    errors, notes = [], []
     for path in paths:
         try:
             if Path(path).suffix.lower() in PATH_LIST_SUFFIXES and Path(path).is_file():
-                sets.append(read_path_list(Path(path)))
+                found = [read_path_list(Path(path))]
             else:
-                sets.extend(collect_inputs([path]))
+                found = collect_inputs([path])
         except InputError as exc:
             errors.append(str(exc))
-    sets = _merge_loose(sets)
-    return list(zip(_unique_names(sets), sets)), errors
+            continue
+        notes.extend(n for s in found for n in s.notes)
+        sets.extend(found)
+    sets = merge_loose(sets)
+    return list(zip(unique_names(sets), sets)), errors, notes
 
 
 @dataclass
@@ -152,7 +149,7 @@ class ChunkReader:
     """Ray Data actor: one recognizer (bundle and LLM loaded once), reading whole chunks."""
 
     def __init__(self, settings: dict[str, Any], batch: int, num_cpus: float | None = None) -> None:
-        self.recognizer = RecognizerSettings(**settings).build(num_cpus)
+        self.recognizer = RecognizerConfig.from_dict(settings).build(num_cpus)
         self.batch = batch
 
     def __call__(self, table: Any) -> Any:
@@ -184,7 +181,7 @@ class Resources:
     decode_cpus: float = 0.25
 
 
-def read_chunks(chunks: list[dict[str, Any]], settings: RecognizerSettings, batch: int,
+def read_chunks(chunks: list[dict[str, Any]], settings: RecognizerConfig, batch: int,
                 resources: Resources) -> Iterator[list[dict[str, Any]]]:
     """Records, a Ray Data block at a time (Ray must be initialised)."""
     import ray
@@ -196,7 +193,8 @@ def read_chunks(chunks: list[dict[str, Any]], settings: RecognizerSettings, batc
     preprocessing = load_bundle(settings.engine, verify=False).preprocessing.to_dict()
     ds = ray.data.from_items(chunks, override_num_blocks=min(len(chunks), 1000))
     ds = ds.map(decode_chunk, fn_kwargs={"preprocessing": preprocessing}, num_cpus=resources.decode_cpus)
-    ds = ds.map_batches(ChunkReader, batch_size=1, batch_format="pyarrow", concurrency=resources.concurrency,
+    ds = ds.map_batches(ChunkReader, batch_size=1, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=resources.concurrency),
                         num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
                         fn_constructor_kwargs={"settings": settings.to_dict(), "batch": batch,
                                                "num_cpus": resources.num_cpus})
@@ -207,8 +205,6 @@ def read_chunks(chunks: list[dict[str, Any]], settings: RecognizerSettings, batc
 def summarize(out: str | Path, scored: dict[str, list[tuple[str, str]]]) -> dict[str, Any]:
     """``clipllama-run --eval``'s summary of the scored sets from every record in ``out``,
     with the backends that read them (``{"summary": {SET: {...}}, "backends": [...]}``)."""
-    from runtime.cli import SetScore
-
     records = {}
     wanted = {(name, source) for name, pairs in scored.items() for source, _ in pairs}
     for record in read_records(out):
@@ -260,27 +256,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``clipllama-batch``; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)  # --help works without the serve extra
+    except SystemExit as exc:
+        return int(exc.code or 0)
     message = missing_serve_extra(("ray", "pyarrow"))
     if message:
         print(message, file=sys.stderr)
         return EXIT_CANNOT_RUN
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    if args.batch < 1 or args.part_size < 1 or args.concurrency < 1:
-        print("error: --batch, --part-size and --concurrency must be at least 1", file=sys.stderr)
+    problem = check(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_CANNOT_RUN
-    from runtime.bundle import BundleError, load_bundle
-    from runtime.lexicon import load_lexicons
-
-    try:
-        load_bundle(args.engine, verify=False)
-        load_lexicons(args.lexicon, use_default=False)  # a user's list must be readable here
-    except (BundleError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CANNOT_RUN
-    named_sets, listing_errors = list_inputs(args.inputs)
+    named_sets, listing_errors, notes = list_inputs(args.inputs)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     for error in listing_errors:
         print(f"error: {error}", file=sys.stderr)
     if not any(len(s.samples) for _, s in named_sets):
@@ -288,40 +278,108 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CANNOT_RUN
     work = plan(named_sets, args.batch, args.eval, done_ids(args.output))
     print(f"clipllama-batch: {work.todo} to read, {work.skipped} already in {args.output}", file=sys.stderr)
+    failed = 0
+    if work.todo:  # a rerun with nothing left to read does not start Ray
+        try:
+            failed = _run_on_ray(args, work)
+        except KeyboardInterrupt:
+            print("interrupted; rerun the same command to resume", file=sys.stderr)
+            return 130
+        except Exception as exc:  # a failure inside Ray: one line, not its tracebacks
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            return EXIT_CANNOT_RUN
+    if args.eval:
+        summary = summarize(args.output, work.scored)
+        if not summary["summary"]:
+            print("note: --eval: no labelled set among the inputs; nothing was scored", file=sys.stderr)
+        print(json.dumps(summary), flush=True)
+    if failed or listing_errors:
+        print(f"clipllama-batch: {failed + len(listing_errors)} input(s) could not be read "
+              f"({failed} image(s), {len(listing_errors)} listing error(s)); each is named above", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
+def check(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, the bundle or the LLM, before Ray starts (None: nothing)."""
+    if args.batch < 1 or args.part_size < 1 or args.concurrency < 1:
+        return "--batch, --part-size and --concurrency must be at least 1"
+    if args.num_cpus <= 0 or args.num_gpus < 0 or args.decode_cpus <= 0:
+        return "--num-cpus and --decode-cpus must be above 0 and --num-gpus at least 0"
+    try:
+        settings_from_args(args).check()
+    except OptionError as exc:
+        return str(exc)
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """The root cause of an exception raised inside Ray, as one line."""
+    cause: BaseException = exc
+    seen = set()
+    while id(cause) not in seen:
+        seen.add(id(cause))
+        inner = getattr(cause, "cause", None) or cause.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        cause = inner
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    return f"{type(cause).__name__}: {text}" if text and type(cause).__name__ not in text else (text or
+                                                                                               type(cause).__name__)
+
+
+def _quiet_ray() -> None:
+    """Ray's own log lines below errors stay in its log files, not on the user's terminal."""
+    import logging
+
+    for name in ("ray", "ray.data", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _run_on_ray(args: argparse.Namespace, work: Plan) -> int:
+    """Start (or join) Ray, read the plan, stop Ray; the number of inputs that failed."""
+    import os
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     import ray
 
+    _quiet_ray()
     started = not ray.is_initialized()
     if started:
-        ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                 configure_logging=True)
+        ray.data.DataContext.get_current().enable_progress_bars = False
     stop_on_signals()  # after ray.init, which installs its own SIGTERM handler
     try:
-        failed = write(args, work)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return write(args, work)
     finally:
         if started:
             ray.shutdown()
-    if args.eval:
-        print(json.dumps(summarize(args.output, work.scored)), flush=True)
-    return EXIT_SOME_FAILED if failed or listing_errors else EXIT_OK
 
 
 def write(args: argparse.Namespace, work: Plan) -> int:
-    """Read the plan's chunks and write the records in parts; the number of failed inputs."""
+    """Read the plan's chunks and write the records in parts; the number of failed inputs.
+    Each failed input is named on stderr, as ``clipllama-run`` names it."""
     writer = PartWriter(args.output, args.format)
     resources = Resources(args.concurrency, args.num_cpus, args.num_gpus, args.decode_cpus)
     pending: list[dict[str, Any]] = []
     failed = written = 0
     for records in read_chunks(work.chunks, settings_from_args(args), args.batch, resources):
         pending.extend(records)
-        failed += sum(r.get("error") is not None for r in records)
+        for record in records:
+            if record.get("error") is not None:
+                failed += 1
+                source, error = str(record.get("source")), str(record["error"])
+                print(f"error: {error}" if source in error else f"error: {source}: {error}", file=sys.stderr)
         if len(pending) >= args.part_size:
             writer.write(pending)
             written += len(pending)
             pending = []
             print(f"clipllama-batch: {written}/{work.todo} written", file=sys.stderr, flush=True)
     writer.write(pending)
+    written += len(pending)
+    print(f"clipllama-batch: {written}/{work.todo} written to {args.output}", file=sys.stderr, flush=True)
     return failed
 
 

@@ -48,20 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check(args: argparse.Namespace) -> str | None:
-    """What is wrong with the arguments or the bundle, before Ray starts (None: nothing)."""
-    from runtime.bundle import BundleError, load_bundle
-    from runtime.gate import check_threshold
-    from runtime.lexicon import load_lexicons
+    """What is wrong with the arguments, the bundle or the LLM, before Ray starts (None: nothing)."""
+    from runtime.options import OptionError
 
     if args.replicas < 1 or args.num_cpus <= 0 or args.num_gpus < 0:
         return "--replicas must be at least 1, --num-cpus above 0 and --num-gpus at least 0"
     if args.max_images < 1 or args.max_pixels < 1 or args.max_request_mb <= 0:
         return "the limits must be positive"
+    if args.max_batch_size < 1 or args.batch_wait_ms < 0:
+        return "--max-batch-size must be at least 1 and --batch-wait-ms at least 0"
+    if not 0 < args.port < 65536:
+        return f"--port {args.port}: must be within 1-65535"
     try:
-        bundle = load_bundle(args.engine, verify=False)
-        check_threshold(bundle.threshold if args.threshold is None else args.threshold)
-        load_lexicons(args.lexicon, use_default=False)  # a user's list must be readable here
-    except (BundleError, ValueError, OSError) as exc:
+        settings_from_args(args).check()
+    except OptionError as exc:
         return str(exc)
     return None
 
@@ -82,14 +82,14 @@ def deploy(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``clipllama-serve``; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)  # --help works without the serve extra
+    except SystemExit as exc:
+        return int(exc.code or 0)
     message = missing_serve_extra()
     if message:
         print(message, file=sys.stderr)
         return EXIT_CANNOT_RUN
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
     problem = check(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

