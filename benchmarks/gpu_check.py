@@ -320,7 +320,8 @@ def run_part(name: str, fn: Callable[[], dict[str, Any]], deadline: float) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="The GPU path in one run: one JSON report (see the module doc).")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check",
+                                     description="The GPU path in one run: one JSON report (see the module doc).")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting parts after this many seconds")
     parser.add_argument("--repeats", type=int, default=20)

@@ -78,7 +78,7 @@ def reuse_speed(backend_path: Path, n: int, repeats: int = 3) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.llm_speed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--words", type=int, default=60, help="simulated gated words per masked count")
     parser.add_argument("--labels", type=Path, default=DEFAULT_LABELS)

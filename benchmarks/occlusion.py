@@ -157,7 +157,7 @@ def build(source: Path, out: Path, counts: tuple[int, ...] = (1, 2), limit: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.occlusion", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", type=Path, help="folder with images/ and charboxes.tsv")
     parser.add_argument("out", type=Path, help="output folder (created)")
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 2], help="characters covered per image")

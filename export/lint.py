@@ -232,7 +232,8 @@ def _onnx_files(target: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Check ONNX graphs against the TensorRT rules (exit 1 on findings).")
+    parser = argparse.ArgumentParser(prog="python -m export.lint",
+                                     description="Check ONNX graphs against the TensorRT rules (exit 1 on findings).")
     parser.add_argument("targets", nargs="+", type=Path, help="bundle directories or .onnx files")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args(argv)

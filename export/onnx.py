@@ -385,7 +385,8 @@ def _log_to_stderr() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export a checkpoint to a bundle (docs/bundle.md).")
+    parser = argparse.ArgumentParser(prog="python -m export.onnx",
+                                     description="Export a checkpoint to a bundle (docs/bundle.md).")
     parser.add_argument("ckpt", help="checkpoint directory (model.json + model.safetensors)")
     parser.add_argument("-o", "--output", required=True, help="bundle directory to write")
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS,

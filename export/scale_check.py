@@ -47,7 +47,8 @@ def _sizes(bundle: Path) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export a random full-size model: time, sizes, parity.")
+    parser = argparse.ArgumentParser(prog="python -m export.scale_check",
+                                     description="Export a random full-size model: time, sizes, parity.")
     parser.add_argument("--config", default="clip4str-b16")
     parser.add_argument("--work", type=Path, default=Path("/tmp/scale_check"))
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS)

@@ -235,7 +235,8 @@ def _missing_extra(exc: ImportError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build TensorRT engines for a bundle (exit 3: no GPU/TensorRT).")
+    parser = argparse.ArgumentParser(prog="python -m export.trt",
+                                     description="Build TensorRT engines for a bundle (exit 3: no GPU/TensorRT).")
     parser.add_argument("source", type=Path, help="checkpoint directory or bundle directory")
     parser.add_argument("-o", "--output", type=Path, default=None,
                         help="bundle directory (default: the given bundle, updated in place)")

@@ -347,7 +347,8 @@ def _total(sets: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="PyTorch vs bundle parity and accuracy on labelled sets.")
+    parser = argparse.ArgumentParser(prog="python -m export.verify",
+                                     description="PyTorch vs bundle parity and accuracy on labelled sets.")
     parser.add_argument("bundle", help="bundle directory")
     parser.add_argument("--ckpt", required=True, help="the checkpoint the bundle was exported from")
     parser.add_argument("sets", nargs="*", help="folder with labels.tsv, a labels .tsv, or an LMDB")

@@ -6,10 +6,11 @@ A request carries one image as its raw body, or many as ``multipart/form-data`` 
 (a part's file name becomes the record's ``source``; else ``<bytes i>``). The answer is
 ``{"results": [record, ...]}`` with one record per image, the same record as
 ``clipllama-run --json`` prints (:func:`serving.common.json_record`). Status 200 when at least one
-image was read, 400 when none could be (the records still say why), 413 when the request is
-over a limit (body size, image count, or an image over the pixel limit: then no image is
-read). Images of requests that arrive together are read together (``serve.batch``);
-:data:`MERGE_POLICIES` says how.
+image was read (an image over the pixel limit is an error record like any bad image), 400
+when none could be (the records still say why), 413 when the request is over a limit (body
+size, image count) or when no image was read and one was over the pixel limit. Images of
+requests that arrive together are read together (``serve.batch``); :data:`MERGE_POLICIES`
+says how.
 """
 
 from __future__ import annotations
@@ -132,19 +133,13 @@ class Reader:
             return JSONResponse({"error": f"{len(items)} images exceed the {self.limits.max_images}-image limit"},
                                 413)
         decoded = await asyncio.to_thread(self._decode, items)
-        too_large = [x for x in decoded if isinstance(x, dict) and x.get("too_large")]
-        if too_large:  # over a limit: 413, as for the body and the image count; nothing is read
-            records = [x if isinstance(x, dict) else
-                       json_record(ReadResult(x.source, error="not read: the request has an image over the "
-                                                              "pixel limit"), self.recognizer)
-                       for x in decoded]
-            for record in records:
-                record.pop("too_large", None)
-            return JSONResponse({"error": too_large[0]["error"], "results": records}, 413)
         good = [x for x in decoded if isinstance(x, Sample)]
         read = iter(await self.read_requests(good) if good else [])
         records = [next(read) if isinstance(x, Sample) else x for x in decoded]
-        if not good:
+        too_large = [r for r in records if r.pop("too_large", False)]
+        if not good:  # nothing read: 413 when an image was over the pixel limit, else 400
+            if too_large:
+                return JSONResponse({"error": too_large[0]["error"], "results": records}, 413)
             return JSONResponse({"error": "no usable image in the request", "results": records}, 400)
         return JSONResponse({"results": records})
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from runtime.inputs import InputError, InputSet, LmdbSamples, Sample, collect_in
 from runtime.options import OptionError, RecognizerConfig
 from runtime.recognizer import DEFAULT_BATCH_SIZE, LLMInfo, ReadResult
 from runtime.records import SetScore, json_record, merge_loose, unique_names
-from serving.common import add_recognizer_options, missing_serve_extra, settings_from_args, stop_on_signals
+from serving.common import add_recognizer_options, missing_serve_extra, one_line, settings_from_args, stop_on_signals
 from serving.parts import FORMATS, PartWriter, done_ids, read_records
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_CANNOT_RUN = 0, 1, 2
@@ -193,11 +194,16 @@ def read_chunks(chunks: list[dict[str, Any]], settings: RecognizerConfig, batch:
     preprocessing = load_bundle(settings.engine, verify=False).preprocessing.to_dict()
     ds = ray.data.from_items(chunks, override_num_blocks=min(len(chunks), 1000))
     ds = ds.map(decode_chunk, fn_kwargs={"preprocessing": preprocessing}, num_cpus=resources.decode_cpus)
-    ds = ds.map_batches(ChunkReader, batch_size=1, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=resources.concurrency),
-                        num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
-                        fn_constructor_kwargs={"settings": settings.to_dict(), "batch": batch,
-                                               "num_cpus": resources.num_cpus})
+    with warnings.catch_warnings():  # max_restarts has no named parameter in Ray 2.60 (pinned)
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+        ds = ds.map_batches(ChunkReader, batch_size=1, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(size=resources.concurrency),
+                            num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
+                            # an actor that dies fails the run (a rerun resumes it) rather than being
+                            # restarted from constructor arguments Ray may have dropped (ray#53727)
+                            max_restarts=0,
+                            fn_constructor_kwargs={"settings": settings.to_dict(), "batch": batch,
+                                                   "num_cpus": resources.num_cpus})
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield [json.loads(text) for text in block.column("record").to_pylist()]
 
@@ -313,43 +319,31 @@ def check(args: argparse.Namespace) -> str | None:
     return None
 
 
-def one_line(exc: BaseException) -> str:
-    """The root cause of an exception raised inside Ray, as one line."""
-    cause: BaseException = exc
-    seen = set()
-    while id(cause) not in seen:
-        seen.add(id(cause))
-        inner = getattr(cause, "cause", None) or cause.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        cause = inner
-    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    text = lines[-1] if lines else ""
-    return f"{type(cause).__name__}: {text}" if text and type(cause).__name__ not in text else (text or
-                                                                                               type(cause).__name__)
-
-
-def _quiet_ray() -> None:
-    """Ray's own log lines below errors stay in its log files, not on the user's terminal."""
+def quiet_ray() -> None:
+    """Ray's own log lines below errors stay in its log files, off the user's terminal: Ray
+    Data's console handler and its progress bars (``clipllama-batch`` prints its own progress)."""
     import logging
 
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.print_on_execution_start = False
+    context.enable_progress_bars = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     for name in ("ray", "ray.data", "ray.serve"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        for handler in logging.getLogger(name).handlers:
+            if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
+                handler.setLevel(logging.ERROR)
 
 
 def _run_on_ray(args: argparse.Namespace, work: Plan) -> int:
     """Start (or join) Ray, read the plan, stop Ray; the number of inputs that failed."""
-    import os
-
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     import ray
 
-    _quiet_ray()
+    quiet_ray()
     started = not ray.is_initialized()
     if started:
-        ray.init(address=args.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 configure_logging=True)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     stop_on_signals()  # after ray.init, which installs its own SIGTERM handler
     try:
         return write(args, work)

@@ -13,7 +13,7 @@ from runtime.options import add_recognizer_options as shared_options
 from runtime.records import json_record
 
 __all__ = ["RecognizerConfig", "RecognizerSettings", "add_recognizer_options", "json_record",
-           "missing_serve_extra", "settings_from_args", "stop_on_signals"]
+           "missing_serve_extra", "one_line", "settings_from_args", "stop_on_signals"]
 
 #: Modules of the ``serve`` extra, with the PyPI package that provides each.
 SERVE_MODULES = {"ray": "ray[serve,data]", "pyarrow": "pyarrow", "starlette": "ray[serve]",
@@ -54,3 +54,19 @@ def add_recognizer_options(parser: Any) -> None:
 
 def settings_from_args(args: Any) -> RecognizerConfig:
     return RecognizerConfig.from_args(args)
+
+
+def one_line(exc: BaseException) -> str:
+    """The root cause of an exception raised inside Ray, as one line."""
+    cause: BaseException = exc
+    seen = set()
+    while id(cause) not in seen:
+        seen.add(id(cause))
+        inner = getattr(cause, "cause", None) or cause.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        cause = inner
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    return f"{type(cause).__name__}: {text}" if text and type(cause).__name__ not in text else (text or
+                                                                                               type(cause).__name__)

@@ -11,7 +11,13 @@ import sys
 import time
 from collections.abc import Sequence
 
-from serving.common import add_recognizer_options, missing_serve_extra, settings_from_args, stop_on_signals
+from serving.common import (
+    add_recognizer_options,
+    missing_serve_extra,
+    one_line,
+    settings_from_args,
+    stop_on_signals,
+)
 
 APP_NAME = "clipllama"
 EXIT_OK, EXIT_CANNOT_RUN = 0, 2
@@ -66,6 +72,17 @@ def check(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _drop_log_line(logger_name: str, prefix: str) -> None:
+    """Drop one logger's lines that start with ``prefix`` (Ray noise a user cannot act on)."""
+    import logging
+
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.getMessage()).startswith(prefix)
+
+    logging.getLogger(logger_name).addFilter(Drop())
+
+
 def deploy(args: argparse.Namespace) -> str:
     """Start Serve (on the Ray instance already initialised) and deploy; the base URL."""
     from ray import serve
@@ -74,6 +91,7 @@ def deploy(args: argparse.Namespace) -> str:
 
     limits = Limits(int(args.max_request_mb * 1024 * 1024), args.max_images, args.max_pixels)
     batching = Batching(args.max_batch_size, args.batch_wait_ms / 1000.0, args.merge)
+    _drop_log_line("ray.serve", "Connecting to existing Serve app")  # serve.run after our own serve.start
     serve.start(http_options={"host": args.host, "port": args.port})
     app = build_app(settings_from_args(args), limits, batching, args.replicas, args.num_cpus, args.num_gpus)
     serve.run(app, name=APP_NAME, route_prefix=args.route_prefix)
@@ -110,14 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
-    except RuntimeError as exc:  # deployment failed (the replica log says why)
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:  # deployment failed inside Ray: its root cause, in one line
+        print(f"error: the deployment failed: {one_line(exc)}", file=sys.stderr)
         return EXIT_CANNOT_RUN
     finally:
-        if args.address:
+        if args.address:  # a cluster keeps running: only this application goes
             serve.delete(APP_NAME)
-        else:
-            serve.shutdown()
+        # a local instance goes whole with ray.shutdown (serve.shutdown first only made the
+        # raylet report its controller's own exit as a failed task)
         ray.shutdown()
     return EXIT_OK
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from shared_data import data_path, require
 
 ray = pytest.importorskip("ray", reason="the serve extra is not installed (pip install 'clipllama[serve]')")
 
@@ -27,7 +28,7 @@ from serving.samples import word_images  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[1]
-IC13 = REPO.parent / "shared" / "data" / "eval" / "ic13" / "labels_857.tsv"
+IC13 = data_path("eval", "ic13", "labels_857.tsv")
 #: IC13-857 images compared in CI (0: all 857)
 EVAL_COUNT = int(os.environ.get("CLIPLLAMA_BATCH_EVAL_N", "96"))
 
@@ -75,8 +76,7 @@ def _words(folder: Path, count: int) -> Path:
 
 
 def test_ic13_equals_clipllama_run_eval(address: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    if not IC13.is_file():
-        pytest.skip(f"{IC13} is not here (shared data)")
+    require("eval", "ic13", "labels_857.tsv")
     lines = IC13.read_text(encoding="utf-8").splitlines()[: EVAL_COUNT or None]
     subset = tmp_path / "ic13_857" / "labels.tsv"
     subset.parent.mkdir()

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from shared_data import data_path, require
 
 from benchmarks import peers
 from benchmarks.common import load_set, markdown_table, paired_ratio, percentile, rotate, set_name
 from benchmarks.readers import LOADERS, Missing, Reader, find_tessdata
 from runtime.inputs import InputError
 
-IC13 = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "ic13" / "labels_857.tsv"
+IC13 = data_path("eval", "ic13", "labels_857.tsv")
 
 
 def _write_set(root: Path, labels: dict[str, str], broken: tuple[str, ...] = ()) -> Path:
@@ -120,8 +121,7 @@ def test_main_bad_set_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFix
 
 @pytest.mark.parametrize("key", sorted(LOADERS))
 def test_installed_peer_reads_ic13(key: str) -> None:
-    if not IC13.is_file():
-        pytest.skip(f"{IC13} is not here (shared data)")
+    require("eval", "ic13", "labels_857.tsv")
     try:
         reader = LOADERS[key](threads=1)
     except Missing as exc:

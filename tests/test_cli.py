@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FakeBackend, FakeCorrector, barcode
+from shared_data import data_path, require
 
 from runtime import cli
 from runtime.bundle import load_bundle
@@ -241,9 +242,8 @@ def test_tsv_names_and_locations(tmp_path: Path) -> None:
 
 def test_real_data_set_lists(tmp_path: Path) -> None:
     """The shared evaluation sets list as the CLI expects (labels only; no image is copied)."""
-    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
-    if not (root / "ic13" / "labels_857.tsv").is_file():
-        pytest.skip("shared/data is not present beside the repository")
+    require("eval", "ic13", "labels_857.tsv")
+    root = data_path("eval")
     opened = open_input(root / "ic13" / "labels_857.tsv")
     assert len(opened.samples) == 857 and Path(opened.samples[0].source).is_file()
     assert len(open_input(root / "misc_real").samples) == 26

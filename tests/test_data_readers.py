@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from shared_data import data_path
 
 from runtime.preprocess import ImageError, Preprocessing
 from training.data import FolderSet, LmdbSet, open_set
 from training.data.lmdb_io import find_lmdb_dirs, write_lmdb
 from training.data.make_lmdb import main as make_lmdb_main
 
-IC13 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval" / "ic13"
+IC13 = data_path("eval", "ic13")
 
 LABELS = ["Hello", "wörld", "a b", "x" * 30, "", "OK!"]
 # what training keeps (94 charset, max 25): accents reduced, spaces removed, too long/empty dropped

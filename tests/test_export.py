@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from shared_data import data_path
 
 from export.lint import lint_model
 from export.onnx import ExportError, add_precisions, dedupe_initializers, export_bundle
@@ -26,7 +27,7 @@ from training.model.clip4str import default_bpe_path
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
-IC13 = REPO.parent / "shared" / "data" / "eval" / "ic13"
+IC13 = data_path("eval", "ic13")
 GRAPHS = ("image_encoder", "visual_decoder", "text_encoder", "cross_decoder")
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from shared_data import data_path
 from torch.nn import functional as F
 
 from runtime.charset import CHARSET_94
@@ -41,7 +42,7 @@ from training.model.clip4str import CLIP4STR
 from training.model.decoder import causal_mask, cloze_mask, padding_bias
 
 torch.set_num_threads(1)
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "misc_real" / "images"
+DATA = data_path("eval", "misc_real", "images")
 
 # -- the released layout ---------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from shared_data import data_path
 
 from benchmarks.occlusion import (
     CharBoxes,
@@ -18,7 +19,7 @@ from benchmarks.occlusion import (
     read_charboxes,
 )
 
-IIIT5K = Path(__file__).resolve().parents[2] / "shared" / "data" / "train" / "iiit5k_train_2000"
+IIIT5K = data_path("train", "iiit5k_train_2000")
 BACKGROUND = (200, 180, 40)
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+from shared_data import data_path
 
 from runtime.recognizer import Recognizer
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data" / "eval" / "misc_real" / "images"
+SHARED = data_path("eval", "misc_real", "images")
 
 
 def word_images() -> list[Image.Image]:

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     another decode or input padding)."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="Copy a checkpoint, optionally with FP16 weights.")
+    parser = argparse.ArgumentParser(prog="python -m training.checkpoint",
+                                     description="Copy a checkpoint, optionally with FP16 weights.")
     parser.add_argument("src")
     parser.add_argument("-o", "--output", required=True)
     parser.add_argument("--half", action="store_true", help="store floating-point weights as float16")

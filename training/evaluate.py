@@ -53,7 +53,7 @@ def evaluate_set(model: CLIP4STR, spec: str, batch_size: int = 64, workers: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint directory (model.json + model.safetensors)")
     parser.add_argument("sets", nargs="+", help="folder with labels.tsv, a labels .tsv, an LMDB, or synth:N[:SEED]")
     parser.add_argument("--batch-size", type=int, default=64)

@@ -285,7 +285,7 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, pretrained: str | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="config name in training/configs or a JSON path")
     parser.add_argument("overrides", nargs="*", help="section.key=value (value as JSON)")
     parser.add_argument("--pretrained", help="open_clip tag (e.g. openai) or a local CLIP weights file")

@@ -41,7 +41,7 @@ def write(entries: list[tuple[str, float]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.data.build_lexicon", description=__doc__.split("\n\n")[0])
     parser.add_argument("-o", "--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--top", type=int, default=100000, help="size of wordfreq's list read (before filtering)")
     args = parser.parse_args(argv)

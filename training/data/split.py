@@ -41,7 +41,7 @@ def split_set(src: str | os.PathLike, out: str | os.PathLike, val_fraction: floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.data.split", description=__doc__.split("\n\n")[0])
     parser.add_argument("sources", nargs="+", help="folder sets (images/ + labels.tsv)")
     parser.add_argument("-o", "--output", required=True)
     parser.add_argument("--val-fraction", type=float, default=0.05)
