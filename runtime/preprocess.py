@@ -153,6 +153,9 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS, name: str | No
             # one limit, MAX_PIXELS, below; Pillow's own (warning at 89M, error at 179M pixels)
             # would otherwise answer first for the largest images, in other words
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow's own warnings about a broken file (corrupt EXIF, truncated TIFF tags):
+            # the file reads, or its one error says why
+            warnings.simplefilter("ignore", UserWarning)
             with Image.open(stream) as image:
                 width, height = image.size
                 if width * height > max_pixels:

@@ -160,3 +160,53 @@ def _lmdb(root: Path) -> Path | None:
             txn.put(b"label-%09d" % i, word.encode())
     env.close()
     return root
+
+
+def test_fuzz_corpus_one_record_per_file(address: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The bad-input corpus (tests/fuzz_corpus.py) with the default bundle: one record per
+    file, an error exactly for each bad one, every good one read; each failure named on stderr."""
+    from fuzz_corpus import make_corpus
+
+    corpus = make_corpus(tmp_path / "fuzz")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    status = batch.main([str(tmp_path / "fuzz"), "-o", str(out), "--llm", "none", "--address", address])
+    err = capsys.readouterr().err
+    assert status == 1
+    got = {r["source"]: r for r in _batch_records(out)}
+    assert len(got) == len(corpus)
+    for entry in corpus:
+        assert (got[str(entry.path)]["error"] is None) == entry.readable, (entry.kind, got[str(entry.path)]["error"])
+    bad = sorted(str(e.path) for e in corpus if not e.readable)
+    assert sorted(line.split(": ")[1] for line in err.splitlines() if line.startswith("error: ")) == bad
+    assert f"{len(bad)} input(s) could not be read" in err
+
+
+def test_options_are_checked_before_ray_starts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Issue 25 points 2 and 4: a bad threshold, a missing GGUF file, a missing input: one line
+    each, exit 2, and Ray is never started (no address is given, none is running here)."""
+    words = _words(tmp_path / "w", 2)
+    for argv, message in ((["--threshold", "2"], "argument --threshold: 2 is not within [0, 1]"),
+                          (["--llm", "/nonexistent.gguf"], "--llm /nonexistent.gguf: no such GGUF file"),
+                          (["--threads", "0"], "--threads must be at least 1")):
+        assert batch.main([str(words), "-o", str(tmp_path / "o"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert not ray.is_initialized()
+    assert batch.main([str(tmp_path / "missing.png"), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: {tmp_path / 'missing.png'}: no such file or folder", "error: no inputs to read"]
+    assert not ray.is_initialized()
+
+
+def test_rerun_with_nothing_left_starts_no_ray(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 25 point 6: every id already written: the rerun says so and exits 0 without Ray."""
+    from serving.parts import PartWriter
+
+    words = _words(tmp_path / "w", 3)
+    out = tmp_path / "out"
+    PartWriter(out, "jsonl").write([{"source": str(p), "text": "x", "error": None} for p in sorted(words.iterdir())])
+    monkeypatch.setattr(batch, "_run_on_ray", lambda *a: pytest.fail("Ray was started"))
+    assert batch.main([str(words), "-o", str(out)]) == 0
+    assert "0 to read, 3 already in" in capsys.readouterr().err

@@ -202,3 +202,52 @@ def test_limits(url: str) -> None:
     with pytest.raises(RequestRefused, match="byte limit") as info:
         client.read_one(b"\0" * (1024 * 1024 + 1))
     assert info.value.status == 413
+
+
+def _post(url: str, body: bytes, content_type: str) -> tuple[int, dict[str, Any]]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url + "/read", data=body, method="POST", headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_fuzz_corpus_over_http(url: str, tmp_path) -> None:
+    """The bad-input corpus (tests/fuzz_corpus.py) posted 16 files a request, then each bad
+    kind alone: one record per file, an error exactly for the bad ones (and for those over
+    this server's 1-megapixel limit), the documented status codes: 200 when one image was
+    read, 413 when none was and one was over the pixel limit, else 400."""
+    from fuzz_corpus import make_corpus
+
+    from serving.client import multipart
+
+    corpus = make_corpus(tmp_path / "fuzz")
+    readable = {e.path.name: e.readable for e in corpus}
+    for start in range(0, len(corpus), 16):
+        chunk = corpus[start:start + 16]
+        body, content_type = multipart([e.path.read_bytes() for e in chunk], [e.path.name for e in chunk])
+        status, answer = _post(url, body, content_type)
+        records = answer["results"]
+        assert [r["source"] for r in records] == [e.path.name for e in chunk]
+        for record in records:
+            assert (record["error"] is None) == readable[record["source"]], record
+            assert record["error"] is None or record["error"].startswith(record["source"]), record["error"]
+        assert status == (200 if any(e.readable for e in chunk) else 400 if not any(
+            "pixel limit" in r["error"] for r in records) else 413)
+    alone = {}
+    for entry in corpus:
+        if not entry.readable and entry.kind not in alone:
+            alone[entry.kind] = _post(url, entry.path.read_bytes(), "application/octet-stream")[0]
+    for kind in ("huge_header_png", "huge_header_gif", "huge_header_jpeg", "decompression_bomb"):
+        assert alone.pop(kind) == 413, kind
+    assert set(alone.values()) == {400}, alone
+    status, answer = _post(url, *multipart([b"junk"], ["a.png"]))
+    assert status == 400 and answer["results"][0]["error"].startswith("a.png: ")
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n--b--\r\n")
+    status, answer = _post(url, body, "multipart/form-data; boundary=b")
+    assert status == 400 and "form fields are not images" in answer["error"]
