@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runtime.backends import BACKENDS, PRECISIONS
+from runtime.ctc_reading import DECODE_MODES
 
 if TYPE_CHECKING:
     from runtime.bundle import Bundle
@@ -54,6 +55,9 @@ class RecognizerConfig:
     #: words whose confidence is below this read as empty text, flagged ``low_confidence``
     #: (None: off)
     min_confidence: float | None = None
+    #: how words are read: "full" (both decoders), "ctc" (the tower's CTC head alone) or
+    #: "cascade" (CTC first, the decoders for the words the gate does not trust)
+    decode: str = "full"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RecognizerConfig:
@@ -106,6 +110,12 @@ class RecognizerConfig:
             check_threshold(bundle.threshold if self.threshold is None else self.threshold)
         except ValueError as exc:
             raise OptionError(f"--threshold {self.threshold}: {exc}") from None
+        from runtime.recognizer import check_decode
+
+        try:
+            check_decode(bundle, self.decode)
+        except ValueError as exc:
+            raise OptionError(str(exc)) from None
         problem = llm_problem(self.llm)
         if problem:
             raise OptionError(problem)
@@ -127,7 +137,7 @@ class RecognizerConfig:
         return Recognizer.from_bundle(self.bundle_path(), backend=self.backend, llm=self.llm,
                                       threshold=self.threshold, llm_mode=self.llm_mode, precision=self.precision,
                                       threads=threads, verify=verify, lexicon=self.lexicon,
-                                      min_confidence=self.min_confidence)
+                                      min_confidence=self.min_confidence, decode=self.decode)
 
 
 def _is_none(llm: str | None) -> bool:
@@ -198,4 +208,7 @@ def add_recognizer_options(parser: argparse.ArgumentParser, backend_note: str = 
     group.add_argument("--min-confidence", type=probability, metavar="P",
                        help="words read with a confidence below P come out as empty text, flagged "
                             "low_confidence in --json (e.g. blank images; default: off)")
+    group.add_argument("--decode", choices=DECODE_MODES, default="full",
+                       help="full: both decoders (the method); ctc: the image tower's CTC head alone (faster); "
+                            "cascade: CTC first, the decoders for words the gate does not trust (default: full)")
     group.add_argument("--threads", type=int, metavar="N", help=threads_help)

@@ -24,6 +24,7 @@ from PIL import Image
 
 from runtime.backends import Backend, select_backend
 from runtime.bundle import Bundle, load_bundle
+from runtime.ctc_reading import DECODE_MODES, ctc_predictions
 from runtime.decoding import CharCodec, Prediction, ctc_rescored, softmax
 from runtime.gate import check_threshold, gate
 from runtime.inputs import Sample, Source, array_to_image, source_name
@@ -150,6 +151,16 @@ def make_corrector(llm: str | None, mode: str, threshold: float, lexicon: str | 
     return corrector
 
 
+def check_decode(bundle: Bundle, decode: str) -> str:
+    """``decode`` when the bundle can read that way; else ``ValueError`` saying why."""
+    if decode not in DECODE_MODES:
+        raise ValueError(f"unknown decode mode {decode!r} (choose from {', '.join(DECODE_MODES)})")
+    if decode != "full" and not bundle.decode.ctc_rescoring:
+        raise ValueError(f"--decode {decode} needs a bundle whose image encoder has a CTC head "
+                         "(ctc_log_probs, e.g. the PP-OCR tower); this one reads with --decode full only")
+    return decode
+
+
 @contextmanager
 def _without_llm_log() -> Iterator[None]:
     """Drop runtime.llm's "LLM correction disabled" log lines while a corrector is made:
@@ -171,7 +182,7 @@ class Recognizer:
 
     def __init__(self, bundle: Bundle, backend: Backend, corrector: Any | None = None,
                  threshold: float | None = None, llm_mode: str = "rescore",
-                 min_confidence: float | None = None) -> None:
+                 min_confidence: float | None = None, decode: str = "full") -> None:
         self.bundle = bundle
         self.backend = backend
         self.corrector = corrector
@@ -185,21 +196,24 @@ class Recognizer:
         if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
             raise ValueError(f"min_confidence must be within [0, 1], not {min_confidence}")
         self.min_confidence = min_confidence
+        self.decode = check_decode(bundle, decode)
 
     @classmethod
     def from_bundle(cls, path: str | Path | None = None, backend: str = "auto", llm: str | None = None,
                     threshold: float | None = None, llm_mode: str = "rescore", precision: str | None = None,
                     threads: int | None = None, verify: bool = True, lexicon: str | None = "default",
-                    min_confidence: float | None = None) -> Recognizer:
+                    min_confidence: float | None = None, decode: str = "full") -> Recognizer:
         """Load and check the bundle at ``path`` (None: the embedded default bundle), pick the
         backend (see :func:`~runtime.backends.select_backend`), set up the LLM (see
         :func:`make_corrector`). ``min_confidence``: words below it read as empty text, flagged
-        :attr:`ReadResult.low_confidence` (None: off)."""
+        :attr:`ReadResult.low_confidence` (None: off). ``decode``: one of
+        :data:`~runtime.ctc_reading.DECODE_MODES`."""
         bundle = load_bundle(path, verify=verify)
         value = check_threshold(bundle.threshold if threshold is None else threshold)
+        check_decode(bundle, decode)
         corrector = make_corrector(llm, llm_mode, value, lexicon)
         return cls(bundle, select_backend(bundle, backend, precision, threads), corrector, value, llm_mode,
-                   min_confidence)
+                   min_confidence, decode)
 
     @classmethod
     def from_config(cls, config: RecognizerConfig, num_cpus: float | None = None,
@@ -311,10 +325,25 @@ class Recognizer:
             return (pad_batch(rows, self.bundle.preprocessing) if rows else None), kept
 
     def _decode(self, images: np.ndarray, timer: _Timer) -> list[Prediction]:
-        run, n = self.backend.run, len(images)
+        run = self.backend.run
         with timer("image_encoder"):
             encoded = run("image_encoder", {"images": images})
-            features = encoded["image_features"]
+        if self.decode == "full":
+            return self._decoders(encoded, timer)
+        with timer("decode_gate"):
+            predictions = ctc_predictions(self.codec, encoded["ctc_log_probs"], topk=self.topk)
+        if self.decode == "cascade":  # the decoders for the words the gate does not trust
+            unsure = [i for i, p in enumerate(predictions) if gate(p, self.threshold).needs_llm]
+            if unsure:
+                subset = {name: value[unsure] for name, value in encoded.items()}
+                for i, prediction in zip(unsure, self._decoders(subset, timer)):
+                    predictions[i] = prediction
+        return predictions
+
+    def _decoders(self, encoded: dict[str, np.ndarray], timer: _Timer) -> list[Prediction]:
+        """The method's words from the image encoder's outputs: both decoders, CTC rescoring."""
+        run, features = self.backend.run, encoded["image_features"]
+        n = len(features)
         with timer("visual_decoder"):
             visual = run("visual_decoder", {"image_features": features})
         with timer("tokenize"):
