@@ -1,0 +1,80 @@
+"""training.finetune: a few steps on a tiny labelled set from the embedded default, a bundle
+that the runtime reads, the summary line, and the losses it is made of."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("rapidocr", reason="the PP-OCR tower needs the rapidocr package (train extra)")
+torch = pytest.importorskip("torch")
+
+from runtime.decoding import CharCodec  # noqa: E402
+from training import finetune  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def _set(root: Path, words: list[str]) -> Path:
+    import random
+
+    import numpy as np
+
+    from training.data.render import WordRenderer
+
+    renderer = WordRenderer(difficulty=0.0)
+    rng, gen = random.Random(3), np.random.default_rng(3)
+    (root / "images").mkdir(parents=True)
+    lines = []
+    for i, word in enumerate(words):
+        renderer.render(word, rng, gen).save(root / "images" / f"w{i}.png")
+        lines.append(f"w{i}.png\t{word}\n")
+    (root / "labels.tsv").write_text("".join(lines), encoding="utf-8")
+    return root
+
+
+def test_case_folding_sums_upper_and_lower() -> None:
+    matrix, fold = finetune.case_folding("aAb1")
+    assert matrix.shape == (5, 4) and fold == [0, 1, 1, 2, 3]
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.25, 0.15]])
+    assert torch.allclose(probs @ matrix, torch.tensor([[0.1, 0.5, 0.25, 0.15]]))
+
+
+def test_ctc_loss_ignores_case_when_asked() -> None:
+    codec = CharCodec("aAb")
+    frames = torch.full((1, 4, 4), 0.01)
+    for t, k in enumerate([2, 0, 3, 0]):  # "A" then "b"
+        frames[0, t, k] = 0.97
+    log_probs = frames.log()
+    sensitive = finetune.ctc_loss(log_probs, ["ab"], codec, None)
+    folded = finetune.ctc_loss(log_probs, ["ab"], codec, finetune.case_folding(codec.charset))
+    assert folded < 0.5 < sensitive
+
+
+def test_a_short_finetune_writes_a_bundle_the_runtime_reads(tmp_path: Path, capsys) -> None:
+    words = ["coffee", "Station", "OPEN", "hello", "pizza", "EXIT", "2026", "Bakery"]
+    train = _set(tmp_path / "train", words)
+    val = _set(tmp_path / "val", words[:4])
+    out = tmp_path / "out"
+    status = finetune.main([str(train), "--val", str(val), "-o", str(out), "--minutes", "0.05", "--batch", "4",
+                            "--general", "8", "--eval-every", "1", "--no-progress", "--threads", "1"])
+    assert status == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"val_before", "val_after", "steps", "bundle", "checkpoint"} <= set(summary)
+    assert summary["steps"] >= 1 and 0.0 <= summary["val_after"] <= 100.0
+    meta = json.loads((out / "checkpoint" / "model.json").read_text())["meta"]["finetune"]
+    assert meta["steps"] == summary["steps"] and meta["settings"]["batch"] == 4
+    from runtime.recognizer import Recognizer
+
+    with Recognizer.from_bundle(out / "bundle", llm="none") as reader:
+        results = reader.read(sorted((val / "images").glob("*.png")))
+    assert all(r.ok and isinstance(r.text, str) for r in results)
+
+
+def test_bad_arguments_are_one_line(tmp_path: Path, capsys) -> None:
+    assert finetune.main([str(tmp_path), "--val", str(tmp_path), "-o", str(tmp_path / "o"), "--minutes", "0"]) == 2
+    assert "--minutes must be above 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="not a labelled set"):
+        finetune.main([str(tmp_path), "--val", str(tmp_path), "-o", str(tmp_path / "o")])

@@ -1,0 +1,351 @@
+"""Fine-tune a model's PP-OCR image tower and its CTC head on a user's own labelled crops,
+without forgetting what it read before, on a CPU in minutes.
+
+    python -m training.finetune TRAIN... --val VAL -o OUT [--minutes 10] [--from CKPT]
+
+TRAIN and VAL are labelled sets in the ``../shared/data`` layout (a folder with ``images/``
+and ``labels.tsv``, or a ``.tsv`` file; only the listed files count). The model starts from
+the embedded default's checkpoint (or ``--from``). The default reads what its tower's CTC head
+reads, so the tower and that head are what learn: CTC loss on the user's crops, plus a
+distillation term that keeps the head's per-frame distribution close to the original model's
+on synthetic words (drawn once, the original's answers cached) and, more weakly, on the
+user's crops themselves. The tower's batch norms stay in inference mode
+(:meth:`PPOCRFeatures.train`). Validation accuracy (the runtime's protocol, CTC reading) is
+measured before training and every ``--eval-every`` seconds; the best state is kept.
+
+OUT gets ``checkpoint/`` (``model.json`` + ``model.safetensors``, with the fine-tune's
+settings and figures in its meta) and ``bundle/`` (exported as the default's is; ``clipllama-run
+--engine OUT/bundle`` reads with it). The last line on stdout is one JSON object: validation
+accuracy before and after (with the runtime's recognizer on the bundles, ``--decode full``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from runtime.charset import WordAccuracy, keep_for_eval, normalize_label
+from runtime.decoding import CharCodec
+from runtime.inputs import InputError, open_input
+from runtime.preprocess import ImageError, load_image, preprocess
+from training.checkpoint import load_checkpoint, save_checkpoint
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """What a fine-tune does; the defaults were chosen on validation data (docs/finetune.md)."""
+
+    minutes: float = 10.0
+    batch: int = 16
+    #: learning rates of the tower and of the CTC head (AdamW)
+    lr_tower: float = 3e-5
+    lr_head: float = 3e-4
+    weight_decay: float = 0.0
+    #: weight of the distillation term on synthetic words (the original's distribution)
+    distill: float = 1.0
+    #: weight of the distillation term on the user's own crops
+    distill_own: float = 0.1
+    #: synthetic words drawn for the distillation term
+    general: int = 1500
+    #: compare case-insensitively in the CTC loss (upper and lower case probabilities summed:
+    #: for labels whose case is not reliable)
+    ignore_case: bool = False
+    #: seconds between validations
+    eval_every_s: float = 60.0
+    seed: int = 0
+    threads: int = 0
+
+
+class Batches:
+    """Preprocessed crops grouped by padded width, drawn as batches of one width."""
+
+    def __init__(self, tensors: list[np.ndarray], extras: list[Any], batch: int, rng: random.Random) -> None:
+        self.groups: dict[int, list[int]] = {}
+        for i, x in enumerate(tensors):
+            self.groups.setdefault(x.shape[-1], []).append(i)
+        self.tensors, self.extras, self.batch, self.rng = tensors, extras, batch, rng
+        self.weights = [len(v) for v in self.groups.values()]
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def draw(self) -> tuple[Tensor, list[Any]]:
+        width = self.rng.choices(list(self.groups), weights=self.weights)[0]
+        members = self.groups[width]
+        chosen = self.rng.sample(members, min(self.batch, len(members)))
+        images = torch.from_numpy(np.concatenate([self.tensors[i] for i in chosen]))
+        return images, [self.extras[i] for i in chosen]
+
+
+def read_sets(paths: Sequence[str | Path], charset: str, max_length: int) -> list[tuple[Any, str]]:
+    """(image, label) of every listed, readable crop with a usable label."""
+    out = []
+    for path in paths:
+        try:
+            opened = open_input(path)
+        except InputError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        if not opened.labelled:
+            raise SystemExit(f"error: {path}: not a labelled set (a folder with images/ and labels.tsv, or a .tsv)")
+        for sample in opened.samples:
+            label = normalize_label(str(sample.label), charset, max_length)
+            if not label:
+                continue
+            try:
+                out.append((load_image(sample.data), label))
+            except ImageError as exc:
+                print(f"note: skipped {exc}", file=sys.stderr)
+    return out
+
+
+class Tower(nn.Module):
+    """The part that learns: the PP-OCR features and the CTC classifier."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.features = model.image_encoder.features
+        self.classifier = model.image_encoder.ctc.classifier
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.classifier(self.features(images)).log_softmax(-1)
+
+
+def case_folding(charset: str) -> tuple[Tensor, list[int]]:
+    """A (C+1, K) 0/1 matrix that sums each letter's upper and lower case (blank and other
+    characters kept), and the folded class of each original class."""
+    keys: dict[str, int] = {"": 0}
+    fold = [0]
+    for char in charset:
+        key = char.lower()
+        fold.append(keys.setdefault(key, len(keys)))
+    matrix = torch.zeros(len(fold), len(keys))
+    matrix[torch.arange(len(fold)), torch.tensor(fold)] = 1.0
+    return matrix, fold
+
+
+def ctc_loss(log_probs: Tensor, labels: list[str], codec: CharCodec, fold: tuple[Tensor, list[int]] | None) -> Tensor:
+    """Mean CTC loss of ``(B, T, C+1)`` log-probabilities against ``labels`` (optionally with
+    upper and lower case summed)."""
+    targets = [torch.from_numpy(codec.ids(label)) for label in labels]
+    if fold is not None:
+        matrix, classes = fold
+        log_probs = torch.log(log_probs.exp() @ matrix + 1e-12)
+        targets = [torch.tensor([classes[int(i)] for i in t], dtype=torch.long) for t in targets]
+    lengths = torch.tensor([len(t) for t in targets])
+    frames = torch.full((len(labels),), log_probs.shape[1], dtype=torch.long)
+    return nn.functional.ctc_loss(log_probs.transpose(0, 1), torch.cat(targets), frames, lengths,
+                                  blank=0, reduction="mean", zero_infinity=True)
+
+
+def distillation(log_probs: Tensor, teacher: Tensor) -> Tensor:
+    """KL(teacher || student) per frame, averaged."""
+    return (teacher.exp() * (teacher - log_probs)).sum(-1).mean()
+
+
+def ctc_accuracy(tower: Tower, crops: list[np.ndarray], labels: list[str], codec: CharCodec) -> float:
+    """Word accuracy (%, protocol) of the tower's greedy CTC reading."""
+    from runtime.decoding import ctc_greedy
+
+    tower.eval()
+    accuracy = WordAccuracy()
+    texts = ["".join(codec.charset[c - 1] for c in ctc_greedy(row.numpy())) for row in answers(tower, crops, 32)]
+    accuracy.update(texts, labels)
+    return float(accuracy.as_dict()["accuracy"])
+
+
+@torch.no_grad()
+def answers(model: Tower, crops: list[np.ndarray], batch: int) -> list[Tensor]:
+    """``model``'s per-frame log-probabilities of each crop, run in batches of one width."""
+    out: list[Tensor | None] = [None] * len(crops)
+    groups: dict[int, list[int]] = {}
+    for i, x in enumerate(crops):
+        groups.setdefault(x.shape[-1], []).append(i)
+    for members in groups.values():
+        for start in range(0, len(members), batch):
+            chunk = members[start:start + batch]
+            for i, row in zip(chunk, model(torch.from_numpy(np.concatenate([crops[i] for i in chunk])))):
+                out[i] = row
+    return out  # type: ignore[return-value]
+
+
+def _preprocessed(images: list[Any], spec: Any) -> list[np.ndarray]:
+    return [preprocess([image], spec) for image in images]
+
+
+def runtime_accuracy(bundle: Path | None, pairs: list[tuple[Any, str]]) -> float:
+    """Accuracy (%) of the runtime's recognizer (``--llm none``, full decode) with ``bundle``."""
+    from runtime.recognizer import Recognizer
+
+    accuracy = WordAccuracy()
+    with Recognizer.from_bundle(bundle, llm="none", threads=1) as recognizer:
+        kept = [(x, y) for x, y in pairs if keep_for_eval(y)]
+        results = recognizer.read([x for x, _ in kept])
+        accuracy.update([r.text or "" for r in results], [y for _, y in kept])
+    return float(accuracy.as_dict()["accuracy"])
+
+
+def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path, settings: FinetuneSettings,
+             source: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune (see the module doc); the summary that the command prints."""
+    from training.data.synth import SynthWords
+
+    started = time.monotonic()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    rng = random.Random(settings.seed)
+    if source is None:
+        from runtime.bundle import DEFAULT_BUNDLE
+
+        source = DEFAULT_BUNDLE
+    model = load_checkpoint(source)
+    if getattr(model.image_encoder, "ctc", None) is None:
+        raise SystemExit(f"error: {source}: training.finetune needs a model with a PP-OCR tower and CTC head")
+    cfg = model.cfg
+    spec = cfg.image
+    codec = CharCodec(cfg.charset_train)
+    tower = Tower(model)
+    teacher = copy.deepcopy(tower).eval().requires_grad_(False)
+    tower.classifier.requires_grad_(True)
+    fold = case_folding(codec.charset) if settings.ignore_case else None
+
+    own_x = _preprocessed([x for x, _ in train], spec)
+    val_x = _preprocessed([x for x, _ in val], spec)
+    val_y = [y for _, y in val]
+    own_teacher = answers(teacher, own_x, settings.batch)
+    general = SynthWords(settings.general, settings.seed + 1, cfg.charset_train)
+    general_x = _preprocessed([general[i][0] for i in range(len(general))], spec)
+    general_teacher = answers(teacher, general_x, settings.batch)
+    own = Batches(own_x, list(zip([y for _, y in train], own_teacher)), settings.batch, rng)
+    anchor = Batches(general_x, general_teacher, settings.batch, rng)
+    optimizer = torch.optim.AdamW([
+        {"params": list(tower.features.parameters()), "lr": settings.lr_tower},
+        {"params": list(tower.classifier.parameters()), "lr": settings.lr_head},
+    ], weight_decay=settings.weight_decay)
+
+    before = ctc_accuracy(tower, val_x, val_y, codec)
+    best = {"accuracy": before, "step": 0, "state": copy.deepcopy(tower.state_dict())}
+    history = [{"step": 0, "seconds": 0.0, "val_ctc": before}]
+    budget = settings.minutes * 60.0
+    train_start = time.monotonic()
+    next_eval = train_start + settings.eval_every_s
+    bar = _bar(budget, progress)
+    step = seen = 0
+    while time.monotonic() - train_start < budget:
+        tower.train()
+        images, extras = own.draw()
+        log_probs = tower(images)
+        loss = ctc_loss(log_probs, [y for y, _ in extras], codec, fold)
+        if settings.distill_own:
+            loss = loss + settings.distill_own * distillation(log_probs, torch.stack([t for _, t in extras]))
+        if settings.distill:
+            general_images, targets = anchor.draw()
+            loss = loss + settings.distill * distillation(tower(general_images), torch.stack(targets))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(tower.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        seen += len(images)
+        now = time.monotonic()
+        if bar is not None:
+            bar.n = min(budget, now - train_start)
+            bar.set_postfix(step=step, loss=f"{float(loss):.3f}", best=f"{best['accuracy']:.1f}")
+            bar.refresh()
+        if now >= next_eval or now - train_start >= budget:
+            accuracy = ctc_accuracy(tower, val_x, val_y, codec)
+            history.append({"step": step, "seconds": round(now - train_start, 1), "val_ctc": accuracy})
+            if accuracy > best["accuracy"]:
+                best = {"accuracy": accuracy, "step": step, "state": copy.deepcopy(tower.state_dict())}
+            next_eval = time.monotonic() + settings.eval_every_s
+    if bar is not None:
+        bar.close()
+    tower.load_state_dict(best["state"])
+    train_seconds = time.monotonic() - train_start
+    meta = {"finetune": {"settings": asdict(settings), "from": str(source), "train_crops": len(train),
+                         "val_crops": len(val), "steps": step, "crops_seen": seen, "best_step": best["step"],
+                         "history": history, "train_seconds": round(train_seconds, 1)}}
+    checkpoint = save_checkpoint(model, out / "checkpoint", meta=meta)
+    from export.onnx import export_bundle
+
+    bundle = export_bundle(checkpoint, out / "bundle", ("fp32",), include_checkpoint=True)
+    summary = {"val_before": round(runtime_accuracy(source, val), 2),
+               "val_after": round(runtime_accuracy(bundle, val), 2),
+               "val_ctc_before": round(before, 2), "val_ctc_after": round(best["accuracy"], 2),
+               "steps": step, "best_step": best["step"], "crops_seen": seen,
+               "train_minutes": round(train_seconds / 60.0, 2),
+               "total_minutes": round((time.monotonic() - started) / 60.0, 2),
+               "checkpoint": str(checkpoint), "bundle": str(bundle)}
+    (out / "finetune.json").write_text(json.dumps({**summary, "history": history}, indent=2) + "\n")
+    return summary
+
+
+def _bar(total: float, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=math.ceil(total), unit="s", file=sys.stderr, dynamic_ncols=True, desc="fine-tune",
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s {postfix}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.finetune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("train", nargs="+", metavar="TRAIN", help="labelled sets to learn from")
+    parser.add_argument("--val", nargs="+", required=True, metavar="VAL", help="labelled sets to choose the state on")
+    parser.add_argument("-o", "--output", required=True, type=Path, metavar="OUT")
+    parser.add_argument("--from", dest="source", type=Path, metavar="CKPT",
+                        help="checkpoint or bundle with model.json (default: the embedded default model)")
+    defaults = FinetuneSettings()
+    parser.add_argument("--minutes", type=float, default=defaults.minutes, help="training time (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=defaults.batch)
+    parser.add_argument("--lr-tower", type=float, default=defaults.lr_tower)
+    parser.add_argument("--lr-head", type=float, default=defaults.lr_head)
+    parser.add_argument("--distill", type=float, default=defaults.distill,
+                        help="weight of keeping the original's reading of synthetic words (default: %(default)s)")
+    parser.add_argument("--distill-own", type=float, default=defaults.distill_own)
+    parser.add_argument("--general", type=int, default=defaults.general, help="synthetic words for that term")
+    parser.add_argument("--ignore-case", action="store_true", help="labels whose case is not reliable")
+    parser.add_argument("--eval-every", type=float, default=defaults.eval_every_s, metavar="S")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.minutes <= 0 or args.batch < 1 or args.general < 1:
+        print("error: --minutes must be above 0, --batch and --general at least 1", file=sys.stderr)
+        return 2
+    settings = FinetuneSettings(minutes=args.minutes, batch=args.batch, lr_tower=args.lr_tower, lr_head=args.lr_head,
+                                distill=args.distill, distill_own=args.distill_own, general=args.general,
+                                ignore_case=args.ignore_case, eval_every_s=args.eval_every, seed=args.seed,
+                                threads=args.threads)
+    from runtime.charset import resolve_charset
+
+    source = args.source
+    charset = resolve_charset("94")
+    train = read_sets(args.train, charset, 25)
+    val = read_sets(args.val, charset, 25)
+    if not train or not val:
+        print("error: no usable labelled crop in " + ("TRAIN" if not train else "--val"), file=sys.stderr)
+        return 2
+    summary = finetune(train, val, args.output, settings, source, progress=not args.no_progress)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
