@@ -143,21 +143,28 @@ def test_llm_decision_is_not_an_error(fake_recognizer) -> None:
     assert result.gated and result.llm.decision == "kept by rule" and result.llm.error is None
 
 
-def test_export_commands_name_the_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_export_and_training_commands_name_the_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
     import export
+    import training
+    from runtime import extras
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
-    message = export.missing_extra("export.onnx")
+    message = extras.missing_line("export.onnx", export.NEEDS["export.onnx"], "export")
     assert message.startswith("error: python -m export.onnx needs torch") and "clipllama[export]" in message
-    assert export.missing_extra("export.trt") is None  # export.trt checks its own
+    assert extras.missing_line("export.lint", export.NEEDS["export.lint"], "export") is None
+    assert "clipllama[train]" in extras.missing_line("training.finetune", training.NEEDS["training.finetune"], "train")
     monkeypatch.setattr(sys, "argv", ["-m", "--help"])
-    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "export.verify", "--help"])
-    assert export._command() == "export.verify"
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "training.train", "--help"])
+    assert extras.command_being_run() == "training.train"
+    with pytest.raises(SystemExit) as info:
+        extras.refuse_missing("training", training.NEEDS, "train", default=training.TORCH)
+    assert info.value.code == 2
+    extras.refuse_missing("export", export.NEEDS, "export")  # another package's command: nothing to say
     monkeypatch.setattr(sys, "argv", ["x.py"])
-    assert export._command() is None
+    assert extras.command_being_run() is None
 
 
 def test_serve_and_batch_help_without_the_extra(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
