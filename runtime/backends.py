@@ -430,7 +430,7 @@ def _ort_best(bundle: Bundle, precision: str, threads: int | None, gpu: GpuProbe
 
     available = ort.get_available_providers()
     if gpu.absent:
-        notes.append(f"onnxruntime runs on the CPU: no NVIDIA GPU ({gpu.reason})")
+        notes.append(f"onnxruntime runs on the CPU, as there is no NVIDIA GPU: {gpu.reason}")
     elif problem := ort_gpu_problem(available):
         notes.append(f"onnxruntime runs on the CPU: {problem}")
     else:

@@ -10,6 +10,7 @@ of the batch is read as if it were not there.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 import warnings
@@ -131,6 +132,10 @@ def make_corrector(llm: str | None, mode: str, threshold: float, lexicon: str | 
     if mode not in LLM_MODES:
         raise ValueError(f"unknown LLM mode {mode!r} (choose from {', '.join(LLM_MODES)})")
     if llm is not None and str(llm).strip().lower() == "none":
+        return None
+    if llm is None and importlib.util.find_spec("llama_cpp") is None:
+        warnings.warn("LLM correction is off: the llm extra is not installed (pip install 'clipllama[llm]'); "
+                      "--llm none reads without it and without this warning", RuntimeWarning, stacklevel=3)
         return None
     try:
         from runtime.llm import Corrector

@@ -459,7 +459,8 @@ def test_no_gpu_at_all_is_quiet_but_said(fake_bundle: Path, monkeypatch: pytest.
     _machine(monkeypatch, NO_GPU, None)
     backend = select_backend(bundle, "auto", "fp32", threads=1)
     assert backend.name == "ort-cpu" and backend.gpu_absent is True
-    assert backend.notes == ["onnxruntime runs on the CPU: no NVIDIA GPU (no CUDA device (cudaErrorNoDevice))"]
+    assert backend.notes == ["onnxruntime runs on the CPU, as there is no NVIDIA GPU: no CUDA device "
+                             "(cudaErrorNoDevice)"]
     assert select_backend(bundle, "ort-cpu", "fp32", threads=1).notes == []
 
 
