@@ -77,11 +77,11 @@ class RecognizerConfig:
 
         return Path(self.engine) if self.engine else DEFAULT_BUNDLE
 
-    def check(self) -> Bundle:
+    def check(self, verify: bool = False) -> Bundle:
         """The bundle, once every option is known to work; else :class:`OptionError` (one line).
 
         Cheap: no graph session and no LLM is loaded, so a server or a Ray job can call it
-        before it starts anything."""
+        before it starts anything; ``verify`` also checks every file's sha256."""
         from runtime.bundle import BundleError, load_bundle
         from runtime.gate import check_threshold
 
@@ -103,7 +103,7 @@ class RecognizerConfig:
         if self.engine is None and not (path / "manifest.json").is_file():
             raise OptionError(f"no default bundle is installed ({path}); pass --engine BUNDLE")
         try:
-            bundle = load_bundle(path, verify=False)
+            bundle = load_bundle(path, verify=verify)
         except BundleError as exc:
             raise OptionError(str(exc)) from None
         try:

@@ -313,15 +313,16 @@ def check(args: argparse.Namespace) -> str | None:
     if args.num_cpus <= 0 or args.num_gpus < 0 or args.decode_cpus <= 0:
         return "--num-cpus and --decode-cpus must be above 0 and --num-gpus at least 0"
     try:
-        settings_from_args(args).check()
+        settings_from_args(args).check(verify=True)
     except OptionError as exc:
         return str(exc)
     return None
 
 
 def quiet_ray() -> None:
-    """Ray's own log lines below errors stay in its log files, off the user's terminal: Ray
-    Data's console handler and its progress bars (``clipllama-batch`` prints its own progress)."""
+    """Ray's own log lines stay in its log files, off the user's terminal: Ray Data's console
+    handler (a failure is reported by :func:`main` as one line) and its progress bars
+    (``clipllama-batch`` prints its own progress)."""
     import logging
 
     import ray.data
@@ -330,10 +331,10 @@ def quiet_ray() -> None:
     context.print_on_execution_start = False
     context.enable_progress_bars = False
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-    for name in ("ray", "ray.data", "ray.serve"):
+    for name in ("ray", "ray.data", "ray.serve"):  # a failure is reported once, as one line, by main
         for handler in logging.getLogger(name).handlers:
             if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
-                handler.setLevel(logging.ERROR)
+                handler.setLevel(logging.CRITICAL)
 
 
 def _run_on_ray(args: argparse.Namespace, work: Plan) -> int:

@@ -57,16 +57,25 @@ def settings_from_args(args: Any) -> RecognizerConfig:
 
 
 def one_line(exc: BaseException) -> str:
-    """The root cause of an exception raised inside Ray, as one line."""
-    cause: BaseException = exc
-    seen = set()
-    while id(cause) not in seen:
-        seen.add(id(cause))
-        inner = getattr(cause, "cause", None) or cause.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        cause = inner
-    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    text = lines[-1] if lines else ""
-    return f"{type(cause).__name__}: {text}" if text and type(cause).__name__ not in text else (text or
-                                                                                               type(cause).__name__)
+    """The root cause of an exception raised inside Ray, as one line: the last line of the
+    deepest message in its chain of causes that says something (Ray's wrappers carry the
+    actor's traceback as text; a module path before the error's name is dropped)."""
+    import re
+
+    messages, seen = [], set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        lines = [line.strip() for line in str(current).splitlines() if line.strip()]
+        if lines:
+            messages.append((type(current).__name__, lines[-1]))
+        inner = getattr(current, "cause", None) or current.__cause__ or current.__context__
+        current = inner if isinstance(inner, BaseException) else None
+    if not messages:
+        return type(exc).__name__
+    name, text = messages[-1]
+    named = re.match(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit)): (.+)$", text)
+    if named:
+        return named[2] if named[1] in ("BundleError", "BackendError", "OptionError", "ImageError", "InputError") else \
+            f"{named[1]}: {named[2]}"
+    return text if name in text or ": " in text else f"{name}: {text}"

@@ -66,7 +66,7 @@ def check(args: argparse.Namespace) -> str | None:
     if not 0 < args.port < 65536:
         return f"--port {args.port}: must be within 1-65535"
     try:
-        settings_from_args(args).check()
+        settings_from_args(args).check(verify=True)
     except OptionError as exc:
         return str(exc)
     return None

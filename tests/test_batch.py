@@ -210,3 +210,28 @@ def test_rerun_with_nothing_left_starts_no_ray(tmp_path: Path, capsys: pytest.Ca
     monkeypatch.setattr(batch, "_run_on_ray", lambda *a: pytest.fail("Ray was started"))
     assert batch.main([str(words), "-o", str(out)]) == 0
     assert "0 to read, 3 already in" in capsys.readouterr().err
+
+
+def test_a_failure_inside_ray_is_one_line(address: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Issue 25: an error raised in the recognizer actors (here the CUDA backend asked for on a
+    machine without a GPU, which only building the recognizer finds) reaches the user as one
+    line, exit 2; a bundle whose files changed is refused before Ray starts."""
+    import shutil
+
+    from runtime.backends import gpu_status
+    from runtime.bundle import DEFAULT_BUNDLE
+
+    words = _words(tmp_path / "w", 2)
+    if gpu_status().compute_capability is None:
+        capsys.readouterr()
+        status = batch.main([str(words), "-o", str(tmp_path / "o"), "--backend", "ort-cuda", "--llm", "none",
+                             "--address", address])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert status == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    bundle = tmp_path / "bundle"
+    shutil.copytree(DEFAULT_BUNDLE, bundle)
+    with (bundle / "bpe_simple_vocab_16e6.txt.gz").open("ab") as handle:
+        handle.write(b"changed")
+    assert batch.main([str(words), "-o", str(tmp_path / "o2"), "--engine", str(bundle), "--llm", "none"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "sha256" in err[0] and "corrupt or modified" in err[0]
