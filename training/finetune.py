@@ -50,8 +50,10 @@ class FinetuneSettings:
 
     minutes: float = 10.0
     batch: int = 16
-    #: learning rates of the tower and of the CTC head (AdamW)
-    lr_tower: float = 3e-5
+    #: learning rates (AdamW) of the tower's convolutional backbone, of its SVTR neck and of
+    #: the CTC head; 0 freezes that part
+    lr_backbone: float = 3e-5
+    lr_neck: float = 3e-5
     lr_head: float = 3e-4
     weight_decay: float = 0.0
     #: weight of the distillation term on synthetic words (the original's distribution)
@@ -231,10 +233,12 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
     general_teacher = answers(teacher, general_x, settings.batch)
     own = Batches(own_x, list(zip([y for _, y in train], own_teacher)), settings.batch, rng)
     anchor = Batches(general_x, general_teacher, settings.batch, rng)
-    optimizer = torch.optim.AdamW([
-        {"params": list(tower.features.parameters()), "lr": settings.lr_tower},
-        {"params": list(tower.classifier.parameters()), "lr": settings.lr_head},
-    ], weight_decay=settings.weight_decay)
+    parts = ((tower.features.backbone, settings.lr_backbone), (tower.features.neck, settings.lr_neck),
+             (tower.classifier, settings.lr_head))
+    for part, lr in parts:
+        part.requires_grad_(lr > 0)
+    optimizer = torch.optim.AdamW([{"params": list(part.parameters()), "lr": lr} for part, lr in parts if lr > 0],
+                                  weight_decay=settings.weight_decay)
 
     before = ctc_accuracy(tower, val_x, val_y, codec)
     best = {"accuracy": before, "step": 0, "state": copy.deepcopy(tower.state_dict())}
@@ -256,7 +260,7 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
             loss = loss + settings.distill * distillation(tower(general_images), torch.stack(targets))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(tower.parameters(), 1.0)
+        nn.utils.clip_grad_norm_([p for p in tower.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         step += 1
         seen += len(images)
@@ -314,7 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     defaults = FinetuneSettings()
     parser.add_argument("--minutes", type=float, default=defaults.minutes, help="training time (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=defaults.batch)
-    parser.add_argument("--lr-tower", type=float, default=defaults.lr_tower)
+    parser.add_argument("--lr-backbone", type=float, default=defaults.lr_backbone, help="0 freezes the backbone")
+    parser.add_argument("--lr-neck", type=float, default=defaults.lr_neck, help="0 freezes the SVTR neck")
     parser.add_argument("--lr-head", type=float, default=defaults.lr_head)
     parser.add_argument("--distill", type=float, default=defaults.distill,
                         help="weight of keeping the original's reading of synthetic words (default: %(default)s)")
@@ -329,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.minutes <= 0 or args.batch < 1 or args.general < 1:
         print("error: --minutes must be above 0, --batch and --general at least 1", file=sys.stderr)
         return 2
-    settings = FinetuneSettings(minutes=args.minutes, batch=args.batch, lr_tower=args.lr_tower, lr_head=args.lr_head,
+    settings = FinetuneSettings(minutes=args.minutes, batch=args.batch, lr_backbone=args.lr_backbone,
+                                lr_neck=args.lr_neck, lr_head=args.lr_head,
                                 distill=args.distill, distill_own=args.distill_own, general=args.general,
                                 ignore_case=args.ignore_case, eval_every_s=args.eval_every, seed=args.seed,
                                 threads=args.threads)
