@@ -32,7 +32,7 @@ def score_pytorch(ckpt: Path, sets: Sequence[EvalSet], threads: int | None, batc
     """Per set: accuracy, 1 - NED and gate rate of the checkpoint in PyTorch (eager)."""
     import torch
 
-    from runtime.gate import gate
+    from runtime.correction.gate import gate
     from runtime.preprocess import preprocess
     from training.checkpoint import load_checkpoint
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.decoding import CHAR_WIDTHS
+from runtime.correction.settings import CHAR_WIDTHS_FILE as CHAR_WIDTHS
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the training sets the widths are fitted on (folder names in the cache's image paths)
