@@ -6,6 +6,7 @@
     python -m benchmarks.correction widths [--work DIR]     # character widths for the gap rule
     python -m benchmarks.correction gaps [--work DIR]       # CTC gap rules on the validation sets
     python -m benchmarks.correction tune [--work DIR]       # weights on the validation sets
+    python -m benchmarks.correction learn [--work DIR]      # a learnt ranking against them
     python -m benchmarks.correction sweep [--work DIR]      # thresholds 0.5 .. 0.95
     python -m benchmarks.correction table [--work DIR]      # per set: none / top-k / +lexicon / fill
     python -m benchmarks.correction timing [--work DIR]     # LLM ms per gated word, pipeline ratio
@@ -642,13 +643,14 @@ def timing(llm: str = "default", engine: str | None = None, limit: int | None = 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.correction", description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=("all", "prepare", "predict", "widths", "gaps", "tune", "sweep", "table",
-                                         "timing"))
+    parser.add_argument("step", choices=("all", "prepare", "predict", "widths", "gaps", "tune", "learn", "sweep",
+                                         "table", "timing"))
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "correction")
     parser.add_argument("--sets", nargs="+", help="predict, table: only these sets")
     parser.add_argument("--limit", type=int, help="timing: only the first N crops")
     parser.add_argument("--engine", help="bundle (default: the embedded default)")
-    parser.add_argument("--bundle", type=Path, help="tune: write the tuned correction section into this bundle")
+    parser.add_argument("--bundle", type=Path, help="tune, learn: write the correction section into this bundle "
+                                                    "(learn: only when the learnt ranking wins)")
     parser.add_argument("--llm", default="default", help="GGUF: default or a path")
     args = parser.parse_args(argv)
     if args.step in ("all", "prepare"):
@@ -661,6 +663,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         gap_report(args.work)
     if args.step in ("all", "tune"):
         tune(args.work, args.llm, args.bundle)
+    if args.step in ("all", "learn"):
+        from benchmarks.ranking import learn
+
+        learn(args.work, args.llm, args.bundle)
     if args.step in ("all", "sweep"):
         sweep(args.work, args.llm)
     if args.step in ("all", "table"):

@@ -1,0 +1,158 @@
+"""A ranking learnt from the named score terms, against the hand-tuned weights (step 5 of issue 24).
+
+    python -m benchmarks.correction learn [--work DIR] [--bundle DIR]
+
+On the validation sets the ``tune`` step uses (never IC13, SVT or misc_real), every reviewed
+word's candidates are collected with the hand-tuned settings, each with its terms
+(:class:`runtime.correction.score.ScoreTerms`). A logistic regression over candidate pairs
+of one word (a right candidate against a wrong one: P(right first) = sigmoid(theta . (x_right -
+x_wrong)), each word weighing the same, L2-regularised, numpy only) gives a weight per
+cheap term (visual, gap, insertion, symbol, prior), scaled so the visual weight is 1 (the
+margins stay in nats). The learnt weights replace the hand-tuned ones in the same rule (the
+LLM's weight and every margin unchanged). Both are scored on each validation set (fixed /
+broken), in-sample and two-fold (fitted on every other word, scored on the rest). The learnt
+weights are written as a bundle's correction section only when they win: more words gained
+in total, in-sample and two-fold, and more fixed than broken on each real validation set.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.charset import eval_normalize
+
+#: The terms the learnt ranking weighs (the decoder-scoring charge and the LLM's stay hand-set).
+FEATURES = ("visual", "gap", "insertion", "symbol", "prior")
+#: L2 penalty of the logistic regression (per word, on the raw terms)
+L2 = 1e-3
+
+
+def word_pairs(corrector: Any, words: Sequence[Any], charset: str) -> list[np.ndarray]:
+    """Per reviewed word with a right and a wrong candidate: the term differences (right -
+    wrong) of each such pair, from the hand-tuned corrector's candidates."""
+    out = []
+    for word in words:
+        correction = corrector.correct_one(word.prediction, charset)
+        scored = [c for c in correction.candidates if c.terms is not None]
+        if not correction.gated or len(scored) < 2:
+            continue
+        truth = eval_normalize(word.label)
+        x = np.array([[float(getattr(c.terms, f)) for f in FEATURES] for c in scored])
+        right = np.array([eval_normalize(c.text) == truth for c in scored])
+        if right.all() or not right.any():
+            continue
+        out.append((x[right][:, None, :] - x[~right][None, :, :]).reshape(-1, len(FEATURES)))
+    return out
+
+
+def fit(pairs: Sequence[np.ndarray], l2: float = L2, steps: int = 50) -> np.ndarray:
+    """Weights theta (one per feature) maximising sum over words of the mean log
+    sigmoid(theta . d) over its pairs d, less ``l2`` |theta|^2 (Newton's method)."""
+    d = np.concatenate(pairs)
+    w = np.concatenate([np.full(len(p), 1.0 / len(p)) for p in pairs])
+    theta = np.zeros(d.shape[1])
+    theta[0] = 1.0  # start from the visual term alone
+    for _ in range(steps):
+        z = d @ theta
+        p = 1.0 / (1.0 + np.exp(np.clip(z, -50, 50)))  # 1 - sigmoid(z)
+        grad = (w * p) @ d - 2 * l2 * len(pairs) * theta
+        hess = -(d * (w * p * (1 - p))[:, None]).T @ d - 2 * l2 * len(pairs) * np.eye(d.shape[1])
+        step = np.linalg.solve(hess, grad)
+        theta = theta - step
+        if np.abs(step).max() < 1e-9:
+            break
+    return theta
+
+
+def as_weights(theta: np.ndarray) -> dict[str, float]:
+    """The learnt weights in :class:`runtime.correction.settings.Weights` fields: scaled so the
+    visual weight is 1, the credits and the prior clipped at 0 (the settings' domain)."""
+    scaled = theta / theta[0] if theta[0] > 0 else theta
+    names = {"visual": "visual", "gap": "gap", "insertion": "insertion", "symbol": "symbol", "prior": "prior"}
+    return {names[f]: round(max(0.0, float(v)), 4) for f, v in zip(FEATURES, scaled, strict=True)}
+
+
+def learn(work: Path, llm: str = "default", bundle: Path | None = None) -> dict[str, Any]:
+    """Fit, score hand-tuned against learnt per validation set, write ``learned.json`` (and the
+    section into ``bundle`` when the learnt weights win)."""
+    from benchmarks.correction import (
+        REAL_VAL,
+        VAL_SETS,
+        MemoBackend,
+        correction_section,
+        evaluate,
+        load_words,
+        make_corrector,
+        provenance,
+        write_section,
+    )
+    from runtime.correction.settings import CorrectionSettings
+
+    words, meta = load_words(work)
+    charset = meta["charset"]
+    base = make_corrector(llm, "rescore", "default", {"cache_size": 0, "time_budget_s": None})
+    memo = MemoBackend(base.backend)
+    base.backend = memo
+    hand = base.settings
+
+    def corrector(weights: dict[str, float] | None) -> Any:
+        settings = hand if weights is None else hand.merged({"weights": weights})
+        c = base.with_settings(settings)
+        c.backend = memo
+        return c
+
+    def scores(c: Any, part: dict[str, list]) -> dict[str, dict[str, int]]:
+        return {name: {k: evaluate(c, part[name], charset)[k] for k in ("fixed", "broken", "gated", "llm_calls")}
+                for name in VAL_SETS}
+
+    pairs = {name: word_pairs(base, words[name], charset) for name in VAL_SETS}
+    theta = fit([p for name in VAL_SETS for p in pairs[name]])
+    learnt = as_weights(theta)
+    print(f"learnt weights {learnt} (raw {theta.round(4).tolist()})", file=sys.stderr)
+    report: dict[str, Any] = {"features": FEATURES, "hand": {f: getattr(hand.weights, f) for f in FEATURES},
+                              "learnt": learnt, "theta": theta.tolist(),
+                              "pairs": {n: int(sum(len(p) for p in pairs[n])) for n in VAL_SETS},
+                              "words_with_pairs": {n: len(pairs[n]) for n in VAL_SETS}}
+    report["in_sample"] = {"hand": scores(corrector(None), words), "learnt": scores(corrector(learnt), words)}
+    folds = [{n: ws[k::2] for n, ws in words.items()} for k in (0, 1)]
+    two_fold: dict[str, Any] = {"hand": {}, "learnt": {}, "weights": []}
+    for k in (0, 1):
+        train, test = folds[k], folds[1 - k]
+        fold_weights = as_weights(fit([p for n in VAL_SETS for p in word_pairs(base, train[n], charset)]))
+        two_fold["weights"].append(fold_weights)
+        for label, c in (("hand", corrector(None)), ("learnt", corrector(fold_weights))):
+            for name, row in scores(c, test).items():
+                total = two_fold[label].setdefault(name, {"fixed": 0, "broken": 0, "gated": 0, "llm_calls": 0})
+                for key, value in row.items():
+                    total[key] += value
+    report["two_fold"] = two_fold
+
+    def gain(rows: dict[str, dict[str, int]]) -> int:
+        return sum(r["fixed"] - r["broken"] for r in rows.values())
+
+    wins = all(gain(report[part]["learnt"]) > gain(report[part]["hand"]) for part in ("in_sample", "two_fold"))
+    safe = all(report["in_sample"]["learnt"][n]["fixed"] > report["in_sample"]["learnt"][n]["broken"]
+               for n in REAL_VAL)
+    report["gain"] = {part: {who: gain(report[part][who]) for who in ("hand", "learnt")}
+                      for part in ("in_sample", "two_fold")}
+    report["ships"] = bool(wins and safe)
+    if report["ships"]:
+        settings = hand.merged({"weights": learnt})
+        flat = {"gap_credit": settings.weights.gap, "insert_credit": settings.weights.insertion,
+                "symbol_credit": settings.weights.symbol, "prior_weight": settings.weights.prior}
+        origin = {**provenance(work, llm), "tool": "python -m benchmarks.correction learn"}
+        section = correction_section(flat, {}, origin)
+        section["weights"]["visual"] = settings.weights.visual
+        (work / "correction.learned.json").write_text(json.dumps(section, indent=1) + "\n")
+        if bundle is not None:
+            write_section(bundle, section)
+    assert isinstance(CorrectionSettings.from_dict({"weights": learnt}), CorrectionSettings)
+    (work / "learned.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report))
+    return report
