@@ -62,8 +62,12 @@ class RecognizerConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RecognizerConfig:
-        """The options :func:`add_recognizer_options` parsed (missing ones keep their default)."""
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+        """The options :func:`add_recognizer_options` parsed (missing ones keep their default;
+        ``--correction-config`` made absolute, for workers that start elsewhere)."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        if values.get("correction_config"):
+            values["correction_config"] = str(Path(values["correction_config"]).resolve())
+        return cls(**values)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RecognizerConfig:

@@ -111,3 +111,16 @@ def test_correction_config_is_checked_before_anything_starts(fake_bundle: Path, 
         assert "--correction-config" in str(caught.value) and "\n" not in str(caught.value)
     with pytest.raises(OptionError, match="cannot be read"):
         RecognizerConfig(engine=str(fake_bundle), llm="none", correction_config=str(tmp_path / "missing.json")).check()
+
+
+def test_cli_refuses_a_bad_correction_config_in_one_line(fake_bundle: Path, tmp_path: Path, capsys) -> None:
+    from runtime import cli
+
+    image = tmp_path / "x.png"
+    image.write_bytes(b"not read: the option is checked first")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"margins": {"keep": "wide"}}')
+    assert cli.main(["--engine", str(fake_bundle), "--llm", "none", "--correction-config", str(bad), str(image)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--correction-config" in err[0] and "margins.keep" in err[0]
+    assert cli.main(["--help"]) == 0 and "--correction-config" in capsys.readouterr().out
