@@ -68,7 +68,7 @@ def score_bundle(recognizer: Recognizer, sets: Sequence[EvalSet], modes: Sequenc
     missing: dict[str, str] = {}
     correctors = {}
     for mode in modes:
-        corrector = Corrector.from_spec(llm, mode=mode, threshold=recognizer.threshold)
+        corrector = Corrector.from_spec(llm, mode=mode, threshold=recognizer.threshold, settings=recognizer.correction)
         if corrector.enabled:
             correctors[mode] = Recognizer(recognizer.bundle, recognizer.backend, corrector,
                                           recognizer.threshold, llm_mode=mode)
