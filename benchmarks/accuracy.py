@@ -32,7 +32,7 @@ def score_pytorch(ckpt: Path, sets: Sequence[EvalSet], threads: int | None, batc
     """Per set: accuracy, 1 - NED and gate rate of the checkpoint in PyTorch (eager)."""
     import torch
 
-    from runtime.gate import gate
+    from runtime.correction.gate import gate
     from runtime.preprocess import preprocess
     from training.checkpoint import load_checkpoint
 
@@ -68,7 +68,7 @@ def score_bundle(recognizer: Recognizer, sets: Sequence[EvalSet], modes: Sequenc
     missing: dict[str, str] = {}
     correctors = {}
     for mode in modes:
-        corrector = Corrector.from_spec(llm, mode=mode, threshold=recognizer.threshold)
+        corrector = Corrector.from_spec(llm, mode=mode, threshold=recognizer.threshold, settings=recognizer.correction)
         if corrector.enabled:
             correctors[mode] = Recognizer(recognizer.bundle, recognizer.backend, corrector,
                                           recognizer.threshold, llm_mode=mode)

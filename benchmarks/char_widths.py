@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.decoding import CHAR_WIDTHS
+from runtime.correction.settings import CHAR_WIDTHS_FILE as CHAR_WIDTHS
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the training sets the widths are fitted on (folder names in the cache's image paths)
@@ -78,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.char_widths", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "correction")
     parser.add_argument("--out", type=Path, default=CHAR_WIDTHS)
+    parser.add_argument("--bundle", type=Path,
+                        help="also write the widths into this bundle's correction section (gaps.char_widths)")
     args = parser.parse_args(argv)
     store = json.loads((args.work / "predictions.json").read_text())
     words = training_words(store)
@@ -95,7 +97,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     }, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"{len(widths)} widths from {len(words)} crops; log spread {uniform:.3f} uniform -> {spread:.3f} "
           f"fitted; wrote {args.out}")
+    if args.bundle is not None:
+        write_widths(args.bundle, widths)
+        print(f"wrote them into {args.bundle / 'manifest.json'} (correction.gaps.char_widths)")
     return 0
+
+
+def write_widths(bundle: Path, widths: dict[str, float]) -> None:
+    """Put ``widths`` into ``bundle``'s manifest (``correction.gaps.char_widths``, schema 2)."""
+    from benchmarks.correction import write_section
+
+    manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+    section = dict(manifest.get("correction") or {})
+    section["gaps"] = {**section.get("gaps", {}), "char_widths": dict(sorted(widths.items(), key=lambda kv: kv[1]))}
+    write_section(bundle, section)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
     python -m benchmarks.correction widths [--work DIR]     # character widths for the gap rule
     python -m benchmarks.correction gaps [--work DIR]       # CTC gap rules on the validation sets
     python -m benchmarks.correction tune [--work DIR]       # weights on the validation sets
+    python -m benchmarks.correction learn [--work DIR]      # a learnt ranking against them
     python -m benchmarks.correction sweep [--work DIR]      # thresholds 0.5 .. 0.95
     python -m benchmarks.correction table [--work DIR]      # per set: none / top-k / +lexicon / fill
     python -m benchmarks.correction timing [--work DIR]     # LLM ms per gated word, pipeline ratio
@@ -149,6 +150,22 @@ def read_labels(path: Path) -> list[tuple[Path, str]]:
 
 # -- predict ---------------------------------------------------------------------------
 
+class Capture:
+    """A :class:`runtime.correction.contract.Corrector` that reviews nothing and keeps the
+    last batch's predictions (``predictions``): what the decoder read, CTC outputs included."""
+
+    mode = "rescore"
+
+    def __init__(self) -> None:
+        self.predictions: list[Prediction] = []
+
+    def correct(self, predictions: Sequence[Prediction], charset: str) -> list[Any]:
+        from runtime.correction.contract import Correction, Skip
+
+        self.predictions[:] = predictions
+        return [Correction(p.text, p.text, False, False, "none", skipped=Skip.NOT_REVIEWED) for p in predictions]
+
+
 @dataclass
 class Word:
     """One crop's label and the decoder's prediction."""
@@ -167,14 +184,9 @@ def predict(work: Path, names: Sequence[str] | None = None, engine: str | None =
     from runtime.recognizer import Recognizer
 
     recognizer = Recognizer.from_bundle(engine, llm="none")
-    captured: list[Prediction] = []
-    correct = recognizer._correct
-
-    def capture(results: list, predictions: list[Prediction]) -> None:  # the decoder's predictions, kept
-        captured[:] = predictions
-        correct(results, predictions)
-
-    recognizer._correct = capture  # type: ignore[method-assign]
+    capture = Capture()
+    recognizer.corrector = capture  # keeps the decoder's predictions, changes nothing
+    captured = capture.predictions
     cache_path = work / "predictions.json"
     store: dict[str, Any] = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     ctc = read_ctc(work)
@@ -353,7 +365,7 @@ def evaluate(corrector: Any, words: Sequence[Word], charset: str) -> dict[str, A
         if correction.gated:
             gated += 1
             ms.append(1000.0 * correction.time_s)
-        calls += bool(getattr(correction, "llm_called", False))
+        calls += correction.llm_called
         changed += correction.changed
         fixed += after and not before
         broken += before and not after
@@ -441,11 +453,54 @@ def _tune_key(row: dict[str, Any]) -> tuple:
     return (all(row["gain"][name] > 0 for name in REAL_VAL), row["total"], -_real_calls(row))
 
 
-def tune(work: Path, llm: str = "default") -> dict[str, Any]:
+def provenance(work: Path, llm: str) -> dict[str, Any]:
+    """Where tuned settings come from: the validation sets (and sizes), the LLM, date and commit."""
+    import subprocess
+
+    store = json.loads((work / "predictions.json").read_text())
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {"tool": "python -m benchmarks.correction tune",
+            "data": {name: len(store["sets"].get(name, [])) for name in VAL_SETS},
+            "llm": llm, "threshold": store.get("threshold"),
+            "date": time.strftime("%Y-%m-%d", time.gmtime()), "commit": commit}
+
+
+def correction_section(flat: dict[str, Any], gap_rule: dict[str, float], origin: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's ``correction`` section (docs/bundle.md) from tuned flat settings and gap rule."""
+    from runtime.correction.settings import CorrectionSettings
+
+    settings = CorrectionSettings().with_flat(**{k: v for k, v in flat.items() if k not in ("threshold", "mode")})
+    rule = {"ratio": "ratio", "min_extra": "min_extra", "prior": "prior_pitch", "min_distances": "min_distances"}
+    settings = settings.merged({"gaps": {rule[k]: v for k, v in gap_rule.items()}})
+    section = settings.to_dict()
+    del section["threshold"], section["mode"]
+    return {"provenance": origin, **section}
+
+
+def write_section(bundle: Path, section: dict[str, Any]) -> None:
+    """Put ``section`` into ``bundle``'s manifest as its ``correction`` section (schema 2); the
+    bundle is loaded again to check it."""
+    from runtime.bundle import CORRECTION_SCHEMA_VERSION, MANIFEST_NAME, load_bundle
+
+    path = bundle / MANIFEST_NAME
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest["correction"] = section
+    manifest["schema_version"] = max(int(manifest["schema_version"]), CORRECTION_SCHEMA_VERSION)
+    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    load_bundle(bundle, verify=False)
+
+
+def tune(work: Path, llm: str = "default", bundle: Path | None = None) -> dict[str, Any]:
     """Three stages on the validation sets: the gap rule and the ranking weights
     (:data:`TUNE_AXES`), the best by :func:`_tune_key`; then the LLM's margin and weight
     (:data:`TUNE_LLM_AXES`): the fewest LLM calls within :data:`TUNE_LLM_TOLERANCE` words of
-    the best; then ``unknown_margin`` (:data:`TUNE_UNKNOWN_MARGINS`)."""
+    the best; then ``unknown_margin`` (:data:`TUNE_UNKNOWN_MARGINS`). Writes the result as a
+    bundle's ``correction`` section with its provenance (``correction.json``; into
+    ``bundle``'s manifest when given)."""
     base = make_corrector(llm, "rescore", "default", {"cache_size": 0, "time_budget_s": None})
     memo = MemoBackend(base.backend)
     rows = []
@@ -469,7 +524,15 @@ def tune(work: Path, llm: str = "default") -> dict[str, Any]:
     best = max(third, key=lambda r: (*_tune_key(r)[:2], r["settings"]["unknown_margin"]))
     (work / "tuned.json").write_text(json.dumps({"best": best, "first": first, "grid": rows, "llm_grid": second,
                                                  "unknown_grid": third}, indent=1))
+    section = correction_section(best["settings"], best["gap_rule"], provenance(work, llm))
+    (work / "correction.json").write_text(json.dumps(section, indent=1) + "\n")
+    if bundle is not None:
+        write_section(bundle, section)
     print(json.dumps(best))
+    print(f"the bundle's correction section: {work / 'correction.json'}"
+          + (f" (written into {bundle / 'manifest.json'})" if bundle is not None else
+             " (--bundle DIR writes it into a bundle's manifest; --correction-config FILE uses it for a run)"),
+          file=sys.stderr)
     return best
 
 
@@ -538,14 +601,9 @@ def timing(llm: str = "default", engine: str | None = None, limit: int | None = 
 
     recognizer = Recognizer.from_bundle(engine, llm="none")
     corrector = make_corrector(llm, "rescore", "default", {"cache_size": 0})
-    captured: list[Prediction] = []
-    correct = recognizer._correct
-
-    def capture(results: list, predictions: list[Prediction]) -> None:
-        captured[:] = predictions
-        correct(results, predictions)
-
-    recognizer._correct = capture  # type: ignore[method-assign]
+    capture = Capture()
+    recognizer.corrector = capture  # keeps the decoder's predictions, changes nothing
+    captured = capture.predictions
     entries = [(p, label) for p, label in read_labels(TEST_SETS["ic13_857"]) if keep_for_eval(label)][:limit]
     pictures = []
     for path, _ in entries:
@@ -585,12 +643,14 @@ def timing(llm: str = "default", engine: str | None = None, limit: int | None = 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.correction", description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=("all", "prepare", "predict", "widths", "gaps", "tune", "sweep", "table",
-                                         "timing"))
+    parser.add_argument("step", choices=("all", "prepare", "predict", "widths", "gaps", "tune", "learn", "sweep",
+                                         "table", "timing"))
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "correction")
     parser.add_argument("--sets", nargs="+", help="predict, table: only these sets")
     parser.add_argument("--limit", type=int, help="timing: only the first N crops")
     parser.add_argument("--engine", help="bundle (default: the embedded default)")
+    parser.add_argument("--bundle", type=Path, help="tune, learn: write the correction section into this bundle "
+                                                    "(learn: only when the learnt ranking wins)")
     parser.add_argument("--llm", default="default", help="GGUF: default or a path")
     args = parser.parse_args(argv)
     if args.step in ("all", "prepare"):
@@ -602,7 +662,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.step in ("all", "gaps"):
         gap_report(args.work)
     if args.step in ("all", "tune"):
-        tune(args.work, args.llm)
+        tune(args.work, args.llm, args.bundle)
+    if args.step in ("all", "learn"):
+        from benchmarks.ranking import learn
+
+        learn(args.work, args.llm, args.bundle)
     if args.step in ("all", "sweep"):
         sweep(args.work, args.llm)
     if args.step in ("all", "table"):

@@ -67,7 +67,7 @@ class TorchEngine:
 
     def run(self, images: list[Image.Image]) -> BatchTiming:
         """Read ``images`` in batches of equal padded width, as ``Recognizer.read`` does."""
-        from runtime.gate import gate
+        from runtime.correction.gate import gate
         from runtime.preprocess import load_image, preprocess, width_groups
 
         torch, model = self.torch, self.model

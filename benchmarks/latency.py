@@ -161,7 +161,8 @@ def measure_llm(bundle: Path, images: Sequence[Image.Image], models: Sequence[st
     missing: dict[str, str] = {}
     for model in models:
         for mode in LLM_MODES:
-            corrector = Corrector.from_spec(model, mode=mode, threshold=threshold, cache_size=0)
+            corrector = Corrector.from_spec(model, mode=mode, threshold=threshold, cache_size=0,
+                                            settings=vision.recognizer.correction)
             if not corrector.enabled:
                 missing[f"{model}/{mode}"] = str(corrector.unavailable)
                 continue

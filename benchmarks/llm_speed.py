@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 from runtime.charset import CHARSET_94, eval_normalize
+from runtime.correction.backend import LlamaCppBackend, find_default_gguf
+from runtime.correction.settings import RESCORE_PREFIX
 from runtime.decoding import Prediction
 from runtime.llm import Corrector
-from runtime.llm_backend import LlamaCppBackend, find_default_gguf
-from runtime.llm_text import RESCORE_PREFIX
 
 DEFAULT_LABELS = Path(__file__).resolve().parents[2] / "shared/data/train/iiit5k_train_2000/labels.tsv"
 

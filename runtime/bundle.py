@@ -16,10 +16,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from runtime.charset import resolve_charset
+from runtime.correction.settings import CorrectionSettings, SettingsError
 from runtime.preprocess import Preprocessing
 
-#: Schema versions this runtime reads.
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+#: Schema versions this runtime reads: 2 adds the optional ``correction`` section (a schema-1
+#: bundle gets the default model's correction settings).
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
+#: The schema version a bundle with a ``correction`` section is written with.
+CORRECTION_SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 #: The bundle installed with the package, used when no bundle is named.
 DEFAULT_BUNDLE = Path(__file__).parent / "assets" / "default_bundle"
@@ -102,6 +106,9 @@ class Bundle:
     tokenizer_path: Path
     graphs: dict[str, dict[str, GraphSpec]]
     engines: list[EngineSpec] = field(default_factory=list)
+    #: the correction settings fitted to this model (the manifest's ``correction`` section;
+    #: the defaults for a schema-1 bundle), with the manifest's threshold
+    correction: CorrectionSettings = field(default_factory=CorrectionSettings)
 
     @property
     def precisions(self) -> list[str]:
@@ -286,6 +293,32 @@ def load_bundle(path: str | Path | None, verify: bool = True) -> Bundle:
             if encoder is not None and "ctc_log_probs" not in {o.name for o in encoder.outputs}:
                 raise BundleError(f"{root}: decode.ctc_rescoring is on but the {precision} image_encoder "
                                   "has no ctc_log_probs output")
+    correction = parse_correction(manifest, threshold, root)
     return Bundle(root=root, manifest=manifest, charset=charset, test_charset=test_charset,
                   preprocessing=preprocessing, decode=decode, threshold=threshold,
-                  tokenizer_path=inside(root, manifest["tokenizer"]["file"]), graphs=graphs, engines=engines)
+                  tokenizer_path=inside(root, manifest["tokenizer"]["file"]), graphs=graphs, engines=engines,
+                  correction=correction)
+
+
+def parse_correction(manifest: dict[str, Any], threshold: float, root: Path) -> CorrectionSettings:
+    """The manifest's ``correction`` section over the defaults (schema 2; none: the defaults),
+    with the manifest's ``threshold`` (the gate's one definition: the section may not set it)."""
+    try:
+        base = CorrectionSettings(threshold=threshold)
+    except SettingsError as exc:
+        raise BundleError(f"{root}: manifest 'threshold': {exc}") from None
+    section = manifest.get("correction")
+    if section is None:
+        return base
+    if manifest["schema_version"] < CORRECTION_SCHEMA_VERSION:
+        raise BundleError(f"{root}: a 'correction' section needs schema_version {CORRECTION_SCHEMA_VERSION}")
+    if not isinstance(section, dict):
+        raise BundleError(f"{root}: manifest 'correction' is not an object")
+    for key in ("threshold", "mode"):
+        if key in section:
+            raise BundleError(f"{root}: manifest 'correction' may not set {key!r} (the threshold is the "
+                              "manifest's 'threshold'; the mode is the user's --llm-mode)")
+    try:
+        return CorrectionSettings.from_dict(section, base)
+    except (SettingsError, TypeError) as exc:
+        raise BundleError(f"{root}: manifest 'correction': {exc}") from None

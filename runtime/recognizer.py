@@ -11,7 +11,6 @@ of the batch is read as if it were not there.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -25,9 +24,11 @@ from PIL import Image
 
 from runtime.backends import Backend, select_backend
 from runtime.bundle import Bundle, load_bundle
+from runtime.correction.contract import Correction, Corrector
+from runtime.correction.gate import check_threshold, gate
+from runtime.correction.settings import CorrectionSettings
 from runtime.ctc_reading import DECODE_MODES, ctc_predictions
 from runtime.decoding import CharCodec, Prediction, ctc_rescored, softmax
-from runtime.gate import check_threshold, gate
 from runtime.inputs import Sample, Source, array_to_image, source_name
 from runtime.options import LLM_MODES, RecognizerConfig
 from runtime.preprocess import ImageError, load_image, pad_batch, preprocess, width_groups
@@ -123,12 +124,14 @@ def _load(item: Source | Sample, name: str | None = None) -> Image.Image:
     return load_image(data, name=name)
 
 
-def make_corrector(llm: str | None, mode: str, threshold: float, lexicon: str | None = "default") -> Any | None:
+def make_corrector(llm: str | None, mode: str, threshold: float, lexicon: str | None = "default",
+                   settings: CorrectionSettings | None = None) -> Corrector | None:
     """The LLM corrector for ``llm``: ``None`` uses the embedded default model when it can run
     (else none, with a warning); ``"default"`` the embedded model; ``"none"`` no LLM; else a
     GGUF path. An LLM asked for explicitly that cannot be loaded raises ``RuntimeError``.
     ``lexicon``: a user's word list (searched before the shipped English one), ``"default"``
-    or ``"none"``; an unreadable list raises ``ValueError``."""
+    or ``"none"``; an unreadable list raises ``ValueError``. ``settings``: the bundle's
+    correction settings (``mode`` and ``threshold`` put over them; default: the defaults)."""
     if mode not in LLM_MODES:
         raise ValueError(f"unknown LLM mode {mode!r} (choose from {', '.join(LLM_MODES)})")
     if llm is not None and str(llm).strip().lower() == "none":
@@ -138,18 +141,17 @@ def make_corrector(llm: str | None, mode: str, threshold: float, lexicon: str | 
                       "--llm none reads without it and without this warning", RuntimeWarning, stacklevel=3)
         return None
     try:
-        from runtime.llm import Corrector
+        from runtime.correction.corrector import LLMCorrector
     except ImportError as exc:  # a broken install of the LLM side
         if llm is None:
-            warnings.warn(f"LLM correction is off ({exc})", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"LLM correction is off: {exc}", RuntimeWarning, stacklevel=3)
             return None
         raise RuntimeError(f"LLM correction is not available ({exc})") from exc
-    with _without_llm_log():  # the reason is said once, below, not also by runtime.llm's log
-        corrector = Corrector.from_spec("default" if llm is None else str(llm), mode=mode, threshold=threshold,
-                                    lexicon=lexicon)
+    corrector = LLMCorrector.from_spec("default" if llm is None else str(llm), mode=mode, threshold=threshold,
+                                       lexicon=lexicon, settings=settings)
     if not corrector.enabled:
         if llm is None:
-            warnings.warn(f"LLM correction is off ({corrector.unavailable})", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"LLM correction is off: {corrector.unavailable}", RuntimeWarning, stacklevel=3)
             return None
         raise RuntimeError(f"--llm {llm}: cannot be used ({corrector.unavailable}); "
                            "--llm none reads without the LLM")
@@ -166,31 +168,19 @@ def check_decode(bundle: Bundle, decode: str) -> str:
     return decode
 
 
-@contextmanager
-def _without_llm_log() -> Iterator[None]:
-    """Drop runtime.llm's "LLM correction disabled" log lines while a corrector is made:
-    :func:`make_corrector` reports that reason itself, once."""
-    log = logging.getLogger("runtime.llm")
-
-    def keep(record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("LLM correction disabled")
-
-    log.addFilter(keep)
-    try:
-        yield
-    finally:
-        log.removeFilter(keep)
-
-
 class Recognizer:
     """Reads word images with a bundle's graphs, the gate and an optional LLM corrector."""
 
-    def __init__(self, bundle: Bundle, backend: Backend, corrector: Any | None = None,
+    def __init__(self, bundle: Bundle, backend: Backend, corrector: Corrector | None = None,
                  threshold: float | None = None, llm_mode: str = "rescore",
-                 min_confidence: float | None = None, decode: str = "full") -> None:
+                 min_confidence: float | None = None, correction: CorrectionSettings | None = None,
+                 decode: str = "full") -> None:
         self.bundle = bundle
         self.backend = backend
         self.corrector = corrector
+        #: the correction settings (the bundle's unless given): the gap rule and joint
+        #: rescoring weights the decoding uses too
+        self.correction = correction or bundle.correction
         self.llm_mode = llm_mode
         self.threshold = check_threshold(bundle.threshold if threshold is None else threshold)
         self.codec = CharCodec(bundle.charset)
@@ -207,18 +197,21 @@ class Recognizer:
     def from_bundle(cls, path: str | Path | None = None, backend: str = "auto", llm: str | None = None,
                     threshold: float | None = None, llm_mode: str = "rescore", precision: str | None = None,
                     threads: int | None = None, verify: bool = True, lexicon: str | None = "default",
-                    min_confidence: float | None = None, decode: str = "full") -> Recognizer:
+                    min_confidence: float | None = None,
+                    correction: CorrectionSettings | None = None, decode: str = "full") -> Recognizer:
         """Load and check the bundle at ``path`` (None: the embedded default bundle), pick the
         backend (see :func:`~runtime.backends.select_backend`), set up the LLM (see
         :func:`make_corrector`). ``min_confidence``: words below it read as empty text, flagged
-        :attr:`ReadResult.low_confidence` (None: off). ``decode``: one of
+        :attr:`ReadResult.low_confidence` (None: off). ``correction``: correction settings
+        (default: the bundle's manifest section). ``decode``: one of
         :data:`~runtime.ctc_reading.DECODE_MODES`."""
         bundle = load_bundle(path, verify=verify)
         value = check_threshold(bundle.threshold if threshold is None else threshold)
         check_decode(bundle, decode)
-        corrector = make_corrector(llm, llm_mode, value, lexicon)
+        settings = correction or bundle.correction
+        corrector = make_corrector(llm, llm_mode, value, lexicon, settings)
         return cls(bundle, select_backend(bundle, backend, precision, threads), corrector, value, llm_mode,
-                   min_confidence, decode)
+                   min_confidence, settings, decode)
 
     @classmethod
     def from_config(cls, config: RecognizerConfig, num_cpus: float | None = None,
@@ -336,7 +329,8 @@ class Recognizer:
         if self.decode == "full":
             return self._decoders(encoded, timer)
         with timer("decode_gate"):
-            predictions = ctc_predictions(self.codec, encoded["ctc_log_probs"], topk=self.topk)
+            predictions = ctc_predictions(self.codec, encoded["ctc_log_probs"], topk=self.topk,
+                                          gap_rule=self.correction.gaps)
         if self.decode == "cascade":  # the decoders for the words the gate does not trust
             unsure = [i for i, p in enumerate(predictions) if gate(p, self.threshold).needs_llm]
             if unsure:
@@ -362,39 +356,44 @@ class Recognizer:
         with timer("decode_gate"):
             probs = softmax(cross["refined_logits"])
             if self.bundle.decode.ctc_rescoring:
-                return ctc_rescored(self.codec, probs, encoded["ctc_log_probs"], topk=self.topk)
+                joint = self.correction.joint
+                return ctc_rescored(self.codec, probs, encoded["ctc_log_probs"], topk=self.topk, ctc_weight=joint.ctc,
+                                    decoder_weight=joint.decoder, gap_rule=self.correction.gaps)
             return self.codec.decode(probs, topk=self.topk)
 
     def _fill(self, result: ReadResult, prediction: Prediction) -> None:
-        decision = gate(prediction, self.threshold)
         result.text = result.vision_text = prediction.text
         result.char_confidences = [float(p) for p in prediction.char_probs]
         result.confidence = result.vision_confidence = prediction.confidence
-        result.gated = decision.needs_llm
-        result.masked = list(decision.masked)
+        if self.corrector is None:  # a corrector gates the words itself (_correct)
+            decision = gate(prediction, self.threshold)
+            result.gated = decision.needs_llm
+            result.masked = list(decision.masked)
 
     def _correct(self, results: list[ReadResult], predictions: list[Prediction]) -> None:
-        """Send gated words to the corrector; on any failure the vision answer stands."""
-        every = bool(getattr(self.corrector, "reviews_all_words", False))  # it gates unknown words too
-        todo = [k for k, r in enumerate(results) if r.gated or every]
-        if self.corrector is None or not todo:
+        """Hand every word to the corrector, which gates them; on any failure the vision
+        answer stands."""
+        if self.corrector is None or not results:
             return
         try:
-            corrections = self.corrector.correct([predictions[k] for k in todo], self.codec.charset)
-            if len(corrections) != len(todo):
-                raise RuntimeError(f"{len(corrections)} corrections for {len(todo)} words")
+            corrections = self.corrector.correct(predictions, self.codec.charset)
+            if len(corrections) != len(results):
+                raise RuntimeError(f"{len(corrections)} corrections for {len(results)} words")
         except Exception as exc:  # the corrector should not raise; if it does, vision stands
-            for k in todo:
-                results[k].llm = LLMInfo(self.llm_mode, error=f"{type(exc).__name__}: {exc}")
+            for result, prediction in zip(results, predictions):
+                decision = gate(prediction, self.threshold)  # only to say which words it concerned
+                result.gated, result.masked = decision.needs_llm, list(decision.masked)
+                if result.gated:
+                    result.llm = LLMInfo(self.llm_mode, error=f"{type(exc).__name__}: {exc}")
             return
-        for k, correction in zip(todo, corrections):
-            if every and not getattr(correction, "gated", True):
-                continue  # confident and a known word: the corrector did not look at it
-            results[k].gated = True
-            apply_correction(results[k], predictions[k], correction, self.llm_mode, self.codec.charset)
+        for result, prediction, correction in zip(results, predictions, corrections):
+            result.masked = list(correction.low_confidence)
+            result.gated = correction.gated
+            if correction.gated:
+                apply_correction(result, prediction, correction, self.llm_mode, self.codec.charset)
 
 
-def apply_correction(result: ReadResult, prediction: Prediction, correction: Any, mode: str,
+def apply_correction(result: ReadResult, prediction: Prediction, correction: Correction, mode: str,
                      charset: str) -> None:
     """Record a corrector's answer on ``result``. An answer that is empty, outside the
     charset or of another length than the vision answer is refused (the vision answer stands).
@@ -402,21 +401,15 @@ def apply_correction(result: ReadResult, prediction: Prediction, correction: Any
     (``correction.inserted``: a decoder that skipped covered characters).
     The per-character confidences of a changed word are the decoder's probabilities of
     the characters now chosen (from its top-k; 0 where not among them or inserted)."""
-    text = getattr(correction, "text", None)
-    warnings_ = list(getattr(correction, "warnings", None) or [])
-    decision = getattr(correction, "decision", None)
-    candidates = [_as_dict(c) for c in getattr(correction, "candidates", None) or []]
-    info = LLMInfo(str(getattr(correction, "mode", mode)), candidates=candidates,
-                   decision=decision if isinstance(decision, str) else None, error="; ".join(warnings_) or None)
+    text = correction.text
+    info = LLMInfo(correction.mode or mode, candidates=[c.to_dict() for c in correction.candidates],
+                   decision=correction.decision, error="; ".join(correction.warnings) or None)
     result.llm = info
-    seconds = getattr(correction, "time_s", None)
-    if isinstance(seconds, int | float):
-        result.timings_ms["llm"] = 1000.0 * float(seconds)
+    result.timings_ms["llm"] = 1000.0 * float(correction.time_s)
     vision = prediction.text
-    if not isinstance(text, str) or text == vision:
+    if text == vision:
         return
-    inserted = getattr(correction, "inserted", 0)
-    inserted = inserted if isinstance(inserted, int) and inserted > 0 else 0
+    inserted = max(0, correction.inserted)
     if (not text or not len(vision) <= len(text) <= len(vision) + inserted
             or any(c not in charset for c in text)):
         info.error = f"corrector answer {text!r} refused (empty, other length or outside the charset)"
@@ -441,15 +434,3 @@ def apply_correction(result: ReadResult, prediction: Prediction, correction: Any
                 probs.append(0.0)
     result.char_confidences = probs
     result.confidence = float(np.prod(probs)) if probs else 1.0
-
-
-def _as_dict(item: Any) -> dict[str, Any]:
-    if isinstance(item, dict):
-        return item
-    if callable(getattr(item, "to_dict", None)):
-        return dict(item.to_dict())
-    if hasattr(item, "__dataclass_fields__"):
-        return asdict(item)
-    if isinstance(item, tuple | list) and len(item) == 2:
-        return {"text": item[0], "score": item[1]}
-    return {"text": str(item)}

@@ -116,7 +116,7 @@ class BPETokenizer:
 
 
 class TextBridge:
-    """Visual prediction -> the text encoder's BPE ids (DESIGN.md, step 3).
+    """Visual prediction -> the text encoder's BPE ids (docs/DESIGN.md, step 3).
 
     The argmax ids are cut at the first EOS, mapped to text, adapted to the test charset
     (lower case, ``[0-9a-z]`` for the standard one) and BPE-tokenized to 16 ids.

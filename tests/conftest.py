@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -181,21 +180,9 @@ def make_fake_bundle(root: Path) -> Path:
     return root
 
 
-@dataclass
-class FakeCorrection:
-    """What runtime.llm.Correction carries, as far as the recognizer reads it."""
-
-    text: str
-    vision_text: str
-    changed: bool
-    mode: str = "rescore"
-    candidates: list = field(default_factory=list)
-    warnings: list = field(default_factory=list)
-    time_s: float = 0.002
-
-
 class FakeCorrector:
-    """Replaces each masked character by the decoder's second choice (or a fixed answer)."""
+    """A :class:`runtime.correction.contract.Corrector` that gates at 0.8 and replaces each
+    masked character by the decoder's second choice (or gives a fixed answer)."""
 
     mode = "rescore"
     enabled = True
@@ -203,16 +190,24 @@ class FakeCorrector:
     def __init__(self, answer: str | None = None, fail: bool = False) -> None:
         self.answer, self.fail, self.seen = answer, fail, []
 
-    def correct(self, predictions: list[Any], charset: str) -> list[FakeCorrection]:
+    def correct(self, predictions: list[Any], charset: str) -> list[Any]:
+        from runtime.correction.contract import Candidate, Correction, Reason, Skip
+
         if self.fail:
             raise RuntimeError("model crashed")
         out = []
         for p in predictions:
+            masked = [i for i, q in enumerate(p.char_probs) if q < 0.8]
+            if not masked:
+                out.append(Correction(p.text, p.text, False, False, self.mode, skipped=Skip.NOT_REVIEWED))
+                continue
             self.seen.append(p.text)
             text = self.answer
             if text is None:
-                text = "".join(p.topk[i][1][0] if p.char_probs[i] < 0.8 else c for i, c in enumerate(p.text))
-            out.append(FakeCorrection(text, p.text, text != p.text, candidates=[{"text": text, "score": -1.0}]))
+                text = "".join(p.topk[i][1][0] if i in masked else c for i, c in enumerate(p.text))
+            out.append(Correction(text, p.text, text != p.text, True, self.mode, masked=masked,
+                                  candidates=[Candidate(text, text, -1.0, score=-1.0)], time_s=0.002,
+                                  low_confidence=masked, reasons=[Reason.LOW_CONFIDENCE]))
         return out
 
 

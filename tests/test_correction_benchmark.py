@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from benchmarks.correction import Word, cached_prediction, evaluate, insertion_slots, read_ctc, write_ctc
+from runtime.correction.contract import Candidate
 from runtime.decoding import Prediction
-from runtime.llm_text import Candidate
 
 
 def test_ctc_outputs_round_trip(tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from runtime.charset import CHARSET_94
+from runtime.correction.lexicon import Lexicon
 from runtime.decoding import Gap, Prediction, ctc_log_likelihood, ctc_log_likelihoods
-from runtime.lexicon import Lexicon
 from runtime.llm import Corrector, CorrectorSettings
 
 
@@ -135,12 +135,12 @@ def test_unknown_margin_keeps_the_read_word_between_two_words_in_no_lexicon() ->
     assert run({"tea": -8.0}, 1.0) == "cotfee"
     # a listed candidate is not held back by the margin for unknown words
     assert run({"tea": -8.0, "coffee": -11.0}, 1.0) == "coffee"
-    with pytest.raises(ValueError, match="unknown_margin"):
+    with pytest.raises(ValueError, match="margins.unknown"):
         CorrectorSettings(unknown_margin=-1.0)
 
 
 def test_trusted_characters_survive_ctc_scoring() -> None:
-    from runtime.gate import gate
+    from runtime.correction.gate import gate
     from runtime.llm import keeps_trusted
 
     rng = np.random.default_rng(7)
@@ -156,7 +156,7 @@ def test_trusted_characters_survive_ctc_scoring() -> None:
         frames = ctc_frames([f for ch in text for f in ({ch: 0.9}, {str(rng.choice(list(letters))): 0.05})])
         got = c.correct_one(Prediction(text, probs, topk, ctc_log_probs=frames), CHARSET_94)
         assert set(got.text) <= set(CHARSET_94)
-        assert keeps_trusted(got.text, gate(Prediction(text, probs, topk), 0.8), c.settings.inserts)
+        assert keeps_trusted(got.text, gate(Prediction(text, probs, topk), 0.8), c.settings.candidates.inserts)
 
 
 def test_a_gap_credits_only_the_characters_it_lost() -> None:

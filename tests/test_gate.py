@@ -6,8 +6,8 @@ import math
 
 import pytest
 
+from runtime.correction.gate import DEFAULT_THRESHOLD, gate
 from runtime.decoding import Prediction
-from runtime.gate import DEFAULT_THRESHOLD, gate
 
 
 def test_default_threshold_is_the_papers() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.lexicon import DEFAULT_LEXICON, USER_LOGPROB, Lexicon, load_lexicons, zipf_to_logprob
+from runtime.correction.lexicon import DEFAULT_LEXICON, USER_LOGPROB, Lexicon, load_lexicons, zipf_to_logprob
 
 
 def random_lexicon(rng: random.Random, n: int = 3000) -> Lexicon:

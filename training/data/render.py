@@ -324,8 +324,8 @@ class WordRenderer:
     def _cover(image: Image.Image, cover_mask: Image.Image) -> Image.Image:
         """``image`` with the bounding rectangle of each run of covered columns filled
         with the median colour of the crop's border, as :mod:`benchmarks.occlusion` covers
-        real crops (two covered characters may be apart)."""
-        from benchmarks.occlusion import border_colour, occlude
+        real crops (:mod:`runtime.occlusion`) (two covered characters may be apart)."""
+        from runtime.occlusion import border_colour, occlude
 
         covered = np.asarray(cover_mask) > 127
         columns = np.flatnonzero(covered.any(axis=0))

@@ -1,6 +1,6 @@
 """CLIP4STR: image encoder + visual decoder, text encoder + cross-modal decoder.
 
-Inference is CLIP4STR's dual predict-and-refine (DESIGN.md, step 6); training is permuted
+Inference is CLIP4STR's dual predict-and-refine (docs/DESIGN.md, step 6); training is permuted
 sequence modelling over both branches with the cross branch cut off from the image
 encoder's gradients (step 5).
 """

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 #: The shipped English list (built by ``python -m training.data.build_lexicon``).
-DEFAULT_LEXICON = Path(__file__).resolve().parent / "assets" / "lexicon" / "en_words.txt.gz"
+DEFAULT_LEXICON = Path(__file__).resolve().parents[1] / "assets" / "lexicon" / "en_words.txt.gz"
 #: Natural-log word probability of a word given without a frequency (a user's list): that of
 #: the most frequent English words, so a user's words are never outweighed by the prior.
 USER_LOGPROB = 0.0

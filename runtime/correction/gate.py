@@ -1,4 +1,4 @@
-"""The confidence gate (DESIGN.md section 7): which characters of a prediction to trust.
+"""The confidence gate (docs/DESIGN.md section 7): which characters of a prediction to trust.
 
 A character's confidence is the softmax probability of the chosen character
 (``Prediction.char_probs``). Characters at or above the threshold are trusted; those below
@@ -8,11 +8,15 @@ it are masked and a word with any masked character goes to the LLM corrector.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from runtime.decoding import Prediction
+from runtime.correction.settings import DEFAULT_THRESHOLD
 
-#: The default threshold of the gate (DESIGN.md section 7).
-DEFAULT_THRESHOLD = 0.8
+if TYPE_CHECKING:
+    from runtime.decoding import Prediction
+
+__all__ = ["DEFAULT_THRESHOLD", "MASK_CHAR", "GateDecision", "check_threshold", "core_span", "gate",
+           "inner_symbols"]
 #: How a masked character is shown in a pattern (logs, prompts, cache keys).
 MASK_CHAR = "_"
 

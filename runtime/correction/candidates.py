@@ -1,6 +1,10 @@
-"""Pure text logic of the LLM correction: candidates, case, prompts and GBNF grammars.
+"""Candidate generation of the rescore mode: the decoder's top-k and the lexicons.
 
-Nothing here touches a model, so all of it is tested without llama.cpp.
+Small pure functions, tested without llama.cpp: the characters allowed at a masked
+position (:func:`position_options`), the top-k product (:func:`rescore_candidates`), where
+inserted characters may go (:func:`insertion_layouts`), leading and trailing symbols
+(:func:`split_affixes`), the lexicon's pool ranking (:func:`pool_scores`) and case
+restoration (:func:`word_case`, :func:`restore_case`, :func:`spell`).
 """
 
 from __future__ import annotations
@@ -8,63 +12,21 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from runtime.correction.contract import Candidate
+from runtime.correction.gate import core_span
+from runtime.correction.lexicon import Lexicon
 from runtime.decoding import Prediction
-from runtime.gate import MASK_CHAR, core_span
-from runtime.lexicon import Lexicon
+
+__all__ = ["MIN_PROB", "Candidate", "fold", "insertion_layouts", "lexicon_candidates", "pool_scores",
+           "position_options", "rescore_candidates", "restore_case", "spell", "split_affixes", "word_case"]
 
 #: Smallest probability used in a log (a top-k entry of exactly 0 stays finite).
 MIN_PROB = 1e-12
-
-#: Rescore prompt: the candidate follows the prefix and is closed by the suffix, whose
-#: tokens are scored too so the model judges that the word is complete.
-RESCORE_PREFIX = 'A word read from a photo of a sign: "'
-RESCORE_SUFFIX = '"'
-
-#: Fill prompt: worked examples, then the masked word; the grammar shapes the answer.
-#: (Chosen over an instruction-style and a question-style prompt on a dozen masked words
-#: with SmolLM2-135M: it restored the most of them.)
-FILL_TEMPLATE = (
-    "Fill in the missing letter ({mask}) of each English word.\n"
-    "c{mask}ffee -> coffee\n"
-    "st{mask}tion -> station\n"
-    "h{mask}spital -> hospital\n"
-    "{pattern} ->"
-)
-
-
-@dataclass
-class Candidate:
-    """One word the rescorer considers, with its scores (``None`` until scored)."""
-
-    text: str
-    #: the string the LLM scores (``text`` lower-cased when the corrector folds case)
-    llm_text: str
-    visual_logprob: float
-    llm_logprob: float | None = None
-    score: float | None = None
-    #: frequency prior (natural log; 0 when no lexicon is used)
-    prior: float = 0.0
-    #: where it came from: "topk" (the decoder's alternatives) or a lexicon's name
-    source: str = "topk"
-    #: the slot (index in the read word) of each character it inserts
-    inserted: tuple[int, ...] = ()
-
-    def to_dict(self) -> dict:
-        return {
-            "text": self.text,
-            "llm_text": self.llm_text,
-            "visual_logprob": self.visual_logprob,
-            "llm_logprob": self.llm_logprob,
-            "prior": self.prior,
-            "score": self.score,
-            "source": self.source,
-            "inserted": list(self.inserted),
-        }
 
 
 @dataclass
@@ -228,17 +190,54 @@ def insertion_layouts(length: int, inserts: int, slots: Mapping[int, int] | None
     return out
 
 
+@dataclass(frozen=True)
+class Affixes:
+    """A word split into its leading symbols, core and trailing symbols (``"(Open)"``)."""
+
+    head: str
+    tail: str
+    #: where the core starts in the word
+    start: int
+    #: the decoder's log-probability of the symbols, which stay as read
+    logprob: float
+
+
+def split_affixes(prediction: Prediction, masked: tuple[int, ...], slots: Mapping[int, int] | None
+                  ) -> tuple[Prediction, tuple[int, ...], Mapping[int, int] | None, Affixes] | None:
+    """The core of a word with leading or trailing symbols, its masked positions and slots
+    shifted to it, and the symbols; None when the word has none."""
+    start, end = core_span(prediction.text)
+    if (start, end) == (0, len(prediction.text)):
+        return None
+    logprob = sum(math.log(max(float(p), MIN_PROB)) for i, p in enumerate(prediction.char_probs)
+                  if not start <= i < end)
+    core = Prediction(prediction.text[start:end], list(prediction.char_probs[start:end]),
+                      list(prediction.topk[start:end]))
+    inner = tuple(i - start for i in masked if start <= i < end)
+    core_slots = None if slots is None else {i - start: n for i, n in slots.items() if start < i < end}
+    return core, inner, core_slots, Affixes(prediction.text[:start], prediction.text[end:], start, logprob)
+
+
+def with_affixes(found: list[Candidate], affixes: Affixes, lower: bool) -> list[Candidate]:
+    """Core candidates with the symbols put back (and their log-probability added)."""
+    head, tail = affixes.head, affixes.tail
+    return [replace(c, text=head + c.text + tail, llm_text=fold(head + c.text + tail, lower),
+                    visual_logprob=c.visual_logprob + affixes.logprob,
+                    inserted=tuple(i + affixes.start for i in c.inserted)) for c in found]
+
+
 def lexicon_candidates(
     prediction: Prediction,
     masked: tuple[int, ...],
     charset: str,
     lexicon: Lexicon,
-    k: int = 5,
-    pool: int = 64,
-    prior_weight: float = 1.0,
-    lower: bool = True,
-    inserts: int = 0,
-    insert_logprob: float = -8.0,
+    *,
+    k: int,
+    pool: int,
+    prior_weight: float,
+    lower: bool,
+    inserts: int,
+    insert_logprob: float,
     slots: Mapping[int, int] | None = None,
 ) -> list[Candidate]:
     """Words of ``lexicon`` with the prediction's trusted characters (any case), in order.
@@ -247,39 +246,50 @@ def lexicon_candidates(
     words with 1..n more inner characters are looked up too (the decoder skipped covered
     characters: ``Resue`` -> ``Rescue``), each inserted character costing
     ``insert_logprob``; ``slots`` (slot -> most characters, e.g. from the CTC gaps) limits
-    where they go. Each word is scored by visual log-probability (the decoder's top-k
-    probability of its character at each masked position, case variants merged; a
-    character outside the top-k gets the smaller of the k-th probability and the mass the
-    top-k leaves) and the lexicon's frequency prior; the best ``pool`` by ``visual +
-    prior_weight * prior`` are returned, in that order. Masked and inserted characters take
-    the case of the word's trusted letters (:func:`restore_case`) unless the lexicon writes
-    them in upper case (a user's ``iPhone``); a word that would leave ``charset`` is skipped.
+    where they go. Leading and trailing symbols stay as read (:func:`split_affixes`). The
+    best ``pool`` words by :func:`pool_scores` are returned, in that order, written by
+    :func:`spell`; a word that would leave ``charset`` is skipped. The settings come from
+    :class:`runtime.correction.settings.CandidateSettings` (no defaults here: one source).
     """
-    start, end = core_span(prediction.text)
-    if (start, end) != (0, len(prediction.text)):  # leading/trailing symbols stay as read
-        affix = sum(math.log(max(float(p), MIN_PROB)) for i, p in enumerate(prediction.char_probs)
-                    if not start <= i < end)
-        core = Prediction(prediction.text[start:end], list(prediction.char_probs[start:end]),
-                          list(prediction.topk[start:end]))
-        inner = tuple(i - start for i in masked if start <= i < end)
-        core_slots = None if slots is None else {i - start: n for i, n in slots.items() if start < i < end}
-        found = lexicon_candidates(core, inner, charset, lexicon, k, pool, prior_weight, lower, inserts,
-                                   insert_logprob, core_slots) if end > start else []
-        head, tail = prediction.text[:start], prediction.text[end:]
-        return [replace(c, text=head + c.text + tail, llm_text=fold(head + c.text + tail, lower),
-                        visual_logprob=c.visual_logprob + affix, inserted=tuple(i + start for i in c.inserted))
-                for c in found]
+    split = split_affixes(prediction, masked, slots)
+    if split is not None:
+        core, inner, core_slots, affixes = split
+        found = lexicon_candidates(core, inner, charset, lexicon, k=k, pool=pool, prior_weight=prior_weight,
+                                   lower=lower, inserts=inserts, insert_logprob=insert_logprob,
+                                   slots=core_slots) if core.text else []
+        return with_affixes(found, affixes, lower)
     allowed = frozenset(charset)
+    masked_set = set(masked)
+    options = {position: {o.folded: o for o in position_options(prediction, position, k, allowed, True)}
+               for position in masked}
+    best = pool_scores(prediction, masked, lexicon, k=k, pool=pool, prior_weight=prior_weight,
+                       inserts=inserts, insert_logprob=insert_logprob, slots=slots, options=options)
+    pattern_case = word_case(prediction.text, masked) if lower else None
+    out = []
+    for _, visual, word, layout in sorted(best.values(), key=lambda item: -item[0])[: max(0, pool)]:
+        candidate = spell(word, layout, prediction.text, masked_set, options, pattern_case, allowed)
+        if candidate is None:
+            continue
+        slots_used = tuple(next(r for r in layout[j:] if r >= 0) for j, r in enumerate(layout) if r < 0)
+        out.append(Candidate(candidate, fold(candidate, lower), visual, prior=lexicon.logprob(word) or 0.0,
+                             source=lexicon.name, inserted=slots_used))
+    return out
+
+
+def pool_scores(prediction: Prediction, masked: tuple[int, ...], lexicon: Lexicon, *, k: int, pool: int,
+                prior_weight: float, inserts: int, insert_logprob: float, slots: Mapping[int, int] | None,
+                options: Mapping[int, Mapping[str, _Option]]) -> dict[str, tuple[float, float, str, tuple[int, ...]]]:
+    """The lexicon's words for each layout (:func:`insertion_layouts`), ranked by visual
+    log-probability (the decoder's top-k probability of its character at each masked
+    position, case variants merged; a character outside the top-k gets the smaller of the
+    k-th probability and the mass the top-k leaves; ``insert_logprob`` per inserted one) +
+    ``prior_weight`` x the frequency prior; the best ``pool`` per layout, each word (folded)
+    once with its best layout: folded word -> (rank score, visual, word, layout)."""
     text = prediction.text
     masked_set = set(masked)
     base = sum(math.log(max(float(p), MIN_PROB)) for i, p in enumerate(prediction.char_probs) if i not in masked_set)
-    options: dict[int, dict[str, _Option]] = {}
-    tables: dict[int, tuple[np.ndarray, float]] = {}
-    for position in masked:
-        found_options = position_options(prediction, position, k, allowed, True)
-        options[position] = {o.folded: o for o in found_options}
-        tables[position] = _position_table(prediction, position, k, found_options)
-    pattern_case = word_case(text, masked) if lower else None
+    tables = {position: _position_table(prediction, position, k, list(options[position].values()))
+              for position in masked}
     best: dict[str, tuple[float, float, str, tuple[int, ...]]] = {}
     for extra in range(inserts + 1):
         for layout in insertion_layouts(len(text), extra, slots):
@@ -298,30 +308,34 @@ def lexicon_candidates(
                 word = found.words[int(index)]
                 if word.lower() not in best or best[word.lower()][0] < ranked[index]:
                     best[word.lower()] = (float(ranked[index]), float(scores[index]), word, layout)
-    out = []
-    for _, visual, word, layout in sorted(best.values(), key=lambda item: -item[0])[: max(0, pool)]:
-        letters = []
-        for new_position, r in enumerate(layout):
-            if r >= 0 and r not in masked_set:
-                letters.append(text[r])
-                continue
-            written = word[new_position]
-            folded = written.lower()
-            option = options.get(r, {}).get(folded) if r >= 0 else None
-            if written != folded and written in allowed:  # the lexicon insists on upper case
-                char: str | None = written
-            else:
-                char = restore_case(folded, max(new_position, 1) if r < 0 else r, pattern_case,
-                                    option.variants if option else {}, allowed)
-            if char is None:
-                break
-            letters.append(char)
+    return best
+
+
+def spell(word: str, layout: tuple[int, ...], text: str, masked: set[int],
+          options: Mapping[int, Mapping[str, _Option]], pattern_case: str | None,
+          allowed: frozenset[str]) -> str | None:
+    """How lexicon ``word`` is written over the read ``text`` (``layout``: per position the
+    read position it shows, -1 for an inserted one): trusted characters as read, masked
+    and inserted ones in the case of the word's trusted letters (:func:`restore_case`)
+    unless the lexicon writes them in upper case (a user's ``iPhone``); None when a
+    character has no case in the charset."""
+    letters = []
+    for new_position, r in enumerate(layout):
+        if r >= 0 and r not in masked:
+            letters.append(text[r])
+            continue
+        written = word[new_position]
+        folded = written.lower()
+        option = options.get(r, {}).get(folded) if r >= 0 else None
+        if written != folded and written in allowed:  # the lexicon insists on upper case
+            char: str | None = written
         else:
-            candidate = "".join(letters)
-            slots = tuple(next(r for r in layout[j:] if r >= 0) for j, r in enumerate(layout) if r < 0)
-            out.append(Candidate(candidate, fold(candidate, lower), visual, prior=lexicon.logprob(word) or 0.0,
-                                 source=lexicon.name, inserted=slots))
-    return out
+            char = restore_case(folded, max(new_position, 1) if r < 0 else r, pattern_case,
+                                option.variants if option else {}, allowed)
+        if char is None:
+            return None
+        letters.append(char)
+    return "".join(letters)
 
 
 def _position_table(
@@ -337,59 +351,3 @@ def _position_table(
         if len(option.folded) == 1 and ord(option.folded) < 128:
             lut[ord(option.folded)] = math.log(max(option.prob, MIN_PROB))
     return lut, floor
-
-
-def rescore_prompt(prefix: str = RESCORE_PREFIX) -> str:
-    """The shared prompt prefix of the rescorer."""
-    return prefix
-
-
-def fill_prompt(pattern: str, template: str = FILL_TEMPLATE, mask_char: str = MASK_CHAR) -> str:
-    """The fill prompt for a masked ``pattern`` (masked positions shown as ``mask_char``)."""
-    return template.format(pattern=pattern, mask=mask_char)
-
-
-def _gbnf_char(c: str) -> str:
-    """One character escaped for a GBNF literal or character class."""
-    if c.isascii() and c.isalnum():
-        return c
-    code = ord(c)
-    if code < 0x100:
-        return f"\\x{code:02X}"
-    if code < 0x10000:
-        return f"\\u{code:04X}"
-    return f"\\U{code:08X}"
-
-
-def fill_grammar(slots: Sequence[str | frozenset[str]], leading_space: bool = True) -> str:
-    """A GBNF grammar for exactly one word: fixed characters and one-character slots.
-
-    ``slots`` has one entry per position: the trusted character (a one-character string),
-    or the set of characters allowed at a masked position. The word has the same length as
-    the pattern (no insertions or deletions). With ``leading_space`` the word may start with
-    one space (the prompt ends without one, so the model writes words as it saw them in
-    training, " coffee"); :func:`fill_answer` removes it.
-    """
-    if not slots:
-        raise ValueError("cannot build a grammar for an empty word")
-    items: list[str] = []
-    classes: dict[str, str] = {}
-    for slot in slots:
-        if isinstance(slot, str):
-            if len(slot) != 1:
-                raise ValueError(f"a fixed slot holds one character, got {slot!r}")
-            items.append(f'"{_gbnf_char(slot)}"')
-            continue
-        if not slot:
-            raise ValueError("no character is allowed at a masked position")
-        body = "".join(_gbnf_char(c) for c in sorted(slot))
-        name = classes.setdefault(body, f"m{len(classes)}")
-        items.append(name)
-    lines = ["root ::= " + ('" "? ' if leading_space else "") + " ".join(items)]
-    lines += [f"{name} ::= [{body}]" for body, name in classes.items()]
-    return "\n".join(lines) + "\n"
-
-
-def fill_answer(text: str) -> str:
-    """The word of a fill completion: without the optional leading space of the grammar."""
-    return text[1:] if text.startswith(" ") else text
