@@ -40,6 +40,8 @@ from runtime.gpu import (
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "trt")
 PRECISIONS = ("fp32", "fp16", "int8")
+#: what ``--precision`` takes: a precision, or ``auto`` (:func:`default_precision`)
+PRECISION_CHOICES = ("auto", *PRECISIONS)
 
 _ORT_PROVIDERS = {
     "ort-cpu": ["CPUExecutionProvider"],
@@ -492,8 +494,20 @@ def _ort_gpu_available() -> bool:
     return any(_ORT_PROVIDERS[n][0] in ort.get_available_providers() for n in ("ort-trt", "ort-cuda"))
 
 
+def cpu_precision(bundle: Bundle) -> str:
+    """The bundle's precision for a CPU: its manifest's ``defaults.cpu_precision`` when the
+    bundle has that variant (the export sets int8 there only when int8 read within its
+    tolerance of fp32 on every validation set), else fp32."""
+    defaults = bundle.manifest.get("defaults")
+    wanted = defaults.get("cpu_precision") if isinstance(defaults, dict) else None
+    if wanted in bundle.precisions:
+        return str(wanted)
+    return "fp32" if "fp32" in bundle.precisions else bundle.precisions[0]
+
+
 def default_precision(bundle: Bundle, backend: str) -> str:
-    """fp16 where a GPU runs it and the bundle has it, else fp32 (fp16 on a CPU is slow)."""
+    """fp16 where a GPU runs it and the bundle has it, else the bundle's CPU precision
+    (:func:`cpu_precision`; fp16 on a CPU is slow)."""
     if backend in ("trt", "ort-trt", "ort-cuda"):
         gpu = True
     elif backend == "auto" and gpu_status().compute_capability is not None:
@@ -502,7 +516,9 @@ def default_precision(bundle: Bundle, backend: str) -> str:
         gpu = False
     if gpu and ("fp16" in bundle.precisions or any(e.precision == "fp16" for e in bundle.engines)):
         return "fp16"
-    return "fp32" if "fp32" in bundle.precisions else bundle.precisions[0]
+    if gpu:  # int8 graphs are for onnxruntime on a CPU
+        return "fp32" if "fp32" in bundle.precisions else bundle.precisions[0]
+    return cpu_precision(bundle)
 
 
 def _no_engine_message(bundle: Bundle, precision: str, missing: list[str], notes: list[str]) -> str:
@@ -532,7 +548,10 @@ def select_backend(bundle: Bundle, backend: str = "auto", precision: str | None 
     """
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
-    precision = precision or default_precision(bundle, backend)
+    if precision is not None and precision not in PRECISION_CHOICES:
+        raise BackendError(f"unknown precision {precision!r} (choose from {', '.join(PRECISION_CHOICES)})")
+    if precision in (None, "auto"):
+        precision = default_precision(bundle, backend)
     if precision not in bundle.graphs and not any(e.precision == precision for e in bundle.engines):
         raise BundleError(f"{bundle.root}: no {precision} variant (has {', '.join(bundle.precisions)})")
     notes: list[str] = []

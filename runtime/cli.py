@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from runtime import bundle as bundle_module
-from runtime.backends import BACKENDS, PRECISIONS, BackendError
+from runtime.backends import BACKENDS, PRECISION_CHOICES, BackendError
 from runtime.bundle import BundleError
 from runtime.charset import WordAccuracy, eval_normalize, keep_for_eval
 from runtime.inputs import InputError, InputSet, collect_inputs
@@ -50,7 +50,8 @@ def add_recognizer_options(parser: argparse.ArgumentParser, backend_note: str = 
     parser.add_argument("--engine", metavar="BUNDLE", help="bundle directory (default: the embedded bundle)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help=f"inference backend (default: auto{backend_note})")
-    parser.add_argument("--precision", choices=PRECISIONS, help="graph variant (default: fp16 on GPU, else fp32)")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES,
+                        help="graph variant (default: auto: fp16 on a GPU, else the bundle's CPU precision)")
     parser.add_argument("--llm", default=None, metavar="PATH|default|none",
                         help="GGUF model for the correction, 'default' (embedded model) or 'none' "
                              "(default: the embedded model when llama-cpp-python is installed)")
