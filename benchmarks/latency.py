@@ -1,7 +1,8 @@
 """Latency per stage and end to end, per backend and precision, against PyTorch eager.
 
     python -m benchmarks.latency --engine BUNDLE [--ckpt CKPT] [--set SET] [--batches 1,8,32]
-        [--repeats N] [--llm PATH ...] [--json] [--plot FILE]
+        [--repeats N] [--threads N[,N...]] [--also BUNDLE...] [--only ENGINE...]
+        [--llm PATH ...] [--json] [--plot FILE]
 
 Every available backend and precision of the bundle (onnxruntime CPU FP32/FP16/INT8; CUDA,
 TensorRT where present) and the checkpoint in PyTorch eager mode (the baseline; ``--ckpt``,
@@ -81,8 +82,8 @@ def make_engines(bundle: Path, ckpt: Path | None, threads: int | None | Sequence
         prefix = f"{source.name}:" if source != bundle else ""
         for backend, precision in backend_choices(source):
             key = f"{backend}/{precision}"
-            if only and key not in only and backend not in only and precision not in only:
-                continue
+            if only and not {prefix + key, prefix + backend, prefix + precision} & set(only):
+                continue  # unprefixed entries name the main bundle's engines, NAME:... another's
             for count in counts:
                 suffix = (f"@{count or 'default'}t") if len(counts) > 1 else ""
                 try:
@@ -301,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=256, help="crops taken from --set (default 256)")
     parser.add_argument("--batches", default="1,8,32", help="batch sizes, comma-separated (default 1,8,32)")
     parser.add_argument("--repeats", type=int, default=5, help="timed batches per engine and size (default 5)")
-    parser.add_argument("--only", nargs="+", help="bundle engines to run: backend, precision or backend/precision")
+    parser.add_argument("--only", nargs="+", help="bundle engines to run: backend, precision or backend/precision "
+                                                  "(NAME:... for an --also bundle in folder NAME)")
     parser.add_argument("--threads", type=parse_threads, default=[None], metavar="N[,N...]",
                         help="intra-op threads for every engine, or several counts each timed "
                              "(0 or 'default': the runtime's default; default: the runtime's)")

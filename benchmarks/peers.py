@@ -59,7 +59,8 @@ def load_readers(keys: Sequence[str], args: argparse.Namespace) -> tuple[list[Re
         try:
             if key in PROJECT:
                 reader = load_project(args.engine, llm=args.llm if key == "project+llm" else None,
-                                      llm_mode=args.llm_mode, threads=args.threads, backend=args.backend)
+                                      llm_mode=args.llm_mode, threads=args.threads, backend=args.backend,
+                                      precision=getattr(args, "precision", None))
             elif key == OTHER:
                 if not args.other_engine:
                     raise Missing("no --other-engine given")
@@ -182,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--llm", default="default", help="GGUF for project+llm: default or a path")
     parser.add_argument("--llm-mode", default="rescore", choices=("rescore", "fill"))
     parser.add_argument("--backend", default="auto", help="this project's backend (auto, ort-cpu, ...)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "int8"),
+                        help="this project's precision (default: auto, the bundle's CPU precision)")
     parser.add_argument("--threads", type=int, help="threads per reader (default: each library's own)")
     parser.add_argument("--limit", type=int, help="first N crops of each set (after the protocol's filter)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed crops per reader first (default 3)")
