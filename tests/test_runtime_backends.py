@@ -122,6 +122,23 @@ def test_default_precision(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -
     assert backends.default_precision(bundle, "auto") == "fp32"
 
 
+def test_cpu_precision_comes_from_the_manifest(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--precision auto`` on a CPU: the manifest's defaults.cpu_precision when the bundle has
+    that variant, fp32 otherwise (older bundles have no defaults); a GPU still gets fp16."""
+    bundle = load_bundle(_with_engines(fake_bundle, []))
+    _machine(monkeypatch, NO_GPU)
+    assert backends.cpu_precision(bundle) == "fp32"
+    bundle.graphs["int8"] = dict(bundle.graphs["fp32"])
+    bundle.manifest["defaults"] = {"cpu_precision": "int8"}
+    assert backends.default_precision(bundle, "auto") == "int8"
+    assert backends.default_precision(bundle, "ort-cpu") == "int8"
+    assert backends.default_precision(bundle, "ort-cuda") == "fp16"
+    bundle.manifest["defaults"] = {"cpu_precision": "bf16"}  # a variant it does not have
+    assert backends.default_precision(bundle, "auto") == "fp32"
+    with pytest.raises(BackendError, match="unknown precision 'fp8'"):
+        select_backend(bundle, "ort-cpu", "fp8")
+
+
 # -- onnxruntime ------------------------------------------------------------------------------
 
 
