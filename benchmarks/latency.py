@@ -1,7 +1,8 @@
 """Latency per stage and end to end, per backend and precision, against PyTorch eager.
 
     python -m benchmarks.latency --engine BUNDLE [--ckpt CKPT] [--set SET] [--batches 1,8,32]
-        [--repeats N] [--llm PATH ...] [--json] [--plot FILE]
+        [--repeats N] [--threads N[,N...]] [--also BUNDLE...] [--only ENGINE...]
+        [--llm PATH ...] [--json] [--plot FILE]
 
 Every available backend and precision of the bundle (onnxruntime CPU FP32/FP16/INT8; CUDA,
 TensorRT where present) and the checkpoint in PyTorch eager mode (the baseline; ``--ckpt``,
@@ -61,26 +62,39 @@ def synthetic_images(n: int, seed: int = 0) -> list[Image.Image]:
     return out
 
 
-def make_engines(bundle: Path, ckpt: Path | None, threads: int | None,
-                 only: Sequence[str] | None = None) -> tuple[list[Engine], dict[str, str]]:
-    """PyTorch (when a checkpoint is given) and every backend/precision of the bundle."""
+def make_engines(bundle: Path, ckpt: Path | None, threads: int | None | Sequence[int | None],
+                 only: Sequence[str] | None = None,
+                 others: Sequence[Path] = ()) -> tuple[list[Engine], dict[str, str]]:
+    """PyTorch (when a checkpoint is given) and every backend/precision of the bundle (and
+    of each bundle of ``others``, labelled with its folder's name), once per thread count
+    of ``threads`` (None: the runtime's default; labelled when there are several)."""
+    counts = list(threads) if isinstance(threads, Sequence) else [threads]
     engines: list[Engine] = []
     missing: dict[str, str] = {}
     if ckpt is not None:
         try:
-            engines.append(TorchEngine(ckpt, threads))
+            engines.append(TorchEngine(ckpt, counts[0]))
         except (ImportError, OSError, ValueError) as exc:
             missing["pytorch"] = f"cannot load {ckpt} ({exc})"
     else:
         missing["pytorch"] = "no checkpoint (pass --ckpt; bundles exported --with-checkpoint carry one)"
-    for backend, precision in backend_choices(bundle):
-        key = f"{backend}/{precision}"
-        if only and key not in only and backend not in only and precision not in only:
-            continue
-        try:
-            engines.append(BundleEngine(bundle, backend, precision, threads))
-        except Exception as exc:  # a backend that cannot start is reported, the rest still run
-            missing[key] = f"{type(exc).__name__}: {exc}"
+    for source in [bundle, *others]:
+        prefix = f"{source.name}:" if source != bundle else ""
+        for backend, precision in backend_choices(source):
+            key = f"{backend}/{precision}"
+            if only and not {prefix + key, prefix + backend, prefix + precision} & set(only):
+                continue  # unprefixed entries name the main bundle's engines, NAME:... another's
+            for count in counts:
+                suffix = (f"@{count or 'default'}t") if len(counts) > 1 else ""
+                try:
+                    engine = BundleEngine(source, backend, precision, count)
+                except Exception as exc:  # a backend that cannot start is reported, the rest still run
+                    missing[prefix + key + suffix] = f"{type(exc).__name__}: {exc}"
+                    continue
+                engine.key = prefix + engine.key + suffix
+                threads_label = f", {count} thread{'s' if count != 1 else ''}" if count else ", default threads"
+                engine.label = prefix + engine.label + (threads_label if suffix else "")
+                engines.append(engine)
     return engines, missing
 
 
@@ -289,14 +303,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=256, help="crops taken from --set (default 256)")
     parser.add_argument("--batches", default="1,8,32", help="batch sizes, comma-separated (default 1,8,32)")
     parser.add_argument("--repeats", type=int, default=5, help="timed batches per engine and size (default 5)")
-    parser.add_argument("--only", nargs="+", help="bundle engines to run: backend, precision or backend/precision")
-    parser.add_argument("--threads", type=int, help="intra-op threads for every engine (default: runtime's)")
+    parser.add_argument("--only", nargs="+", help="bundle engines to run: backend, precision or backend/precision "
+                                                  "(NAME:... for an --also bundle in folder NAME)")
+    parser.add_argument("--threads", type=parse_threads, default=[None], metavar="N[,N...]",
+                        help="intra-op threads for every engine, or several counts each timed "
+                             "(0 or 'default': the runtime's default; default: the runtime's)")
+    parser.add_argument("--also", type=Path, nargs="+", default=[], metavar="BUNDLE",
+                        help="more bundles whose engines join the same interleaved run")
     parser.add_argument("--llm", action="append", default=[], metavar="PATH", help="another GGUF to time")
     parser.add_argument("--no-llm", action="store_true", help="skip the LLM step")
     parser.add_argument("--llm-words", type=int, default=40, help="gated words per model and mode (default 40)")
     parser.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
     parser.add_argument("--plot", type=Path, help="write a PNG of the stage breakdown and batch scaling")
     return parser
+
+
+def parse_threads(text: str) -> list[int | None]:
+    """``"default,1,2"`` -> ``[None, 1, 2]`` (None: the runtime's default)."""
+    out: list[int | None] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part in ("default", "0"):
+            out.append(None)
+            continue
+        if not part.isdigit():
+            raise argparse.ArgumentTypeError(f"--threads wants counts or 'default', got {part!r}")
+        out.append(int(part))
+    if not out:
+        raise argparse.ArgumentTypeError("--threads wants at least one count")
+    return list(dict.fromkeys(out))
 
 
 def parse_batches(text: str) -> list[int]:
@@ -331,7 +365,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = data.images if data is not None else synthetic_images(64)
     ckpt = Path(args.ckpt) if args.ckpt else (bundle if (bundle / "model.json").is_file() else None)
     info = machine()
-    engines, missing = make_engines(bundle, ckpt, args.threads, args.only)
+    for other in args.also:
+        if not (other / "manifest.json").is_file():
+            print(f"error: --also {other}: no bundle there", file=sys.stderr)
+            return 2
+    engines, missing = make_engines(bundle, ckpt, args.threads, args.only, args.also)
     for key, reason in missing.items():
         print(f"{key}: skipped: {reason}", file=sys.stderr)
     if not engines:
@@ -352,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("LLM step skipped: pass --set for the gate rate and the LLM timings", file=sys.stderr)
     else:
         print("timing the LLM step", file=sys.stderr)
-        llm = measure_llm(bundle, data.images, llm_models(args.llm), args.threads, args.llm_words)
+        llm = measure_llm(bundle, data.images, llm_models(args.llm), args.threads[0], args.llm_words)
     source = f"{data.name} ({len(data)} crops)" if data is not None else "synthetic crops"
     print(machine_line(info))
     print(f"Bundle: {bundle}; crops: {source}; repeats: {args.repeats}; interleaved in one process")

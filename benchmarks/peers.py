@@ -5,7 +5,9 @@
 A SET is a folder with ``images/`` + ``labels.tsv`` or a labels ``.tsv`` (images in the
 ``images/`` folder beside it). Every reader sees every crop at batch 1, interleaved: for
 each image each reader runs in turn (the order rotating from image to image), so machine
-noise hits all of them alike. Accuracy is the protocol's (lower case, ``[0-9a-z]``, labels
+noise hits all of them alike. With ``--isolated`` each reader runs in a process of its own
+(``benchmarks.isolated``: no reader's thread pools meet another's; the parent still sends
+one crop at a time) and is timed inside that process. Accuracy is the protocol's (lower case, ``[0-9a-z]``, labels
 over 25 characters dropped); time is milliseconds per crop, reported as median and p95
 and as the median of per-image ratios to the baseline reader. A reader that cannot run
 here is reported as missing, not scored. ``--json`` prints one JSON object as the last line.
@@ -57,7 +59,8 @@ def load_readers(keys: Sequence[str], args: argparse.Namespace) -> tuple[list[Re
         try:
             if key in PROJECT:
                 reader = load_project(args.engine, llm=args.llm if key == "project+llm" else None,
-                                      llm_mode=args.llm_mode, threads=args.threads, backend=args.backend)
+                                      llm_mode=args.llm_mode, threads=args.threads, backend=args.backend,
+                                      precision=getattr(args, "precision", None))
             elif key == OTHER:
                 if not args.other_engine:
                     raise Missing("no --other-engine given")
@@ -94,6 +97,7 @@ def run_set(readers: Sequence[Reader], data: EvalSet, warmup: int, offset: int =
                 try:
                     text = reader.read(image)
                     elapsed = 1000.0 * (time.perf_counter() - start)
+                    elapsed = getattr(reader, "last_ms", None) or elapsed  # timed in its own process
                 except Exception as exc:  # one failure: that reader's answer is empty
                     text, elapsed = "", float("nan")
                     entry["errors"] += 1
@@ -179,9 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--llm", default="default", help="GGUF for project+llm: default or a path")
     parser.add_argument("--llm-mode", default="rescore", choices=("rescore", "fill"))
     parser.add_argument("--backend", default="auto", help="this project's backend (auto, ort-cpu, ...)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "int8"),
+                        help="this project's precision (default: auto, the bundle's CPU precision)")
     parser.add_argument("--threads", type=int, help="threads per reader (default: each library's own)")
     parser.add_argument("--limit", type=int, help="first N crops of each set (after the protocol's filter)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed crops per reader first (default 3)")
+    parser.add_argument("--isolated", action="store_true",
+                        help="each reader in a process of its own (timed there; still one crop at a time)")
     parser.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
     return parser
 
@@ -197,7 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     info = machine()
-    readers, missing = load_readers(args.readers, args)
+    if args.isolated:
+        from benchmarks.isolated import load_isolated
+
+        readers, missing = load_isolated(args.readers, args)
+    else:
+        readers, missing = load_readers(args.readers, args)
     if not readers:
         print("error: no reader could run", file=sys.stderr)
     keys = [r.key for r in readers]
@@ -224,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "sets": [{"name": s.name, "path": s.path, "n": len(s), "dropped": s.dropped,
                               "unreadable": len(s.unreadable or [])} for s in sets],
                     "settings": {"threads": args.threads, "warmup": args.warmup, "limit": args.limit,
-                                 "batch": 1, "interleaved": True}, **summary}
+                                 "batch": 1, "interleaved": True, "isolated": args.isolated}, **summary}
         print_json(clean_nan(document))
     return 0 if readers else 2
 

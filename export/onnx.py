@@ -1,6 +1,14 @@
 """Checkpoint -> bundle: the four ONNX graphs, precision variants, BPE file and manifest.
 
     python -m export.onnx CKPT -o BUNDLE_DIR [--precision fp32 fp16 int8] [--with-checkpoint]
+        [--calibration SET [--validation SET...] [--calibration-method auto]]
+    python -m export.onnx BUNDLE_DIR --precision int8 --calibration SET ...   # in place
+
+With ``--calibration`` the int8 image encoder is quantized statically (``export.static_int8``:
+QDQ, per-channel weights, ranges from the crops of SET, a sensitivity pass on the
+``--validation`` sets that keeps the costliest layer groups in FP32); without it, int8 is
+the dynamic quantization of ``export.precision.to_int8``. Given a bundle instead of a
+checkpoint, the named precisions are (re)derived from its fp32 graphs in place.
 
 The graphs are traced with PyTorch's TorchScript exporter (``dynamo=False``; ``--exporter
 dynamo`` selects torch.export), simplified with onnxslim, their duplicated weights merged,
@@ -22,7 +30,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +43,7 @@ from export.graphs import GraphDef, count_layernorms, graph_defs
 from export.lint import lint_model
 from export.manifest import BATCH_AXIS, base_manifest, current_umask, graph_entry, read_manifest, write_manifest
 from export.precision import INT8_GRAPHS, rename_inputs, store_exact_half, to_fp16, to_int8
+from export.static_int8 import METHODS as STATIC_METHODS
 from runtime.bundle import MANIFEST_NAME
 from training.checkpoint import CONFIG_NAME, WEIGHTS_NAME, checkpoint_dir, load_checkpoint, read_config
 from training.model.clip4str import CLIP4STR, default_bpe_path
@@ -341,7 +350,7 @@ def derive_precisions(bundle_dir: Path, graphs: dict[str, Any], precisions: Sequ
         (bundle_dir / precision).mkdir(exist_ok=True)
         entries: dict[str, Any] = {}
         for name, entry in fp32.items():
-            src = bundle_dir / entry["file"]
+            src = _plain_fp32(bundle_dir / entry["file"], bundle_dir / f".{name}.plain.onnx")
             rel = f"{precision}/{name}.onnx"
             if precision == "fp16":
                 log.info("fp16 %s: %s kept in fp32", name, to_fp16(src, bundle_dir / rel))
@@ -360,18 +369,94 @@ def derive_precisions(bundle_dir: Path, graphs: dict[str, Any], precisions: Sequ
             else:
                 rel = entry["file"]  # the decoders stay fp32
             entries[name] = graph_entry(bundle_dir, rel)
+            if src.name.endswith(".plain.onnx"):
+                src.unlink()
         graphs[precision] = entries
     return graphs
 
 
-def add_precisions(bundle_dir: str | Path, precisions: Sequence[str], lint: bool = True) -> dict[str, Any]:
-    """Add fp16/int8 variants to an existing bundle (in place); returns the new manifest."""
+def _plain_fp32(path: Path, scratch: Path) -> Path:
+    """``path``, or at ``scratch`` its copy with float32 weights when it stores them as
+    float16 (``store_exact_half``): the converters and quantizers want constant float weights."""
+    from export.static_int8 import unpack_half
+
+    model = onnx.load(str(path))
+    if not unpack_half(model):
+        return path
+    onnx.save(model, str(scratch))
+    return scratch
+
+
+def add_precisions(bundle_dir: str | Path, precisions: Sequence[str], lint: bool = True,
+                   static: StaticInt8 | None = None) -> dict[str, Any]:
+    """Add fp16/int8 variants to an existing bundle (in place); returns the new manifest.
+    With ``static`` the int8 image encoder is then quantized statically (:func:`add_static_int8`)."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     report = manifest.get("created", {}).get("graphs", {})
     minimum = {name: int(info.get("min_layernorms", 1)) for name, info in report.items()}
     derive_precisions(bundle_dir, manifest["graphs"], precisions, lint, minimum)
+    _drop_unlisted(bundle_dir, manifest)
+    manifest = write_manifest(bundle_dir, manifest)
+    if static is not None and "int8" in precisions:
+        manifest = add_static_int8(bundle_dir, static)
+    return manifest
+
+
+@dataclass
+class StaticInt8:
+    """How the int8 image encoder is quantized statically (``export.static_int8``)."""
+
+    calibration: str
+    validation: Sequence[str] = ()
+    method: str = "auto"
+    crops: int = 320
+    tolerance: float = 0.2
+    sensitivity: bool = True
+    threads: int | None = None
+
+
+def add_static_int8(bundle_dir: str | Path, settings: StaticInt8) -> dict[str, Any]:
+    """Quantize the bundle's fp32 image encoder statically into ``int8/image_encoder.onnx``,
+    point the int8 entry at it and record how (``quantization``); returns the manifest."""
+    from export.static_int8 import QuantizeError, dev_sets_from, static_int8_encoder
+
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    if "int8" not in manifest["graphs"]:
+        raise ExportError(f"{bundle_dir}: no int8 entry to quantize into (export with --precision int8)")
+    rel = "int8/image_encoder.onnx"
+    try:
+        dev = dev_sets_from(settings.validation)
+        record = static_int8_encoder(bundle_dir, manifest["graphs"]["fp32"]["image_encoder"]["file"], rel,
+                                     settings.calibration, dev, settings.method, settings.crops,
+                                     settings.tolerance, settings.threads, settings.sensitivity)
+    except QuantizeError as exc:
+        raise ExportError(f"static int8: {exc}") from None
+    entry = graph_entry(bundle_dir, rel)
+    entry["quantization"] = record
+    manifest["graphs"]["int8"]["image_encoder"] = entry
+    validated = record.get("validation", {}).get("int8", {}).get("accuracy_drop")
+    defaults = manifest.setdefault("defaults", {})
+    if validated and all(drop <= settings.tolerance + 1e-9 for drop in validated.values()):
+        defaults["cpu_precision"] = "int8"  # --precision auto reads int8 on a CPU
+        log.info("int8 reads within %.2f points of fp32 on every validation set: the CPU default",
+                 settings.tolerance)
+    else:
+        defaults.pop("cpu_precision", None)
+    log.info("int8 image_encoder: static, %s calibration, %d layer group(s) kept in fp32",
+             record["calibration"]["method"], len(record["excluded"]))
     return write_manifest(bundle_dir, manifest)
+
+
+def _drop_unlisted(bundle_dir: Path, manifest: dict[str, Any]) -> None:
+    """Remove graph files of a precision folder that no manifest entry names any more (a
+    dynamic int8 encoder replaced by the fp32 one, say), so ``files`` lists only what is used."""
+    used = {g["file"] for entries in manifest["graphs"].values() for g in entries.values()}
+    for precision in PRECISIONS[1:]:
+        for path in sorted((bundle_dir / precision).glob("*.onnx")):
+            if f"{precision}/{path.name}" not in used:
+                path.unlink()
 
 
 def _log_to_stderr() -> None:
@@ -387,8 +472,9 @@ def _log_to_stderr() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.onnx",
                                      description="Export a checkpoint to a bundle (docs/bundle.md).")
-    parser.add_argument("ckpt", help="checkpoint directory (model.json + model.safetensors)")
-    parser.add_argument("-o", "--output", required=True, help="bundle directory to write")
+    parser.add_argument("ckpt", help="checkpoint directory (model.json + model.safetensors), or a bundle "
+                                     "to add precisions to in place")
+    parser.add_argument("-o", "--output", help="bundle directory to write (required for a checkpoint)")
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS,
                         help="precisions to write (fp32 is always written)")
     parser.add_argument("--with-checkpoint", action="store_true", help="copy the checkpoint into the bundle")
@@ -397,12 +483,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-slim", action="store_true", help="skip onnxslim")
     parser.add_argument("--no-lint", action="store_true", help="do not fail on TensorRT graph-rule findings")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for tracing and checks")
+    quant = parser.add_argument_group("static int8 (export.static_int8)")
+    quant.add_argument("--calibration", metavar="SET",
+                       help="crops to calibrate the int8 image encoder on (training crops, never an eval set); "
+                            "without it int8 is dynamic")
+    quant.add_argument("--validation", nargs="+", default=[], metavar="SET",
+                       help="labelled sets the calibration method and the FP32 exclusions are chosen on")
+    quant.add_argument("--calibration-method", default="auto", choices=("auto", *STATIC_METHODS),
+                       help="activation ranges (auto: the one that loses least on --validation)")
+    quant.add_argument("--calibration-crops", type=int, default=320, metavar="N",
+                       help="crops taken from --calibration (default 320)")
+    quant.add_argument("--tolerance", type=float, default=0.2, metavar="POINTS",
+                       help="accuracy points int8 may lose on each validation set (default 0.2)")
+    quant.add_argument("--no-sensitivity", action="store_true", help="quantize every layer (no exclusions)")
     args = parser.parse_args(argv)
+    if args.calibration and "int8" not in args.precision:
+        parser.error("--calibration quantizes the int8 variant: add --precision int8")
+    if args.calibration_crops < 1:
+        parser.error("--calibration-crops must be at least 1")
+    if args.validation and not args.calibration:
+        parser.error("--validation needs --calibration")
     _log_to_stderr()
+    static = None
+    if args.calibration:
+        static = StaticInt8(args.calibration, args.validation, args.calibration_method, args.calibration_crops,
+                            args.tolerance, not args.no_sensitivity, max(1, args.threads))
     try:
-        out = export_bundle(args.ckpt, args.output, args.precision, include_checkpoint=args.with_checkpoint,
-                            opset=args.opset, exporter=args.exporter, slim=not args.no_slim,
-                            lint=not args.no_lint, threads=args.threads)
+        if (Path(args.ckpt) / MANIFEST_NAME).is_file():
+            if args.output is not None and Path(args.output).resolve() != Path(args.ckpt).resolve():
+                raise ExportError("given a bundle, the precisions are added in place: leave out -o")
+            add_precisions(args.ckpt, args.precision, lint=not args.no_lint, static=static)
+            out = Path(args.ckpt)
+        else:
+            if args.output is None:
+                raise ExportError("-o BUNDLE_DIR is required when exporting a checkpoint")
+            out = export_bundle(args.ckpt, args.output, args.precision, include_checkpoint=args.with_checkpoint,
+                                opset=args.opset, exporter=args.exporter, slim=not args.no_slim,
+                                lint=not args.no_lint, threads=args.threads)
+            if static is not None:
+                add_static_int8(out, static)
     except ExportError as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 1

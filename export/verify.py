@@ -309,12 +309,36 @@ def _summary_line(name: str, result: dict[str, Any]) -> str:
     return "\t".join(parts)
 
 
+def describe_variant(manifest: dict[str, Any], precision: str) -> dict[str, str]:
+    """How each graph of ``precision`` was made, in words: ``static int8 (QDQ, minmax; 2
+    layer groups in FP32: ...)``, ``dynamic int8``, or the precision whose file it shares."""
+    out = {}
+    for name, entry in manifest["graphs"].get(precision, {}).items():
+        record = entry.get("quantization")
+        folder = str(entry["file"]).split("/")[0]
+        if record and record.get("mode") == "static":
+            excluded = [e["group"] for e in record.get("excluded", [])]
+            out[name] = (f"static int8 ({record.get('format', 'QDQ')}, {record['calibration'].get('method')} "
+                         f"calibration on {record['calibration'].get('crops')} crops; "
+                         + (f"{len(excluded)} layer group(s) in FP32: {', '.join(excluded)})" if excluded
+                            else "every layer quantized)"))
+        elif folder != precision:
+            out[name] = f"the {folder} graph"
+        else:
+            out[name] = "dynamic int8" if precision == "int8" else precision
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(max(1, args.threads))
     model = reference_model(args.ckpt)
     recognizers = make_recognizers(args.bundle, args.precision, args.threads)
-    _check_same_model(next(iter(recognizers.values())).bundle.manifest, args.ckpt)
-    report: dict[str, Any] = {"bundle": str(args.bundle), "ckpt": str(args.ckpt), "sets": {}}
+    manifest = next(iter(recognizers.values())).bundle.manifest
+    _check_same_model(manifest, args.ckpt)
+    report: dict[str, Any] = {"bundle": str(args.bundle), "ckpt": str(args.ckpt), "sets": {},
+                              "variants": {p: describe_variant(manifest, p) for p in recognizers}}
+    for precision, graphs in report["variants"].items():
+        print(f"{precision}: " + "; ".join(f"{g}: {how}" for g, how in graphs.items()))
     cfg = model.cfg
     loaded = [load_set(spec, cfg.max_label_length, args.limit) for spec in args.sets]
     if args.synthetic:

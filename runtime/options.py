@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime.backends import BACKENDS, PRECISIONS
+from runtime.backends import BACKENDS, PRECISION_CHOICES
 from runtime.correction.settings import MODES
 from runtime.ctc_reading import DECODE_MODES
 
@@ -98,8 +98,8 @@ class RecognizerConfig:
             raise OptionError("--threads must be at least 1 (leave it out for the default)")
         if self.backend not in BACKENDS:
             raise OptionError(f"--backend {self.backend}: unknown (choose from {', '.join(BACKENDS)})")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise OptionError(f"--precision {self.precision}: unknown (choose from {', '.join(PRECISIONS)})")
+        if self.precision is not None and self.precision not in PRECISION_CHOICES:
+            raise OptionError(f"--precision {self.precision}: unknown (choose from {', '.join(PRECISION_CHOICES)})")
         if self.llm_mode not in LLM_MODES:
             raise OptionError(f"--llm-mode {self.llm_mode}: unknown (choose from {', '.join(LLM_MODES)})")
         if self.min_confidence is not None and not (
@@ -219,7 +219,8 @@ def add_recognizer_options(parser: argparse.ArgumentParser, backend_note: str = 
     group.add_argument("--engine", metavar="BUNDLE", help="bundle directory (default: the embedded bundle)")
     group.add_argument("--backend", choices=BACKENDS, default="auto",
                        help=f"inference backend (default: auto{backend_note})")
-    group.add_argument("--precision", choices=PRECISIONS, help="graph variant (default: fp16 on a GPU, else fp32)")
+    group.add_argument("--precision", choices=PRECISION_CHOICES,
+                       help="graph variant (default: auto: fp16 on a GPU, else the bundle's CPU precision)")
     group.add_argument("--llm", default=None, metavar="PATH|default|none",
                        help="GGUF model for the correction, 'default' (embedded model) or 'none' "
                             "(default: the embedded model when llama-cpp-python is installed)")

@@ -122,6 +122,23 @@ def test_default_precision(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -
     assert backends.default_precision(bundle, "auto") == "fp32"
 
 
+def test_cpu_precision_comes_from_the_manifest(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--precision auto`` on a CPU: the manifest's defaults.cpu_precision when the bundle has
+    that variant, fp32 otherwise (older bundles have no defaults); a GPU still gets fp16."""
+    bundle = load_bundle(_with_engines(fake_bundle, []))
+    _machine(monkeypatch, NO_GPU)
+    assert backends.cpu_precision(bundle) == "fp32"
+    bundle.graphs["int8"] = dict(bundle.graphs["fp32"])
+    bundle.manifest["defaults"] = {"cpu_precision": "int8"}
+    assert backends.default_precision(bundle, "auto") == "int8"
+    assert backends.default_precision(bundle, "ort-cpu") == "int8"
+    assert backends.default_precision(bundle, "ort-cuda") == "fp16"
+    bundle.manifest["defaults"] = {"cpu_precision": "bf16"}  # a variant it does not have
+    assert backends.default_precision(bundle, "auto") == "fp32"
+    with pytest.raises(BackendError, match="unknown precision 'fp8'"):
+        select_backend(bundle, "ort-cpu", "fp8")
+
+
 # -- onnxruntime ------------------------------------------------------------------------------
 
 
@@ -168,8 +185,47 @@ def test_ort_backend_refuses_a_broken_graph(fake_bundle: Path) -> None:
 def test_default_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLIPLLAMA_THREADS", "3")
     assert backends.default_threads() == 3
+    monkeypatch.setenv("CLIPLLAMA_THREADS", " 2 ")
+    assert backends.default_threads() == 2
     monkeypatch.delenv("CLIPLLAMA_THREADS")
     assert 1 <= backends.default_threads() <= 8
+    monkeypatch.setenv("CLIPLLAMA_THREADS", "")  # set but empty: the default
+    assert 1 <= backends.default_threads() <= 8
+
+
+@pytest.mark.parametrize("value", ["abc", "1.5", "0", "-2"])
+def test_bad_threads_variable_is_one_error_naming_it(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("CLIPLLAMA_THREADS", value)
+    with pytest.raises(BackendError, match=f"CLIPLLAMA_THREADS={value!r}|CLIPLLAMA_THREADS={value}:") as info:
+        backends.default_threads()
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["abc", "0"])
+def test_cli_refuses_a_bad_threads_variable_in_one_line(monkeypatch: pytest.MonkeyPatch, capsys, value: str) -> None:
+    """Like ``--threads 0``: exit 2 and one line that names the variable (the embedded bundle)."""
+    from runtime import cli
+
+    sample = Path(cli.__file__).parent / "assets" / "samples" / "hello.png"
+    monkeypatch.setenv("CLIPLLAMA_THREADS", value)
+    assert cli.main([str(sample), "--llm", "none", "--backend", "ort-cpu"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "CLIPLLAMA_THREADS" in lines[0], lines
+
+
+def test_zero_threads_are_refused_by_the_backend(fake_bundle: Path) -> None:
+    with pytest.raises(BackendError, match="at least 1"):
+        OrtBackend(load_bundle(fake_bundle), "fp32", threads=0, graphs=())
+
+
+def test_sessions_do_not_spin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline's sessions run one after another: their pools must not spin between runs."""
+    monkeypatch.delenv("CLIPLLAMA_THREADS", raising=False)
+    options = backends.session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    assert options.intra_op_num_threads == backends.default_threads()
+    assert backends.session_options(1).intra_op_num_threads == 1
 
 
 # -- TensorRT plumbing with fakes -------------------------------------------------------------

@@ -1,0 +1,155 @@
+"""Static INT8 of the image encoder (export.static_int8) on the random clip4str-tiny bundle:
+the QDQ graph is produced, loads in the runtime, the exclusions are honoured and recorded
+in the manifest, and the manifest round-trips; plus the helpers (half storage undone,
+layer groups, the calibration reader) and the command line's refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image, ImageDraw
+
+from export import static_int8
+from export.onnx import StaticInt8, add_precisions
+from export.onnx import main as export_main
+from export.precision import store_exact_half
+from export.verify import describe_variant
+from runtime.bundle import load_bundle
+from runtime.recognizer import Recognizer
+
+WORDS = ["hello", "STOP", "cafe42", "x", "parking", "open", "exit", "bakery", "2026", "coffee", "pizza", "taxi"]
+
+
+def _word_set(root: Path) -> Path:
+    (root / "images").mkdir(parents=True)
+    lines = []
+    for i, word in enumerate(WORDS):
+        image = Image.new("RGB", (30 + 12 * len(word), 32), (250 - 15 * i, 235, 190 + 5 * i))
+        ImageDraw.Draw(image).text((5, 10), word, fill=(20 * i % 255, 10, 80))
+        image.save(root / "images" / f"{i}.png")
+        lines.append(f"{i}.png\t{word}\n")
+    (root / "labels.tsv").write_text("".join(lines))
+    return root
+
+
+@pytest.fixture(scope="module")
+def static_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A copy of the tiny bundle with a static int8 image encoder (minmax, sensitivity pass)."""
+    work = tmp_path_factory.mktemp("static")
+    bundle = work / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    words = _word_set(work / "words")
+    add_precisions(bundle, ["int8"], static=StaticInt8(str(words), [str(words)], method="minmax", crops=12,
+                                                       tolerance=0.0, threads=1))
+    return bundle, words
+
+
+def test_static_graph_is_qdq_loads_and_reads(static_bundle: tuple[Path, Path]) -> None:
+    bundle, words = static_bundle
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    entry = manifest["graphs"]["int8"]["image_encoder"]
+    assert entry["file"] == "int8/image_encoder.onnx"
+    model = onnx.load(str(bundle / entry["file"]))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # per-channel weights: a weight's scale has one value per output channel
+    scales = [i for i in model.graph.initializer if i.name.endswith("weight_scale")]
+    assert scales and any(len(s.dims) == 1 and s.dims[0] > 1 for s in scales)
+    loaded = load_bundle(bundle)  # hashes in 'files' match what is on disk
+    recognizer = Recognizer(loaded, __import__("runtime.backends", fromlist=["x"]).select_backend(
+        loaded, "ort-cpu", "int8", threads=1))
+    results = recognizer.read(sorted((words / "images").glob("*.png")), batch_size=4)
+    assert len(results) == len(WORDS) and all(r.ok for r in results)
+    recognizer.close()
+
+
+def test_exclusions_are_recorded_and_honoured(static_bundle: tuple[Path, Path]) -> None:
+    bundle, _ = static_bundle
+    record = json.loads((bundle / "manifest.json").read_text())["graphs"]["int8"]["image_encoder"]["quantization"]
+    assert record["mode"] == "static" and record["calibration"]["method"] == "minmax"
+    assert record["calibration"]["crops"] == len(WORDS)
+    ranked = record["sensitivity"]
+    assert ranked and all({"group", "ctc_accuracy_drop", "changed_strings", "feature_error"} <= set(r)
+                          for r in ranked)
+    costs = [static_int8.group_cost(r) for r in ranked]
+    assert costs == sorted(costs, reverse=True)  # most costly first
+    assert any(r["feature_error"] > 0 for r in ranked)  # quantizing a group moves the outputs
+    assert record["exclusion_steps"][0]["excluded_groups"] == 0
+    assert record["validation"]["fp32"]["accuracy"].keys() == record["validation"]["int8"]["accuracy"].keys()
+    # whatever was excluded stays FP32 in the graph: no DequantizeLinear feeds those nodes
+    model = onnx.load(str(bundle / "int8/image_encoder.onnx"))
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    excluded = {name for e in record["excluded"] for name in e["nodes"]}
+    for node in model.graph.node:
+        if node.name in excluded:
+            assert all(producers.get(i) != "DequantizeLinear" for i in node.input), node.name
+    assert record["quantized_nodes"] == len(static_int8.quantizable_nodes(model)) - len(excluded) or excluded == set()
+    assert "static int8" in describe_variant(json.loads((bundle / "manifest.json").read_text()), "int8")[
+        "image_encoder"]
+
+
+def test_explicit_exclusion_round_trips_through_the_manifest(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Quantize with a chosen group kept FP32 (no sensitivity pass): the manifest lists it,
+    the runtime loads the bundle, and reading the manifest back gives the same record."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    words = _word_set(tmp_path / "words")
+    add_precisions(bundle, ["int8"], static=StaticInt8(str(words), [], method="minmax", crops=6,
+                                                       sensitivity=False, threads=1))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    record = manifest["graphs"]["int8"]["image_encoder"]["quantization"]
+    assert record["excluded"] == [] and "sensitivity" not in record
+    again = json.loads(json.dumps(manifest))
+    assert again["graphs"]["int8"]["image_encoder"]["quantization"] == record
+    load_bundle(bundle)
+
+
+def test_unpack_half_undoes_half_storage(tiny_bundle: Path, tmp_path: Path) -> None:
+    src = tmp_path / "enc.onnx"
+    model = onnx.load(str(tiny_bundle / "fp32/image_encoder.onnx"))
+    for init in model.graph.initializer:  # make the weights exactly representable in fp16
+        array = onnx.numpy_helper.to_array(init)
+        if array.dtype == np.float32:
+            init.CopyFrom(onnx.numpy_helper.from_array(array.astype(np.float16).astype(np.float32), init.name))
+    onnx.save(model, str(src))
+    assert store_exact_half(src) > 0
+    half = onnx.load(str(src))
+    assert static_int8.unpack_half(half) > 0
+    assert not any(n.op_type == "Cast" and n.name.endswith("__cast") for n in half.graph.node)
+    before = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    after = {i.name: onnx.numpy_helper.to_array(i) for i in half.graph.initializer}
+    for name, array in after.items():
+        assert array.dtype == before[name].dtype
+        np.testing.assert_array_equal(array, before[name])
+    onnx.checker.check_model(half)
+
+
+def test_layer_groups_and_the_calibration_reader(tiny_bundle: Path, tmp_path: Path) -> None:
+    assert static_int8.group_of("/features/backbone/blocks4/blocks4.1/token_mixer/Conv") == \
+        "features/backbone/blocks4/blocks4.1"
+    assert static_int8.group_of("/proj/MatMul") == "proj" and static_int8.group_of("Gemm_3") == "other"
+    bundle = load_bundle(tiny_bundle)
+    images, labels = static_int8.load_crops(_word_set(tmp_path / "w"), limit=5)
+    assert len(images) == 5 and all(labels)
+    batches = static_int8.crop_batches(images, bundle.preprocessing, batch=2)
+    reader = static_int8.CropBatches(batches)
+    first = [reader.get_next() for _ in range(len(batches) + 1)]
+    assert first[-1] is None and sum(len(b["images"]) for b in first[:-1]) == 5
+    reader.rewind()
+    assert reader.get_next()["images"].shape[1:] == batches[0].shape[1:]
+
+
+def test_command_line_refusals(tiny_bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as info:
+        export_main([str(tiny_bundle), "--calibration", str(tmp_path)])  # int8 not asked for
+    assert info.value.code == 2
+    with pytest.raises(SystemExit):
+        export_main([str(tiny_bundle), "--precision", "int8", "--validation", str(tmp_path)])
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    assert export_main([str(bundle), "--precision", "int8", "--calibration", str(tmp_path / "none")]) == 1
