@@ -18,13 +18,23 @@ import numpy as np
 from PIL import Image
 
 from runtime.detect.geometry import VERTICAL_RATIO, polygon_list, quad_size, reading_order, rectify, sub_quad
-from runtime.detect.settings import DetectorSettings, detector_settings, require_libraries
+from runtime.detect.settings import DetectorSettings, detector_settings, model_path, require_libraries
 from runtime.inputs import Sample, Source, array_to_image, source_name
 from runtime.preprocess import ImageError, load_image
 
 if TYPE_CHECKING:
     from runtime.detect.detector import Detector
+    from runtime.detect.words import LineReader
     from runtime.recognizer import ReadResult, Recognizer
+
+
+@dataclass
+class PhotoStages:
+    """The models in front of the recognizer: the line detector and the line reader that
+    finds the spaces between words."""
+
+    detector: Detector
+    line_reader: LineReader
 
 
 @dataclass
@@ -77,17 +87,21 @@ def load_photo(item: Source | Sample) -> Image.Image:
     return load_image(data)
 
 
-def detector_for(recognizer: Recognizer) -> Detector:
-    """The recognizer's detector, made on first use from its bundle's settings."""
-    detector = getattr(recognizer, "_detector", None)
-    if detector is None:
+def stages_for(recognizer: Recognizer) -> PhotoStages:
+    """The recognizer's detector and line reader, made on first use from its bundle's settings."""
+    stages = getattr(recognizer, "_photo_stages", None)
+    if stages is None:
         require_libraries()
         from runtime.detect.detector import Detector
+        from runtime.detect.words import LineReader
 
         settings = detector_settings(recognizer.bundle.manifest)
-        detector = Detector(settings, recognizer.bundle.root, providers=_providers(recognizer))
-        recognizer._detector = detector  # type: ignore[attr-defined]
-    return detector
+        providers = _providers(recognizer)
+        line_reader = LineReader(model_path(settings, recognizer.bundle.root, settings.line_reader_file,
+                                            settings.line_reader_sha256), providers)
+        stages = PhotoStages(Detector(settings, recognizer.bundle.root, providers=providers), line_reader)
+        recognizer._photo_stages = stages  # type: ignore[attr-defined]
+    return stages
 
 
 def _providers(recognizer: Recognizer) -> list[str]:
@@ -102,14 +116,14 @@ def read_photos(recognizer: Recognizer, photos: Sequence[Source | Sample] | Sour
     error and the others are read. ``settings`` overrides the bundle's detector settings."""
     if isinstance(photos, str | bytes | bytearray | Image.Image | np.ndarray | Sample | Path):
         photos = [photos]
-    detector = detector_for(recognizer)
+    stages = stages_for(recognizer)
     if settings is not None:
-        detector.settings = settings
-    return [_read_one(recognizer, detector, item, source_name(item, i), batch_size)
+        stages.detector.settings = settings
+    return [_read_one(recognizer, stages, item, source_name(item, i), batch_size)
             for i, item in enumerate(photos)]
 
 
-def _read_one(recognizer: Recognizer, detector: Detector, item: Source | Sample, name: str,
+def _read_one(recognizer: Recognizer, stages: PhotoStages, item: Source | Sample, name: str,
               batch_size: int) -> PhotoResult:
     result = PhotoResult(name)
     clock = time.perf_counter()
@@ -125,7 +139,7 @@ def _read_one(recognizer: Recognizer, detector: Detector, item: Source | Sample,
     timings = result.timings_ms
     timings["load"] = 1000.0 * (time.perf_counter() - clock)
     try:
-        _detect_and_read(recognizer, detector, photo, result, batch_size)
+        _detect_and_read(recognizer, stages, photo, result, batch_size)
     except Exception as exc:  # an inference failure: this photo reports it, the run goes on
         result.words = []
         result.error = f"reading failed ({type(exc).__name__}: {exc})"
@@ -133,14 +147,14 @@ def _read_one(recognizer: Recognizer, detector: Detector, item: Source | Sample,
     return result
 
 
-def _detect_and_read(recognizer: Recognizer, detector: Detector, photo: np.ndarray, result: PhotoResult,
+def _detect_and_read(recognizer: Recognizer, stages: PhotoStages, photo: np.ndarray, result: PhotoResult,
                      batch_size: int) -> None:
-    from runtime.detect.words import line_characters, split_words
+    from runtime.detect.words import split_words
 
-    settings = detector.settings
+    settings = stages.detector.settings
     timings = result.timings_ms
     clock = time.perf_counter()
-    lines = detector(photo)
+    lines = stages.detector(photo)
     timings["detect"] = 1000.0 * (time.perf_counter() - clock)
     if not lines:
         return
@@ -156,17 +170,12 @@ def _detect_and_read(recognizer: Recognizer, detector: Detector, photo: np.ndarr
         crop, back = rectify(photo, quad)
         crops.append(crop)
         backs.append(back)
-    spec = recognizer.bundle.preprocessing
-
-    def encode(batch: np.ndarray) -> np.ndarray:
-        return recognizer.backend.run("image_encoder", {"images": batch})["ctc_log_probs"]
-
-    characters = line_characters(crops, spec, recognizer.codec.charset, encode, batch_size)
+    characters = stages.line_reader(crops)
     pieces: list[np.ndarray] = []
     owners: list[tuple[int, int]] = []  # (line, word within line) per piece
     spans_per_line = []
     for k, (crop, chars) in enumerate(zip(crops, characters)):
-        spans = split_words(chars, settings.split_ratio, settings.word_margin, spec.height)
+        spans = split_words(chars, settings.word_margin)
         scale = crop.shape[1] / max(chars.width, 1.0)
         spans_per_line.append((spans, scale))
         for j, span in enumerate(spans):

@@ -20,6 +20,8 @@ INSTALL_HINT = "pip install 'clipllama[detect]'"
 
 #: sha256 of ``rapidocr`` 3.10.0's ``models/PP-OCRv6_det_small.onnx``
 DEFAULT_SHA256 = "090f04abcd9d9a7498bc4ebf677e4cb9bdce1fe4197ddb7e529f1ef44e1ff94f"
+#: sha256 of ``rapidocr`` 3.10.0's ``models/PP-OCRv6_rec_small.onnx`` (the line reader)
+LINE_READER_SHA256 = "6f327246b50388f3c176ae304bd95767ea6dc0c9ae92153ef8cbe210b3c14884"
 
 
 class DetectUnavailable(RuntimeError):
@@ -53,9 +55,10 @@ class DetectorSettings:
     dilate: bool = True
     min_size: float = 3.0
     max_candidates: int = 1000
-    #: a word boundary where neighbouring characters are this many times farther apart
-    #: than the line's character pitch predicts (``runtime.words``)
-    split_ratio: float = 1.9
+    #: the line reader that finds the spaces between words (``runtime.detect.words``), in
+    #: the same package (or bundle) as the detector
+    line_reader_file: str = "models/PP-OCRv6_rec_small.onnx"
+    line_reader_sha256: str = LINE_READER_SHA256
     #: margin added to each side of a word, in line heights (at most half the gap)
     word_margin: float = 0.15
     #: words read with a lower confidence are dropped
@@ -87,28 +90,32 @@ def require_libraries() -> None:
         raise DetectUnavailable(f"text detection needs {' and '.join(missing)}: {INSTALL_HINT}")
 
 
-def model_path(settings: DetectorSettings, bundle_root: Path | None) -> Path:
-    """The detector graph's path, its sha256 checked; :class:`DetectUnavailable` when the
-    package that carries it is not installed or the file is not the one named."""
+def model_path(settings: DetectorSettings, bundle_root: Path | None, file: str | None = None,
+               sha256: str | None = None) -> Path:
+    """The detector graph's path (or ``file``'s, with ``sha256``: the line reader), its sha256
+    checked; :class:`DetectUnavailable` when the package that carries it is not installed
+    or the file is not the one named."""
+    file = settings.file if file is None else file
+    sha256 = settings.sha256 if sha256 is None else sha256
     if settings.package:
         spec = importlib.util.find_spec(settings.package)
         if spec is None or not spec.submodule_search_locations:
             raise DetectUnavailable(f"text detection needs the {settings.package} package (its "
                                     f"{settings.name} model): {INSTALL_HINT}")
-        path = Path(next(iter(spec.submodule_search_locations))) / settings.file
+        path = Path(next(iter(spec.submodule_search_locations))) / file
     else:
         if bundle_root is None:
-            raise DetectUnavailable(f"detector file {settings.file} is relative to a bundle and none was given")
-        path = bundle_root / settings.file
+            raise DetectUnavailable(f"detector file {file} is relative to a bundle and none was given")
+        path = bundle_root / file
     if not path.is_file():
         raise DetectUnavailable(f"detector model {path} is missing ({settings.package or 'bundle'}"
                                 f"{' ' + settings.package_version if settings.package_version else ''}); "
                                 f"{INSTALL_HINT}")
-    if settings.sha256:
+    if sha256:
         actual = _sha256(str(path), path.stat().st_mtime_ns)
-        if actual != settings.sha256:
+        if actual != sha256:
             raise DetectUnavailable(f"detector model {path} has sha256 {actual}, the bundle says "
-                                    f"{settings.sha256} (another {settings.package or 'file'} version?)")
+                                    f"{sha256} (another {settings.package or 'file'} version?)")
     return path
 
 
@@ -119,3 +126,13 @@ def _sha256(path: str, mtime_ns: int) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_available(settings: DetectorSettings | None = None) -> None:
+    """Raise :class:`DetectUnavailable` (one line: what to install) unless detection can run
+    with ``settings`` (default: the default detector). Imports nothing of the extra."""
+    require_libraries()
+    settings = settings or DetectorSettings()
+    if settings.package:
+        model_path(settings, None)
+        model_path(settings, None, settings.line_reader_file, settings.line_reader_sha256)

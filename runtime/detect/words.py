@@ -1,155 +1,155 @@
-"""Text lines into words, with the recognizer's own CTC frames.
+"""Text lines into words, with a line reader's CTC spaces.
 
-The detector finds lines; the recognizer reads words of at most 25 characters. Each line,
-rectified and scaled to the recognizer's input height, goes through the image encoder alone
-(in windows of the encoder's widest input, overlapping by :data:`OVERLAP` heights, for long
-lines); the CTC best path places every character it reads. Neighbouring characters much
-farther apart than the line's character pitch predicts (``runtime.decoding.expected_distances``,
-with the characters' relative widths) are a word gap: the charset has no space, so a space
-shows as a long run of blank frames. A word of more than :data:`MAX_CHARS` characters is cut
-at its widest gaps into pieces of at most that many, each read alone, and their texts joined.
+The detector finds lines; the recognizer reads words of at most 25 characters. The project's
+own CTC head was trained on single words and has no space, and the distances between its
+character spikes separate words poorly (measured in docs/detection.md). PP-OCRv6's full
+recognizer, shipped beside the detector in the ``rapidocr`` wheel, reads whole lines and
+has a space class: each rectified line goes through it once, and the CTC best path places
+every character and every space. A word is a run of characters between spaces; its edges
+are its outer characters' centres plus half a character pitch and a margin, never beyond
+the space's centre; the first and last word of a line reach the line's ends.
+
+A word of more than :data:`MAX_CHARS` characters is cut into pieces of at most that many
+(at the middle between two characters, the widest spacing first), each piece read alone
+and the texts joined into one word.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import cv2
 import numpy as np
-from PIL import Image
-
-from runtime.decoding import best_path_alignment, char_widths, character_centres, expected_distances
-from runtime.preprocess import Preprocessing, preprocess, width_groups
+import onnxruntime as ort
 
 #: the recognizer reads words of at most this many characters
 MAX_CHARS = 25
-#: windows over a long line overlap by this many line heights
-OVERLAP = 1.0
+#: the line reader's input height
+LINE_HEIGHT = 48
+#: lines are batched with others at most this much wider
+BATCH_SPREAD = 1.3
 
 
 @dataclass
 class WordSpan:
-    """A word of a rectified line: its columns and, for an over-long word, its pieces'."""
+    """A word of a rectified line (columns in line-reader pixels) and the ranges read alone."""
 
     x0: float
     x1: float
-    #: the column ranges read one by one (one range for a word of at most MAX_CHARS characters)
     pieces: list[tuple[float, float]]
-    #: the characters the CTC path placed in it (its best-path reading, for diagnostics)
-    ctc_text: str = ""
+    #: the line reader's text for the word (diagnostics)
+    line_text: str = ""
 
 
 @dataclass
 class LineChars:
-    """The characters the CTC best path read in a line, at the recognizer's input scale."""
+    """What the line reader's best path emitted, in order: characters (``" "`` for a
+    space) at frame centres, in line-reader pixels (the line scaled to :data:`LINE_HEIGHT`)."""
 
-    text: str
-    #: centres in input pixels (the line scaled to the input height)
+    chars: list[str]
     centres: list[float]
-    #: input pixels per CTC frame
-    frame: float
-    #: the line's width in input pixels
     width: float
 
-
-EncoderRun = Callable[[np.ndarray], np.ndarray]
-
-
-def _windows(width: int, limit: int, overlap: int) -> list[tuple[int, int]]:
-    """Column windows of at most ``limit`` covering ``width``, overlapping by ``overlap``."""
-    if width <= limit:
-        return [(0, width)]
-    step = max(1, limit - overlap)
-    starts = list(range(0, width - limit, step)) + [width - limit]
-    return [(s, s + limit) for s in starts]
+    @property
+    def text(self) -> str:
+        return "".join(self.chars)
 
 
-def line_characters(crops: Sequence[np.ndarray], spec: Preprocessing, charset: str, encode: EncoderRun,
-                    batch_size: int = 32) -> list[LineChars]:
-    """The CTC characters of each rectified line crop (RGB uint8 ``(h, w, 3)``).
-    ``encode`` maps a preprocessed batch to its ``ctc_log_probs`` ``(B, S, C+1)``."""
-    height = spec.height
-    scaled, jobs = [], []  # jobs: (line, window start, window end)
-    for k, crop in enumerate(crops):
-        h, w = crop.shape[:2]
-        width = max(spec.width_multiple, int(round(w * height / max(h, 1))))
-        image = Image.fromarray(np.ascontiguousarray(crop)).resize((width, height), Image.BILINEAR)
-        scaled.append(image)
-        for start, end in _windows(width, spec.width, int(OVERLAP * height)):
-            jobs.append((k, start, end))
-    pieces = [scaled[k].crop((s, 0, e, height)) for k, s, e in jobs]
-    found: list[list[tuple[float, str]]] = [[] for _ in crops]
-    frames = [float(spec.width_multiple)] * len(crops)
-    for group in width_groups([p.size for p in pieces], spec, batch_size):
-        batch = preprocess([pieces[i] for i in group], spec)
-        log_probs = encode(batch)
-        frame = batch.shape[-1] / log_probs.shape[1]
-        for row, i in enumerate(group):
-            k, start, end = jobs[i]
-            frames[k] = frame
-            best = log_probs[row].argmax(-1)
-            alignment = best_path_alignment(log_probs[row])
-            count = int(alignment.max()) + 1 if alignment.size and alignment.max() >= 0 else 0
-            centres = character_centres(alignment, count)
-            ids = [int(best[alignment == j][0]) for j in range(count)]
-            own_start = start + (OVERLAP * height / 2 if start > 0 else 0.0)
-            own_end = end - (OVERLAP * height / 2 if end < scaled[k].width else 0.0)
-            for c, char_id in zip(centres, ids):
-                x = start + (c + 0.5) * frame
-                if own_start <= x < own_end or (end >= scaled[k].width and x >= own_end):
-                    found[k].append((x, charset[char_id - 1] if 0 < char_id <= len(charset) else "?"))
-            found[k].sort()
-    return [LineChars("".join(c for _, c in chars), [x for x, _ in chars], frames[k], float(scaled[k].width))
-            for k, chars in enumerate(found)]
+class LineReader:
+    """A CTC line recognizer with a space class (PP-OCRv6's, from the ``rapidocr`` wheel)."""
+
+    def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None) -> None:
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        available = ort.get_available_providers()
+        chosen = [p for p in (providers or ["CPUExecutionProvider"]) if p in available] or ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), options, providers=chosen)
+        self.input_name = self.session.get_inputs()[0].name
+        meta = self.session.get_modelmeta().custom_metadata_map.get("character", "")
+        #: class k (1..): the character; class 0 is blank and the last class the space
+        self.classes = ["", *meta.split("\n"), " "] if meta else []
+
+    def __call__(self, crops: Sequence[np.ndarray]) -> list[LineChars]:
+        """The characters and spaces of each rectified line crop (RGB uint8 ``(h, w, 3)``)."""
+        scaled = [cv2.resize(c, (max(8, int(round(c.shape[1] * LINE_HEIGHT / max(c.shape[0], 1)))), LINE_HEIGHT),
+                             interpolation=cv2.INTER_LINEAR) for c in crops]
+        out: list[LineChars | None] = [None] * len(crops)
+        order = sorted(range(len(crops)), key=lambda k: scaled[k].shape[1])
+        while order:
+            first = scaled[order[0]].shape[1]
+            group = [k for k in order if scaled[k].shape[1] <= first * BATCH_SPREAD][:16]
+            order = order[len(group):]
+            width = max(scaled[k].shape[1] for k in group)
+            batch = np.zeros((len(group), 3, LINE_HEIGHT, width), dtype=np.float32)
+            for row, k in enumerate(group):
+                bgr = scaled[k][:, :, ::-1].astype(np.float32) / 127.5 - 1.0
+                batch[row, :, :, : bgr.shape[1]] = bgr.transpose(2, 0, 1)
+            probs = self.session.run(None, {self.input_name: batch})[0]
+            frame = width / probs.shape[1]
+            for row, k in enumerate(group):
+                out[k] = self._chars(probs[row].argmax(-1), frame, float(scaled[k].shape[1]))
+        return [o for o in out if o is not None]
+
+    def _chars(self, best: np.ndarray, frame: float, width: float) -> LineChars:
+        chars, centres = [], []
+        t = 0
+        while t < len(best):
+            u = t
+            while u + 1 < len(best) and best[u + 1] == best[t]:
+                u += 1
+            x = (t + u + 1) / 2 * frame
+            if best[t] != 0 and x < width:
+                cls = int(best[t])
+                chars.append(self.classes[cls] if cls < len(self.classes) else "?")
+                centres.append(x)
+            t = u + 1
+        return LineChars(chars, centres, width)
 
 
-def split_words(line: LineChars, ratio: float, margin: float, height: float) -> list[WordSpan]:
-    """Word spans of one line (input pixels): gaps at least ``ratio`` times the expected
-    distance; inner word edges ``margin`` heights beyond their characters (at most to the
-    middle of the gap); the first and last word reach the line's ends."""
-    n = len(line.centres)
-    if n == 0:
+def split_words(line: LineChars, margin: float) -> list[WordSpan]:
+    """The words of one line (see the module docstring); ``margin`` in line heights."""
+    words: list[list[int]] = [[]]
+    for i, c in enumerate(line.chars):
+        if c == " ":
+            words.append([])
+        elif not c.isspace():
+            words[-1].append(i)
+    if not any(words):
         return [WordSpan(0.0, line.width, [(0.0, line.width)], "")]
-    frames = [x / line.frame for x in line.centres]
-    cuts: list[int] = []
-    strengths: list[float] = []
-    half = [0.0] * n
-    if n >= 2:
-        distances, expected, pitch = expected_distances(frames, line.text)
-        strengths = list(distances / np.maximum(expected, 1e-9))
-        cuts = [j + 1 for j, s in enumerate(strengths) if s >= ratio]
-        widths = char_widths()
-        half = [pitch * widths.get(c, 1.0) / 2 * line.frame for c in line.text]
-    else:
-        half = [0.5 * height * 0.5]
-    bounds = [0, *cuts, n]
+    centres = line.centres
+    steps = [centres[w[k + 1]] - centres[w[k]] for w in words for k in range(len(w) - 1)]
+    pitch = float(np.median(steps)) if steps else 0.5 * LINE_HEIGHT
+    spaces = [centres[i] for i, c in enumerate(line.chars) if c == " "]
+    kept = [(w, spaces[k - 1] if k > 0 else 0.0, spaces[k] if k < len(spaces) else line.width)
+            for k, w in enumerate(words) if w]
     spans = []
-    for a, b in zip(bounds, bounds[1:]):
-        left = 0.0 if a == 0 else max((line.centres[a - 1] + line.centres[a]) / 2,
-                                      line.centres[a] - half[a] - margin * height)
-        right = line.width if b == n else min((line.centres[b - 1] + line.centres[b]) / 2,
-                                              line.centres[b - 1] + half[b - 1] + margin * height)
-        pieces = _pieces(line, a, b, strengths, left, right)
-        spans.append(WordSpan(left, right, pieces, line.text[a:b]))
+    for n, (w, space_left, space_right) in enumerate(kept):
+        reach = pitch / 2 + margin * LINE_HEIGHT
+        left = 0.0 if n == 0 else max(space_left, centres[w[0]] - reach)
+        right = line.width if n == len(kept) - 1 else min(space_right, centres[w[-1]] + reach)
+        spans.append(WordSpan(left, right, _pieces(centres, w, left, right), "".join(line.chars[i] for i in w)))
     return spans
 
 
-def _pieces(line: LineChars, a: int, b: int, strengths: list[float], left: float,
-            right: float) -> list[tuple[float, float]]:
-    """Column ranges of characters ``a..b-1`` in pieces of at most :data:`MAX_CHARS`, cut at
-    the widest gaps (the middle between the two characters)."""
-    groups = [(a, b)]
+def _pieces(centres: Sequence[float], word: list[int], left: float, right: float) -> list[tuple[float, float]]:
+    """Column ranges of a word's characters in pieces of at most :data:`MAX_CHARS`, cut in
+    the middle of the widest spacing that leaves no piece too long to cut again."""
+    groups = [(0, len(word))]
     while any(e - s > MAX_CHARS for s, e in groups):
         s, e = next(g for g in groups if g[1] - g[0] > MAX_CHARS)
-        # the widest gap leaving both sides non-empty, preferring cuts that shorten the longer side
-        inner = range(s + 1, e)
-        j = max(inner, key=lambda k: (strengths[k - 1] if k - 1 < len(strengths) else 0.0)
-                - (0.0 if max(k - s, e - k) <= MAX_CHARS else 10.0))
+        # cut where both sides are at most MAX_CHARS when possible, else in the middle
+        lo, hi = max(s + 1, e - MAX_CHARS), min(e - 1, s + MAX_CHARS)
+        options = range(lo, hi + 1) if lo <= hi else range((s + e) // 2, (s + e) // 2 + 1)
+        j = max(options, key=lambda k: centres[word[k]] - centres[word[k - 1]])
         i = groups.index((s, e))
         groups[i:i + 1] = [(s, j), (j, e)]
     out = []
     for s, e in groups:
-        x0 = left if s == a else (line.centres[s - 1] + line.centres[s]) / 2
-        x1 = right if e == b else (line.centres[e - 1] + line.centres[e]) / 2
+        x0 = left if s == 0 else (centres[word[s - 1]] + centres[word[s]]) / 2
+        x1 = right if e == len(word) else (centres[word[e - 1]] + centres[word[e]]) / 2
         out.append((x0, x1))
     return out
