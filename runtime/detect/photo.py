@@ -35,6 +35,8 @@ class PhotoStages:
 
     detector: Detector
     line_reader: LineReader
+    #: words known to :func:`runtime.detect.words.cut_token` (None: no lexicon cuts)
+    lexicon: Any | None = None
 
 
 @dataclass
@@ -99,7 +101,12 @@ def stages_for(recognizer: Recognizer) -> PhotoStages:
         providers = _providers(recognizer)
         line_reader = LineReader(model_path(settings, recognizer.bundle.root, settings.line_reader_file,
                                             settings.line_reader_sha256), providers)
-        stages = PhotoStages(Detector(settings, recognizer.bundle.root, providers=providers), line_reader)
+        lexicon = None
+        if settings.lexicon_cuts:
+            from runtime.lexicon import Lexicon
+
+            lexicon = Lexicon.default()
+        stages = PhotoStages(Detector(settings, recognizer.bundle.root, providers=providers), line_reader, lexicon)
         recognizer._photo_stages = stages  # type: ignore[attr-defined]
     return stages
 
@@ -175,7 +182,8 @@ def _detect_and_read(recognizer: Recognizer, stages: PhotoStages, photo: np.ndar
     owners: list[tuple[int, int]] = []  # (line, word within line) per piece
     spans_per_line = []
     for k, (crop, chars) in enumerate(zip(crops, characters)):
-        spans = split_words(chars, settings.word_margin)
+        spans = split_words(chars, settings.word_margin, stages.lexicon if settings.lexicon_cuts else None,
+                            settings.joint_gap)
         scale = crop.shape[1] / max(chars.width, 1.0)
         spans_per_line.append((spans, scale))
         for j, span in enumerate(spans):

@@ -59,6 +59,10 @@ class DetectorSettings:
     #: the same package (or bundle) as the detector
     line_reader_file: str = "models/PP-OCRv6_rec_small.onnx"
     line_reader_sha256: str = LINE_READER_SHA256
+    #: cut run-together words into two the shipped English word list knows, at a spacing
+    #: of at least ``joint_gap`` character pitches (``runtime.detect.words.cut_token``)
+    lexicon_cuts: bool = True
+    joint_gap: float = 1.6
     #: margin added to each side of a word, in line heights (at most half the gap)
     word_margin: float = 0.15
     #: words read with a lower confidence are dropped

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -30,6 +31,8 @@ MAX_CHARS = 25
 LINE_HEIGHT = 48
 #: lines are batched with others at most this much wider
 BATCH_SPREAD = 1.3
+#: a run-together word is cut only at a spacing of at least this many character pitches
+JOINT_GAP = 1.6
 
 
 @dataclass
@@ -110,29 +113,67 @@ class LineReader:
         return LineChars(chars, centres, width)
 
 
-def split_words(line: LineChars, margin: float) -> list[WordSpan]:
-    """The words of one line (see the module docstring); ``margin`` in line heights."""
-    words: list[list[int]] = [[]]
+def split_words(line: LineChars, margin: float, lexicon: Any | None = None,
+                joint_gap: float = JOINT_GAP) -> list[WordSpan]:
+    """The words of one line (see the module docstring); ``margin`` in line heights.
+    ``lexicon`` (``in`` tests a word) lets :func:`cut_token` split run-together words."""
+    tokens: list[list[int]] = [[]]
     for i, c in enumerate(line.chars):
         if c == " ":
-            words.append([])
+            tokens.append([])
         elif not c.isspace():
-            words[-1].append(i)
-    if not any(words):
+            tokens[-1].append(i)
+    tokens = [t for t in tokens if t]
+    if not tokens:
         return [WordSpan(0.0, line.width, [(0.0, line.width)], "")]
     centres = line.centres
-    steps = [centres[w[k + 1]] - centres[w[k]] for w in words for k in range(len(w) - 1)]
+    steps = [centres[t[k + 1]] - centres[t[k]] for t in tokens for k in range(len(t) - 1)]
     pitch = float(np.median(steps)) if steps else 0.5 * LINE_HEIGHT
-    spaces = [centres[i] for i, c in enumerate(line.chars) if c == " "]
-    kept = [(w, spaces[k - 1] if k > 0 else 0.0, spaces[k] if k < len(spaces) else line.width)
-            for k, w in enumerate(words) if w]
+    words = [w for t in tokens for w in cut_token(t, line, pitch, lexicon, joint_gap)]
+    reach = pitch / 2 + margin * LINE_HEIGHT
     spans = []
-    for n, (w, space_left, space_right) in enumerate(kept):
-        reach = pitch / 2 + margin * LINE_HEIGHT
-        left = 0.0 if n == 0 else max(space_left, centres[w[0]] - reach)
-        right = line.width if n == len(kept) - 1 else min(space_right, centres[w[-1]] + reach)
+    for n, w in enumerate(words):
+        left = 0.0 if n == 0 else max((centres[words[n - 1][-1]] + centres[w[0]]) / 2, centres[w[0]] - reach)
+        right = line.width if n == len(words) - 1 else min((centres[w[-1]] + centres[words[n + 1][0]]) / 2,
+                                                           centres[w[-1]] + reach)
         spans.append(WordSpan(left, right, _pieces(centres, w, left, right), "".join(line.chars[i] for i in w)))
     return spans
+
+
+def cut_token(token: list[int], line: LineChars, pitch: float, lexicon: Any | None = None,
+              joint_gap: float = JOINT_GAP) -> list[list[int]]:
+    """A run of characters without a space, cut where words were run together: around an
+    ``&``; at a lower-case letter followed by a capital (``EconoLodge``: at least three
+    letters before, two after); and, with a ``lexicon``, a word it does not know at the
+    widest spacing of at least ``joint_gap`` pitches that leaves two words it knows
+    (``FOREYES``), each at least three letters."""
+    chars = [line.chars[i] for i in token]
+    cuts: set[int] = set()
+    for k, c in enumerate(chars):
+        if c == "&":
+            cuts.update({k, k + 1})
+        elif (0 < k < len(chars) - 1 and c.isupper() and chars[k - 1].islower()
+              and sum(ch.isalpha() for ch in chars[max(0, k - 3):k]) == 3 and chars[k + 1].islower()):
+            cuts.add(k)
+    pieces = _cut(token, cuts)
+    if lexicon is None:
+        return pieces
+    out = []
+    for piece in pieces:
+        text = "".join(line.chars[i] for i in piece)
+        options = []
+        if len(piece) >= 6 and text.isalpha() and text not in lexicon:
+            for k in range(3, len(piece) - 2):
+                spacing = (line.centres[piece[k]] - line.centres[piece[k - 1]]) / max(pitch, 1e-9)
+                if spacing >= joint_gap and text[:k] in lexicon and text[k:] in lexicon:
+                    options.append((spacing, k))
+        out.extend(_cut(piece, {max(options)[1]}) if options else [piece])
+    return out
+
+
+def _cut(token: list[int], cuts: set[int]) -> list[list[int]]:
+    bounds = [0, *sorted(k for k in cuts if 0 < k < len(token)), len(token)]
+    return [token[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 def _pieces(centres: Sequence[float], word: list[int], left: float, right: float) -> list[tuple[float, float]]:
