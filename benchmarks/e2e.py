@@ -87,7 +87,8 @@ def load_photos(folder: Path, limit: int | None = None) -> list[Photo]:
         if not gt.is_file():
             continue
         lex = folder / "lexicons" / f"{path.stem}.txt"
-        lexicon = [w.strip() for w in lex.read_text(encoding="utf-8").splitlines() if w.strip()] if lex.is_file() else []
+        lexicon = ([w.strip() for w in lex.read_text(encoding="utf-8").splitlines() if w.strip()]
+                   if lex.is_file() else [])
         photos.append(Photo(path.stem, path, read_gt(gt), lexicon))
     return photos[:limit] if limit else photos
 
@@ -315,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             lex = r.get("lexicon", {})
             rows.append([set_name, reader, f"{r['generic']['recall']:.2f}", f"{r['generic']['precision']:.2f}",
                          f"{r['generic']['hmean']:.2f}", f"{lex['recall']:.2f}" if lex else "-",
-                         f"{r['seconds_per_photo']:.3f}", f"{next(v for k, v in r.items() if k.startswith('time_vs')):.2f}"])
+                         f"{r['seconds_per_photo']:.3f}",
+                         f"{next(v for k, v in r.items() if k.startswith('time_vs')):.2f}"])
     print(markdown_table(["set", "reader", "recall", "precision", "hmean", "lexicon recall", "s/photo",
                           "time ratio"], rows), file=sys.stderr)
     print_json(clean_nan({"e2e": results, "machine": info, "protocol": "ICDAR 2015 task 4.4 end to end, generic",
