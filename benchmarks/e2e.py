@@ -279,7 +279,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, metavar="N", help="onnxruntime threads for every reader")
     parser.add_argument("--limit", type=int, metavar="N", help="the first N photos of each set")
     parser.add_argument("--predictions", metavar="FILE", help="write every reader's words per photo (JSON lines)")
+    parser.add_argument("--rescore", metavar="FILE", help="score a --predictions file again instead of reading")
     return parser
+
+
+def rescore(path: str, folders: list[Path], lexicon: bool) -> dict[str, Any]:
+    """Scores of a ``--predictions`` file (readers as recorded, photos of ``folders``)."""
+    photos = {p.stem: p for folder in folders for p in load_photos(folder)}
+    generic: dict[str, Tally] = {}
+    spotted: dict[str, Tally] = {}
+    seconds: dict[str, list[float]] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        photo = photos.get(record["photo"])
+        if photo is None:
+            continue
+        name = record["reader"]
+        words = [([tuple(p) for p in poly], text) for poly, text in record["words"]]
+        generic.setdefault(name, Tally()).add(score_photo(photo.truth, words))
+        if lexicon and photo.lexicon:
+            spotted.setdefault(name, Tally()).add(score_photo(photo.truth, spot(words, photo.lexicon)))
+        seconds.setdefault(name, []).append(float(record["seconds"]))
+    return {name: {"generic": t.as_dict(), "photos": len(seconds[name]),
+                   "seconds_per_photo": sum(seconds[name]) / len(seconds[name]),
+                   **({"lexicon": spotted[name].as_dict()} if name in spotted else {})}
+            for name, t in generic.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -293,6 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (folder / "images").is_dir() or not (folder / "gts").is_dir():
             print(f"error: {folder}: not a photo set (needs images/ and gts/)", file=sys.stderr)
             return 2
+    if args.rescore:
+        print_json(clean_nan({"rescored": rescore(args.rescore, folders, args.lexicon)}))
+        return 0
     try:
         readers = {name: make_reader(name, args.engine, args.threads) for name in args.readers}
     except (ImportError, RuntimeError, ValueError) as exc:

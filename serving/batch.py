@@ -13,6 +13,10 @@ samples, the chunks ``clipllama-run --batch`` reads, so every record equals its
 3. the driver writes the records to part files in OUT (:mod:`serving.parts`).
 
 A rerun with the same OUT skips every id (set, source) already written.
+
+With ``--detect`` every input is a whole photo: step 1 is skipped (photos are not resized to
+the recognizer's input), the actors call :meth:`Recognizer.read_photos` and each record is
+the one ``clipllama-run --detect --json`` prints (``source``, ``words``, ...).
 """
 
 from __future__ import annotations
@@ -151,21 +155,41 @@ def decode_chunk(row: dict[str, Any], preprocessing: dict[str, Any]) -> dict[str
 class ChunkReader:
     """Ray Data actor: one recognizer (bundle and LLM loaded once), reading whole chunks."""
 
-    def __init__(self, settings: dict[str, Any], batch: int, num_cpus: float | None = None) -> None:
+    def __init__(self, settings: dict[str, Any], batch: int, num_cpus: float | None = None,
+                 detect: bool = False) -> None:
         self.recognizer = RecognizerSettings(**settings).build(num_cpus)
         self.batch = batch
+        self.detect = detect
 
     def __call__(self, table: Any) -> Any:
         import pyarrow as pa
 
         out = []
         for row in table.to_pylist():
+            if self.detect:
+                out.extend(self._photos(row))
+                continue
             samples = [Sample(source, _input(row, k), label)
                        for k, (source, label) in enumerate(zip(row["source"], row["label"]))]
             name = row["set"] if row["named"] else None
             for result in self.recognizer.read(samples, batch_size=self.batch):
                 out.append(json.dumps(json_record(result, self.recognizer, name), ensure_ascii=False))
         return pa.table({"record": pa.array(out, pa.string())})
+
+
+    def _photos(self, row: dict[str, Any]) -> list[str]:
+        """--detect: the photo records of a chunk."""
+        from runtime.cli import backend_info
+        from runtime.detect.output import photo_record
+
+        samples = [Sample(source, _raw(path, index))
+                   for source, path, index in zip(row["source"], row["path"], row["lmdb_index"])]
+        backend = backend_info(self.recognizer)
+        extra = {"backend": f"{backend['name']} {backend['precision']}"}
+        if row["named"]:
+            extra["set"] = row["set"]
+        return [json.dumps(photo_record(result, extra), ensure_ascii=False)
+                for result in self.recognizer.read_photos(samples, batch_size=self.batch)]
 
 
 def _input(row: dict[str, Any], k: int) -> Any:
@@ -185,7 +209,7 @@ class Resources:
 
 
 def read_chunks(chunks: list[dict[str, Any]], settings: RecognizerSettings, batch: int,
-                resources: Resources) -> Iterator[list[dict[str, Any]]]:
+                resources: Resources, detect: bool = False) -> Iterator[list[dict[str, Any]]]:
     """Records, a Ray Data block at a time (Ray must be initialised)."""
     import ray
 
@@ -195,11 +219,12 @@ def read_chunks(chunks: list[dict[str, Any]], settings: RecognizerSettings, batc
         return
     preprocessing = load_bundle(settings.engine, verify=False).preprocessing.to_dict()
     ds = ray.data.from_items(chunks, override_num_blocks=min(len(chunks), 1000))
-    ds = ds.map(decode_chunk, fn_kwargs={"preprocessing": preprocessing}, num_cpus=resources.decode_cpus)
+    if not detect:  # photos are read whole, not resized to the recognizer's input
+        ds = ds.map(decode_chunk, fn_kwargs={"preprocessing": preprocessing}, num_cpus=resources.decode_cpus)
     ds = ds.map_batches(ChunkReader, batch_size=1, batch_format="pyarrow", concurrency=resources.concurrency,
                         num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
                         fn_constructor_kwargs={"settings": settings.to_dict(), "batch": batch,
-                                               "num_cpus": resources.num_cpus})
+                                               "num_cpus": resources.num_cpus, "detect": detect})
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield [json.loads(text) for text in block.column("record").to_pylist()]
 
@@ -255,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="records per part file, at most what an interruption loses (default: 4096)")
     parser.add_argument("--eval", action="store_true", help="score labelled sets; print the summary JSON")
     parser.add_argument("--address", metavar="ADDR", help="a running Ray cluster ('auto' or ray://HOST:10001)")
+    parser.add_argument("--detect", action="store_true",
+                        help="SRCs are whole photos: one record of words per photo (needs the detect extra)")
     return parser
 
 
@@ -271,6 +298,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch < 1 or args.part_size < 1 or args.concurrency < 1:
         print("error: --batch, --part-size and --concurrency must be at least 1", file=sys.stderr)
         return EXIT_CANNOT_RUN
+    if args.detect:
+        from runtime.detect.settings import DetectUnavailable, check_available
+
+        try:
+            if args.eval:
+                raise DetectUnavailable("--eval scores word crops; score photos with python -m benchmarks.e2e")
+            check_available()
+        except DetectUnavailable as exc:
+            print(f"error: --detect: {exc}", file=sys.stderr)
+            return EXIT_CANNOT_RUN
     from runtime.bundle import BundleError, load_bundle
     from runtime.lexicon import load_lexicons
 
@@ -313,7 +350,8 @@ def write(args: argparse.Namespace, work: Plan) -> int:
     resources = Resources(args.concurrency, args.num_cpus, args.num_gpus, args.decode_cpus)
     pending: list[dict[str, Any]] = []
     failed = written = 0
-    for records in read_chunks(work.chunks, settings_from_args(args), args.batch, resources):
+    for records in read_chunks(work.chunks, settings_from_args(args), args.batch, resources,
+                               getattr(args, "detect", False)):
         pending.extend(records)
         failed += sum(r.get("error") is not None for r in records)
         if len(pending) >= args.part_size:

@@ -159,6 +159,14 @@ def test_detect_extra_absent_says_what_to_install(missing: str, monkeypatch: pyt
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1
     assert "pip install 'clipllama[detect]'" in err and err.startswith("error: --detect:")
+    if importlib.util.find_spec("ray") is None:
+        return
+    from serving import batch, serve
+
+    for entry, argv in ((serve.main, ["--detect"]), (batch.main, [str(photo), "-o", str(tmp_path / "o"), "--detect"])):
+        assert entry(argv) == cli.EXIT_CANNOT_RUN  # said before Ray starts
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "pip install 'clipllama[detect]'" in err, err
 
 
 def test_draw_needs_detect(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

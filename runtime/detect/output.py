@@ -20,13 +20,19 @@ def plain_lines(result: PhotoResult) -> list[str]:
             for w in result.words]
 
 
+def photo_record(result: PhotoResult, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON record of a photo (``--json``, ``POST /read?detect=1``, ``clipllama-batch
+    --detect``): ``source``, ``words``, size, timings, ``error`` when it failed, and ``extra``."""
+    data = result.to_dict()
+    if result.error is None:
+        del data["error"]
+    return {**data, **(extra or {})}
+
+
 def print_photo(result: PhotoResult, out: TextIO, as_json: bool, extra: dict[str, Any] | None = None) -> None:
     """One photo's words on ``out`` (its error on stderr)."""
     if as_json:
-        data = result.to_dict()
-        if result.error is None:
-            del data["error"]
-        print(json.dumps({**data, **(extra or {})}, ensure_ascii=False), file=out, flush=True)
+        print(json.dumps(photo_record(result, extra), ensure_ascii=False), file=out, flush=True)
     else:
         for line in plain_lines(result):
             print(line, file=out, flush=True)
@@ -84,4 +90,4 @@ def read_and_print(recognizer: Any, items: Iterable[Any], out: TextIO, as_json: 
     return failed
 
 
-__all__ = ["DetectUnavailable", "draw", "plain_lines", "print_photo", "read_and_print"]
+__all__ = ["DetectUnavailable", "draw", "photo_record", "plain_lines", "print_photo", "read_and_print"]
