@@ -39,6 +39,9 @@ from benchmarks.common import clean_nan, machine, machine_line, markdown_table, 
 
 STRIP = "!?.:,*\"()·[]/'"
 READERS = ("project", "project+llm", "rapidocr3")
+#: also accepted: the LLM prompted with the other words of the line (the measurement of
+#: runtime.detect.settings.DetectorSettings.llm_context)
+EXTRA_READERS = ("project+llm+context",)
 IOU = 0.5
 DONT_CARE_AREA = 0.5
 MIN_CHARS = 3
@@ -181,17 +184,28 @@ def spot(predicted: Sequence[Word], lexicon: Sequence[str]) -> list[Word]:
 ReadPhoto = Callable[[Path], list[Word]]
 
 
-def project_reader(llm: bool, engine: str | None, threads: int | None) -> tuple[ReadPhoto, Any]:
+def project_reader(llm: bool, engine: str | None, threads: int | None,
+                   context: bool | None = None) -> tuple[ReadPhoto, Any]:
+    from runtime.detect.photo import read_photos
+    from runtime.detect.settings import detector_settings
     from runtime.recognizer import Recognizer
 
     recognizer = Recognizer.from_bundle(engine, llm="default" if llm else "none", threads=threads)
+    settings = detector_settings(recognizer.bundle.manifest)
+    if context is not None:
+        settings = settings.with_changes(llm_context=context)
 
     def read(path: Path) -> list[Word]:
-        result = recognizer.read_photos([path], batch_size=32)[0]
+        result = read_photos(recognizer, [path], batch_size=32, settings=settings)[0]
         if result.error:
             raise RuntimeError(result.error)
+        stats["words"] += len(result.words)
+        stats["gated"] += sum(w.gated for w in result.words)
+        stats["llm_changed"] += sum(w.llm_changed for w in result.words)
         return [([tuple(p) for p in w.polygon], w.text) for w in result.words]
 
+    stats = {"words": 0, "gated": 0, "llm_changed": 0}
+    read.stats = stats  # type: ignore[attr-defined]
     return read, recognizer
 
 
@@ -224,6 +238,8 @@ def make_reader(name: str, engine: str | None, threads: int | None) -> ReadPhoto
         return project_reader(False, engine, threads)[0]
     if name == "project+llm":
         return project_reader(True, engine, threads)[0]
+    if name == "project+llm+context":
+        return project_reader(True, engine, threads, context=True)[0]
     if name == "rapidocr3":
         return rapidocr3_reader(threads)[0]
     raise SystemExit(f"error: unknown reader {name!r} (choose from {', '.join(READERS)})")
@@ -265,6 +281,8 @@ def run_set(photos: list[Photo], readers: dict[str, ReadPhoto], lexicon: bool,
                      f"time_vs_{base}": paired_ratio(seconds[name], seconds[base])}
         if lexicon:
             out[name]["lexicon"] = spotted[name].as_dict()
+        if getattr(readers[name], "stats", None) is not None:
+            out[name]["words"] = dict(readers[name].stats)  # type: ignore[attr-defined]
     return out
 
 
@@ -309,7 +327,7 @@ def rescore(path: str, folders: list[Path], lexicon: bool) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in args.readers:
-        if name not in READERS:
+        if name not in READERS + EXTRA_READERS:
             print(f"error: unknown reader {name!r} (choose from {', '.join(READERS)})", file=sys.stderr)
             return 2
     folders = [Path(s) for s in args.sets]

@@ -194,7 +194,10 @@ def _detect_and_read(recognizer: Recognizer, stages: PhotoStages, photo: np.ndar
                 owners.append((k, j))
     timings["split"] = 1000.0 * (time.perf_counter() - clock)
     clock = time.perf_counter()
-    readings = recognizer.read(pieces, batch_size=batch_size)
+    if settings.llm_context and recognizer.corrector is not None:
+        readings = _read_with_context(recognizer, pieces, owners, spans_per_line, batch_size)
+    else:
+        readings = recognizer.read(pieces, batch_size=batch_size)
     timings["recognize"] = 1000.0 * (time.perf_counter() - clock)
     by_word: dict[tuple[int, int], list[ReadResult]] = {}
     for owner, reading in zip(owners, readings):
@@ -216,3 +219,32 @@ def _detect_and_read(recognizer: Recognizer, stages: PhotoStages, photo: np.ndar
                 vision_text="".join(r.vision_text or "" for r in parts), gated=any(r.gated for r in parts),
                 llm_changed=any(r.llm_changed for r in parts), line_score=round(ordered[k].score, 4)))
             order += 1
+
+
+def context_prompt(words: Sequence[str], index: int, prefix: str, suffix: str) -> tuple[str, str]:
+    """The corrector's prompt around word ``index`` of a line: the words before it end the
+    prefix, the words after it start the suffix (``prefix + candidate + suffix``)."""
+    before, after = " ".join(words[:index]), " ".join(words[index + 1:])
+    return prefix + (before + " " if before else ""), (" " + after if after else "") + suffix
+
+
+def _read_with_context(recognizer: Recognizer, pieces: list[np.ndarray], owners: list[tuple[int, int]],
+                       spans_per_line: list[Any], batch_size: int) -> list[ReadResult]:
+    """Read each word with a corrector whose prompt holds the other words of its line (as the
+    line reader read them); words alone on their line are read as usual, in one batch."""
+    base = recognizer.corrector
+    readings: list[ReadResult | None] = [None] * len(pieces)
+    alone = [i for i, (k, _) in enumerate(owners) if len(spans_per_line[k][0]) < 2]
+    for i, reading in zip(alone, recognizer.read([pieces[i] for i in alone], batch_size=batch_size)):
+        readings[i] = reading
+    try:
+        for i, (k, j) in enumerate(owners):
+            if readings[i] is not None:
+                continue
+            words = [span.line_text for span in spans_per_line[k][0]]
+            prefix, suffix = context_prompt(words, j, base.settings.rescore_prefix, base.settings.rescore_suffix)
+            recognizer.corrector = base.with_settings(rescore_prefix=prefix, rescore_suffix=suffix)
+            readings[i] = recognizer.read([pieces[i]], batch_size=batch_size)[0]
+    finally:
+        recognizer.corrector = base
+    return [r for r in readings if r is not None]

@@ -65,6 +65,8 @@ class DetectorSettings:
     joint_gap: float = 1.6
     #: margin added to each side of a word, in line heights (at most half the gap)
     word_margin: float = 0.15
+    #: the LLM corrector's prompt holds the other words of the line (measured: docs/detection.md)
+    llm_context: bool = False
     #: words read with a lower confidence are dropped
     min_confidence: float = 0.0
 
