@@ -302,26 +302,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def rescore(path: str, folders: list[Path], lexicon: bool) -> dict[str, Any]:
-    """Scores of a ``--predictions`` file (readers as recorded, photos of ``folders``)."""
+    """Scores of a ``--predictions`` file (readers as recorded, photos of ``folders``): only
+    photos every reader has read count (an interrupted run is scored on what it finished)."""
     photos = {p.stem: p for folder in folders for p in load_photos(folder)}
-    generic: dict[str, Tally] = {}
-    spotted: dict[str, Tally] = {}
-    seconds: dict[str, list[float]] = {}
+    records: dict[str, dict[str, Any]] = {}
+    readers: list[str] = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
-        photo = photos.get(record["photo"])
-        if photo is None:
-            continue
-        name = record["reader"]
-        words = [([tuple(p) for p in poly], text) for poly, text in record["words"]]
-        generic.setdefault(name, Tally()).add(score_photo(photo.truth, words))
-        if lexicon and photo.lexicon:
-            spotted.setdefault(name, Tally()).add(score_photo(photo.truth, spot(words, photo.lexicon)))
-        seconds.setdefault(name, []).append(float(record["seconds"]))
-    return {name: {"generic": t.as_dict(), "photos": len(seconds[name]),
-                   "seconds_per_photo": sum(seconds[name]) / len(seconds[name]),
-                   **({"lexicon": spotted[name].as_dict()} if name in spotted else {})}
-            for name, t in generic.items()}
+        if record["photo"] in photos:
+            records.setdefault(record["photo"], {})[record["reader"]] = record
+            if record["reader"] not in readers:
+                readers.append(record["reader"])
+    complete = [stem for stem, by in records.items() if len(by) == len(readers)]
+    generic = {name: Tally() for name in readers}
+    spotted = {name: Tally() for name in readers}
+    seconds: dict[str, list[float]] = {name: [] for name in readers}
+    for stem in complete:
+        photo = photos[stem]
+        for name in readers:
+            record = records[stem][name]
+            words = [([tuple(p) for p in poly], text) for poly, text in record["words"]]
+            generic[name].add(score_photo(photo.truth, words))
+            if lexicon and photo.lexicon:
+                spotted[name].add(score_photo(photo.truth, spot(words, photo.lexicon)))
+            seconds[name].append(float(record["seconds"]))
+    base = "rapidocr3" if "rapidocr3" in readers else readers[-1]
+    return {"photos": len(complete), "readers": {
+        name: {"generic": generic[name].as_dict(), "seconds_per_photo": sum(seconds[name]) / max(1, len(complete)),
+               f"time_vs_{base}": paired_ratio(seconds[name], seconds[base]),
+               **({"lexicon": spotted[name].as_dict()} if lexicon else {})}
+        for name in readers}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
