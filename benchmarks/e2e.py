@@ -225,7 +225,10 @@ def rapidocr3_reader(threads: int | None) -> tuple[ReadPhoto, Any]:
         output = engine(str(path), return_word_box=True)
         words = []
         for line in output.word_results or ():
-            for text, _score, box in line:
+            for item in line or ():
+                if len(item) != 3:  # an empty detection gives empty entries
+                    continue
+                text, _score, box = item
                 if text and box is not None and len(box) == 4:
                     words.append(([(float(x), float(y)) for x, y in box], str(text)))
         return words
