@@ -172,3 +172,31 @@ def test_detect_extra_absent_says_what_to_install(missing: str, monkeypatch: pyt
 def test_draw_needs_detect(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert cli.main([str(tmp_path), "--draw", str(tmp_path)]) == cli.EXIT_CANNOT_RUN
     assert capsys.readouterr().err.strip() == "error: --draw needs --detect"
+
+
+def test_detector_settings_from_the_manifest() -> None:
+    from runtime.detect.settings import DEFAULT_SHA256, detector_settings
+
+    assert detector_settings({}).sha256 == DEFAULT_SHA256  # bundles made before detection
+    assert detector_settings({"detector": {"unclip_ratio": 2.0, "mean": [0.4, 0.4, 0.4]}}).unclip_ratio == 2.0
+    with pytest.raises(ValueError, match="unknown keys unclip"):
+        detector_settings({"detector": {"unclip": 2.0}})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cv2") is None, reason="the detect extra is not installed")
+def test_words_at_spaces_cuts_and_over_long_words() -> None:
+    from runtime.detect.words import MAX_CHARS, LineChars, split_words
+
+    def line(text: str, pitch: float = 20.0) -> LineChars:
+        return LineChars(list(text), [10.0 + pitch * i for i in range(len(text))], 20.0 * len(text) + 20)
+
+    words = split_words(line("DaysInn PUB&BREWERY"), margin=0.15)
+    assert [w.line_text for w in words] == ["Days", "Inn", "PUB", "&", "BREWERY"]
+    assert words[0].x0 == 0.0 and words[-1].x1 == line("DaysInn PUB&BREWERY").width  # the line's ends
+    assert all(a.x1 <= b.x0 for a, b in zip(words, words[1:]))
+    long = split_words(line("A" * 60), margin=0.15)
+    assert len(long) == 1 and len(long[0].pieces) == 3  # one word, read in pieces of at most 25
+    edges = [long[0].x0] + [x for piece in long[0].pieces for x in piece] + [long[0].x1]
+    assert edges == sorted(edges)
+    sizes = [round((b - a) / 20.0) for a, b in long[0].pieces]
+    assert max(sizes) <= MAX_CHARS + 1 and sum(sizes) >= 60

@@ -9,9 +9,10 @@ every character and every space. A word is a run of characters between spaces; i
 are its outer characters' centres plus half a character pitch and a margin, never beyond
 the space's centre; the first and last word of a line reach the line's ends.
 
-A word of more than :data:`MAX_CHARS` characters is cut into pieces of at most that many
-(at the middle between two characters, the widest spacing first), each piece read alone
-and the texts joined into one word.
+Where the line reader ran words together they are cut again (:func:`cut_token`). A word
+of more than :data:`MAX_CHARS` characters is cut into the fewest pieces of at most that many
+(near an even split, at the widest spacing there), each piece read alone and the texts
+joined into one word.
 """
 
 from __future__ import annotations
@@ -177,20 +178,24 @@ def _cut(token: list[int], cuts: set[int]) -> list[list[int]]:
 
 
 def _pieces(centres: Sequence[float], word: list[int], left: float, right: float) -> list[tuple[float, float]]:
-    """Column ranges of a word's characters in pieces of at most :data:`MAX_CHARS`, cut in
-    the middle of the widest spacing that leaves no piece too long to cut again."""
-    groups = [(0, len(word))]
-    while any(e - s > MAX_CHARS for s, e in groups):
-        s, e = next(g for g in groups if g[1] - g[0] > MAX_CHARS)
-        # cut where both sides are at most MAX_CHARS when possible, else in the middle
-        lo, hi = max(s + 1, e - MAX_CHARS), min(e - 1, s + MAX_CHARS)
-        options = range(lo, hi + 1) if lo <= hi else range((s + e) // 2, (s + e) // 2 + 1)
-        j = max(options, key=lambda k: centres[word[k]] - centres[word[k - 1]])
-        i = groups.index((s, e))
-        groups[i:i + 1] = [(s, j), (j, e)]
+    """Column ranges of a word's characters in the fewest pieces of at most :data:`MAX_CHARS`:
+    each cut within two characters of an even split, at the widest spacing there (ties: the
+    nearest to the even split), in the middle between the two characters."""
+    length = len(word)
+    count = -(-length // MAX_CHARS)
+    cuts, previous = [], 0
+    for i in range(1, count):
+        target = round(i * length / count)
+        low = max(previous + 1, target - 2, length - (count - i) * MAX_CHARS)
+        high = min(target + 2, previous + MAX_CHARS, length - 1)
+        options = range(low, high + 1) if low <= high else [min(max(target, previous + 1), length - 1)]
+        k = max(options, key=lambda j: (round(centres[word[j]] - centres[word[j - 1]], 1), -abs(j - target)))
+        cuts.append(k)
+        previous = k
+    bounds = [0, *cuts, length]
     out = []
-    for s, e in groups:
+    for s, e in zip(bounds, bounds[1:]):
         x0 = left if s == 0 else (centres[word[s - 1]] + centres[word[s]]) / 2
-        x1 = right if e == len(word) else (centres[word[e - 1]] + centres[word[e]]) / 2
+        x1 = right if e == length else (centres[word[e - 1]] + centres[word[e]]) / 2
         out.append((x0, x1))
     return out
