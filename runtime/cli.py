@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="one JSON object per input")
     parser.add_argument("--eval", action="store_true", help="score labelled sets; summary JSON last")
     parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    parser.add_argument("--detect", action="store_true",
+                        help="INPUTs are whole photos: find their words, print 'INPUT<TAB>x1,y1,...,x4,y4<TAB>TEXT' "
+                             "per word (--json: one object per photo); needs the detect extra")
+    parser.add_argument("--draw", metavar="DIR", help="with --detect: write each photo with its words drawn into DIR")
     return parser
 
 
@@ -157,6 +161,8 @@ def main(argv: Sequence[str] | None = None,
     except OptionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN
+    if _detect_unusable(args):
+        return EXIT_CANNOT_RUN
     bundle = Path(args.engine) if args.engine else DEFAULT_BUNDLE
     sets: list[InputSet] = []
     listing_failed = False
@@ -182,7 +188,7 @@ def main(argv: Sequence[str] | None = None,
     _backend_notes(recognizer, args.json)
     try:
         with recognizer:
-            status = run(args, recognizer, sets, sys.stdout)
+            status = (run_photos if args.detect else run)(args, recognizer, sets, sys.stdout)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -190,6 +196,42 @@ def main(argv: Sequence[str] | None = None,
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the exit quiet
         return EXIT_OK
     return EXIT_SOME_FAILED if listing_failed else status
+
+
+def _detect_unusable(args: argparse.Namespace) -> bool:
+    """--detect/--draw that cannot run: say why in one line (True)."""
+    if args.draw and not args.detect:
+        print("error: --draw needs --detect", file=sys.stderr)
+        return True
+    if args.detect and args.eval:
+        print("error: --eval scores word crops; score photos with python -m benchmarks.e2e", file=sys.stderr)
+        return True
+    if args.detect:
+        from runtime.detect.settings import DetectUnavailable, check_available
+
+        try:
+            check_available()
+        except DetectUnavailable as exc:
+            print(f"error: --detect: {exc}", file=sys.stderr)
+            return True
+    return False
+
+
+def run_photos(args: argparse.Namespace, recognizer: Recognizer, sets: list[InputSet], out: TextIO) -> int:
+    """--detect: every input is a photo; print its words (runtime.detect.output)."""
+    from runtime.detect.settings import DetectUnavailable
+
+    try:
+        from runtime.detect.output import read_and_print
+
+        photos = [sample for s in sets for sample in s.samples]
+        backend = backend_info(recognizer)
+        extra = {"backend": f"{backend['name']} {backend['precision']}"} if args.json else None
+        failed = read_and_print(recognizer, photos, out, args.json, args.batch, args.draw, extra)
+    except DetectUnavailable as exc:
+        print(f"error: --detect: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
 def _backend_notes(recognizer: Recognizer, as_json: bool) -> None:

@@ -252,6 +252,16 @@ class Recognizer:
             results.extend(self._read_window(items[start:start + window], start, batch_size))
         return results
 
+    def read_photos(self, photos: Sequence[Source | Sample] | Source | Sample,
+                    batch_size: int = DEFAULT_BATCH_SIZE) -> list[Any]:
+        """Whole photos: the words of each (``runtime.detect.photo.PhotoResult``: polygons,
+        texts, confidences, lines, reading order), detected with the bundle's text detector.
+        Needs the ``detect`` extra (``runtime.detect.DetectUnavailable`` says what is missing);
+        a photo that cannot be read gets its error, one with no text an empty word list."""
+        from runtime.detect.photo import read_photos
+
+        return read_photos(self, photos, batch_size)
+
     def _read_window(self, items: list[Source | Sample], offset: int, batch_size: int) -> list[ReadResult]:
         """Load ``items``, then read them in batches of equal padded width."""
         results = [ReadResult(source_name(item, offset + i),

@@ -11,6 +11,11 @@ when none could be (the records still say why), 413 when the request is over a l
 size, image count) or when no image was read and one was over the pixel limit. Images of
 requests that arrive together are read together (``serve.batch``); :data:`MERGE_POLICIES`
 says how.
+
+With detection on (``clipllama-serve --detect``, or per request ``POST /read?detect=1``;
+``?detect=0`` turns it off) every image is a whole photo and its record is the one
+``clipllama-run --detect --json`` prints: ``{"source", "words": [{"text", "polygon",
+"confidence", "line", "order", ...}], ...}`` (``runtime.detect.output.photo_record``).
 """
 
 from __future__ import annotations
@@ -104,8 +109,13 @@ class Reader:
     """One replica: the bundle and the LLM are loaded once, in the constructor."""
 
     def __init__(self, settings: dict[str, Any], limits: dict[str, Any], batching: dict[str, Any],
-                 num_cpus: float | None = None) -> None:
+                 num_cpus: float | None = None, detect: bool = False) -> None:
         self.recognizer = RecognizerConfig.from_dict(settings).build(num_cpus)
+        self.detect = detect
+        if detect:  # load the detector now: a replica that cannot detect fails at deployment
+            from runtime.detect.photo import stages_for
+
+            stages_for(self.recognizer)
         self.limits = Limits(**limits)
         self.batching = Batching(**batching)
         self.read_requests.set_max_batch_size(self.batching.max_batch_size)
@@ -133,6 +143,8 @@ class Reader:
             return JSONResponse({"error": f"{len(items)} images exceed the {self.limits.max_images}-image limit"},
                                 413)
         decoded = await asyncio.to_thread(self._decode, items)
+        if self._wants_detect(request):
+            return await asyncio.to_thread(self._photos, decoded)
         good = [x for x in decoded if isinstance(x, Sample)]
         read = iter(await self.read_requests(good) if good else [])
         records = [next(read) if isinstance(x, Sample) else x for x in decoded]
@@ -154,6 +166,31 @@ class Reader:
             except ImageError as exc:
                 out.append(json_record(ReadResult(name, error=str(exc)), self.recognizer))
         return out
+
+    def _wants_detect(self, request: Request) -> bool:
+        value = request.query_params.get("detect")
+        if value is None:
+            return self.detect
+        return value.strip().lower() in ("1", "true", "yes", "on")
+
+    def _photos(self, decoded: list[Sample | dict[str, Any]]) -> JSONResponse:
+        """Detection on: one photo record per image (decoding errors as records with no words)."""
+        from runtime.detect.output import photo_record
+        from runtime.detect.settings import DetectUnavailable
+
+        good = [x for x in decoded if isinstance(x, Sample)]
+        try:
+            read = iter(self.recognizer.read_photos(good) if good else [])
+        except DetectUnavailable as exc:
+            return JSONResponse({"error": f"detection is not available here: {exc}"}, 400)
+        records = [photo_record(next(read)) if isinstance(x, Sample) else
+                   {"source": x["source"], "words": [], "error": x["error"]} for x in decoded]
+        if not good:  # as for crops: 413 when a photo was over the pixel limit, else 400
+            too_large = [x for x in decoded if isinstance(x, dict) and x.get("too_large")]
+            if too_large:
+                return JSONResponse({"error": too_large[0]["error"], "results": records}, 413)
+            return JSONResponse({"error": "no usable image in the request", "results": records}, 400)
+        return JSONResponse({"results": records})
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def read_requests(self, requests: list[list[Sample]]) -> list[list[dict[str, Any]]]:
@@ -179,11 +216,11 @@ class Reader:
 
 
 def build_app(settings: RecognizerConfig, limits: Limits, batching: Batching, replicas: int = 1,
-              num_cpus: float = 1.0, num_gpus: float = 0.0) -> Any:
+              num_cpus: float = 1.0, num_gpus: float = 0.0, detect: bool = False) -> Any:
     """The Serve application: ``replicas`` copies of :class:`Reader`, each with its own CPUs/GPUs."""
     deployment = serve.deployment(Reader, name="clipllama-reader").options(
         num_replicas=replicas,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
         max_ongoing_requests=max(16, 4 * batching.max_batch_size),
     )
-    return deployment.bind(settings.to_dict(), limits.__dict__, batching.__dict__, num_cpus)
+    return deployment.bind(settings.to_dict(), limits.__dict__, batching.__dict__, num_cpus, detect)

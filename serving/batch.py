@@ -13,6 +13,10 @@ samples, the chunks ``clipllama-run --batch`` reads, so every record equals its
 3. the driver writes the records to part files in OUT (:mod:`serving.parts`).
 
 A rerun with the same OUT skips every id (set, source) already written.
+
+With ``--detect`` every input is a whole photo: step 1 is skipped (photos are not resized to
+the recognizer's input), the actors call :meth:`Recognizer.read_photos` and each record is
+the one ``clipllama-run --detect --json`` prints (``source``, ``words``, ...).
 """
 
 from __future__ import annotations
@@ -149,21 +153,41 @@ def decode_chunk(row: dict[str, Any], preprocessing: dict[str, Any]) -> dict[str
 class ChunkReader:
     """Ray Data actor: one recognizer (bundle and LLM loaded once), reading whole chunks."""
 
-    def __init__(self, settings: dict[str, Any], batch: int, num_cpus: float | None = None) -> None:
+    def __init__(self, settings: dict[str, Any], batch: int, num_cpus: float | None = None,
+                 detect: bool = False) -> None:
         self.recognizer = RecognizerConfig.from_dict(settings).build(num_cpus)
         self.batch = batch
+        self.detect = detect
 
     def __call__(self, table: Any) -> Any:
         import pyarrow as pa
 
         out = []
         for row in table.to_pylist():
+            if self.detect:
+                out.extend(self._photos(row))
+                continue
             samples = [Sample(source, _input(row, k), label)
                        for k, (source, label) in enumerate(zip(row["source"], row["label"]))]
             name = row["set"] if row["named"] else None
             for result in self.recognizer.read(samples, batch_size=self.batch):
                 out.append(json.dumps(json_record(result, self.recognizer, name), ensure_ascii=False))
         return pa.table({"record": pa.array(out, pa.string())})
+
+
+    def _photos(self, row: dict[str, Any]) -> list[str]:
+        """--detect: the photo records of a chunk."""
+        from runtime.cli import backend_info
+        from runtime.detect.output import photo_record
+
+        samples = [Sample(source, _raw(path, index))
+                   for source, path, index in zip(row["source"], row["path"], row["lmdb_index"])]
+        backend = backend_info(self.recognizer)
+        extra = {"backend": f"{backend['name']} {backend['precision']}"}
+        if row["named"]:
+            extra["set"] = row["set"]
+        return [json.dumps(photo_record(result, extra), ensure_ascii=False)
+                for result in self.recognizer.read_photos(samples, batch_size=self.batch)]
 
 
 def _input(row: dict[str, Any], k: int) -> Any:
@@ -183,7 +207,7 @@ class Resources:
 
 
 def read_chunks(chunks: list[dict[str, Any]], settings: RecognizerConfig, batch: int,
-                resources: Resources) -> Iterator[list[dict[str, Any]]]:
+                resources: Resources, detect: bool = False) -> Iterator[list[dict[str, Any]]]:
     """Records, a Ray Data block at a time (Ray must be initialised)."""
     import ray
 
@@ -193,7 +217,8 @@ def read_chunks(chunks: list[dict[str, Any]], settings: RecognizerConfig, batch:
         return
     preprocessing = load_bundle(settings.engine, verify=False).preprocessing.to_dict()
     ds = ray.data.from_items(chunks, override_num_blocks=min(len(chunks), 1000))
-    ds = ds.map(decode_chunk, fn_kwargs={"preprocessing": preprocessing}, num_cpus=resources.decode_cpus)
+    if not detect:  # photos are read whole, not resized to the recognizer's input
+        ds = ds.map(decode_chunk, fn_kwargs={"preprocessing": preprocessing}, num_cpus=resources.decode_cpus)
     with warnings.catch_warnings():  # max_restarts has no named parameter in Ray 2.60 (pinned)
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
         ds = ds.map_batches(ChunkReader, batch_size=1, batch_format="pyarrow",
@@ -203,7 +228,7 @@ def read_chunks(chunks: list[dict[str, Any]], settings: RecognizerConfig, batch:
                             # restarted from constructor arguments Ray may have dropped (ray#53727)
                             max_restarts=0,
                             fn_constructor_kwargs={"settings": settings.to_dict(), "batch": batch,
-                                                   "num_cpus": resources.num_cpus})
+                                                   "num_cpus": resources.num_cpus, "detect": detect})
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield [json.loads(text) for text in block.column("record").to_pylist()]
 
@@ -257,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="records per part file, at most what an interruption loses (default: 4096)")
     parser.add_argument("--eval", action="store_true", help="score labelled sets; print the summary JSON")
     parser.add_argument("--address", metavar="ADDR", help="a running Ray cluster ('auto' or ray://HOST:10001)")
+    parser.add_argument("--detect", action="store_true",
+                        help="SRCs are whole photos: one record of words per photo (needs the detect extra)")
     return parser
 
 
@@ -274,6 +301,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_CANNOT_RUN
+    if args.detect:
+        from runtime.detect.settings import DetectUnavailable, check_available
+
+        try:
+            if args.eval:
+                raise DetectUnavailable("--eval scores word crops; score photos with python -m benchmarks.e2e")
+            check_available()
+        except DetectUnavailable as exc:
+            print(f"error: --detect: {exc}", file=sys.stderr)
+            return EXIT_CANNOT_RUN
     named_sets, listing_errors, notes = list_inputs(args.inputs)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
@@ -360,7 +397,8 @@ def write(args: argparse.Namespace, work: Plan) -> int:
     resources = Resources(args.concurrency, args.num_cpus, args.num_gpus, args.decode_cpus)
     pending: list[dict[str, Any]] = []
     failed = written = 0
-    for records in read_chunks(work.chunks, settings_from_args(args), args.batch, resources):
+    for records in read_chunks(work.chunks, settings_from_args(args), args.batch, resources,
+                               getattr(args, "detect", False)):
         pending.extend(records)
         for record in records:
             if record.get("error") is not None:

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="longest wait for a batch to fill (default: 5)")
     group.add_argument("--merge", choices=("width", "request"), default="width",
                        help="how batched requests' images are grouped (default: width; see serving.app)")
+    group.add_argument("--detect", action="store_true",
+                       help="POST /read takes whole photos: find and read their words (per request: ?detect=0|1; "
+                            "needs the detect extra)")
     group.add_argument("--address", metavar="ADDR",
                        help="join a running Ray cluster ('auto' or ray://HOST:10001); default: a local instance")
     group = parser.add_argument_group("HTTP")
@@ -69,6 +72,13 @@ def check(args: argparse.Namespace) -> str | None:
         settings_from_args(args).check(verify=True)
     except OptionError as exc:
         return str(exc)
+    if args.detect:
+        from runtime.detect.settings import DetectUnavailable, check_available
+
+        try:
+            check_available()
+        except DetectUnavailable as exc:
+            return f"--detect: {exc}"
     return None
 
 
@@ -93,7 +103,8 @@ def deploy(args: argparse.Namespace) -> str:
     batching = Batching(args.max_batch_size, args.batch_wait_ms / 1000.0, args.merge)
     _drop_log_line("ray.serve", "Connecting to existing Serve app")  # serve.run after our own serve.start
     serve.start(http_options={"host": args.host, "port": args.port})
-    app = build_app(settings_from_args(args), limits, batching, args.replicas, args.num_cpus, args.num_gpus)
+    app = build_app(settings_from_args(args), limits, batching, args.replicas, args.num_cpus, args.num_gpus,
+                    args.detect)
     serve.run(app, name=APP_NAME, route_prefix=args.route_prefix)
     return f"http://{args.host}:{args.port}{args.route_prefix.rstrip('/')}"
 
