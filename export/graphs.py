@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from training.model.clip4str import CLIP4STR
 from training.model.decoder import predict, refine
 
-GRAPH_NAMES = ("image_encoder", "visual_decoder", "text_encoder", "cross_decoder")
 #: names of the dynamic axes of an aspect-keeping tower's graphs (docs/bundle.md)
 WIDTH_AXIS = "width"
 TOKENS_AXIS = "tokens"

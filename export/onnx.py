@@ -44,13 +44,13 @@ from export.lint import lint_model
 from export.manifest import BATCH_AXIS, base_manifest, current_umask, graph_entry, read_manifest, write_manifest
 from export.precision import INT8_GRAPHS, rename_inputs, store_exact_half, to_fp16, to_int8
 from export.static_int8 import METHODS as STATIC_METHODS
+from runtime.backends import PRECISIONS
 from runtime.bundle import MANIFEST_NAME
 from training.checkpoint import CONFIG_NAME, WEIGHTS_NAME, checkpoint_dir, load_checkpoint, read_config
 from training.model.clip4str import CLIP4STR, default_bpe_path
 
 log = logging.getLogger("export")
 
-PRECISIONS = ("fp32", "fp16", "int8")
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = 18
 BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"

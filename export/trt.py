@@ -39,6 +39,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_NO_TENSORRT = 3
 ENGINE_DIR = "trt"
+#: the precisions TensorRT engines are built in (int8 runs in onnxruntime only; cf. runtime.backends.PRECISIONS)
 PRECISIONS = ("fp32", "fp16")
 #: pixels per image token of the aspect-keeping towers (PP-OCR's backbone downsamples by 8)
 TOWER_WIDTH_STRIDE = 8

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from runtime.backends import Backend, select_backend
+from runtime.backends import PRECISIONS, Backend, select_backend
 from runtime.bundle import load_bundle
 from runtime.charset import WordAccuracy, keep_for_eval, weighted_total
 from runtime.preprocess import ImageError, load_image, preprocess, width_groups
@@ -42,7 +42,6 @@ from runtime.recognizer import Recognizer
 from training.checkpoint import load_checkpoint
 from training.model.clip4str import CLIP4STR
 
-PRECISIONS = ("fp32", "fp16", "int8")
 #: graph outputs compared, as ``graph.output`` (text features split into the two calls)
 OUTPUTS = ("image_encoder.image_features", "image_encoder.ctc_log_probs",
            "visual_decoder.ar_logits", "visual_decoder.refined_logits",

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.cli import EXIT_CANNOT_RUN, EXIT_OK, EXIT_SOME_FAILED
 from runtime.inputs import InputError, InputSet, LmdbSamples, Sample, collect_inputs
 from runtime.options import OptionError, RecognizerConfig
 from runtime.recognizer import DEFAULT_BATCH_SIZE, LLMInfo, ReadResult
@@ -39,7 +40,6 @@ from runtime.records import SetScore, json_record, merge_loose, unique_names
 from serving.common import add_recognizer_options, missing_serve_extra, one_line, settings_from_args, stop_on_signals
 from serving.parts import FORMATS, PartWriter, done_ids, read_records
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_CANNOT_RUN = 0, 1, 2
 PATH_LIST_SUFFIXES = (".txt", ".lst")
 
 

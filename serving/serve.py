@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from runtime.cli import EXIT_CANNOT_RUN, EXIT_OK
 from serving.common import (
     add_recognizer_options,
     missing_serve_extra,
@@ -20,7 +21,6 @@ from serving.common import (
 )
 
 APP_NAME = "clipllama"
-EXIT_OK, EXIT_CANNOT_RUN = 0, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
