@@ -210,16 +210,9 @@ def project_reader(llm: bool, engine: str | None, threads: int | None,
 
 
 def rapidocr3_reader(threads: int | None) -> tuple[ReadPhoto, Any]:
-    import logging
+    from benchmarks.readers import rapidocr3_engine
 
-    from rapidocr import RapidOCR
-
-    logging.getLogger("RapidOCR").setLevel(logging.WARNING)
-    params: dict[str, Any] = {}
-    if threads:
-        params = {"EngineConfig.onnxruntime.intra_op_num_threads": threads,
-                  "EngineConfig.onnxruntime.inter_op_num_threads": 1}
-    engine = RapidOCR(params=params)
+    engine = rapidocr3_engine(threads)
 
     def read(path: Path) -> list[Word]:
         output = engine(str(path), return_word_box=True)

@@ -84,21 +84,28 @@ def load_rapidocr(threads: int | None = None) -> Reader:
                   {"model": Path(config["model_path"]).name})
 
 
-def load_rapidocr3(threads: int | None = None) -> Reader:
-    """PP-OCRv6 small text recognizer of rapidocr 3.x (recognition only, the wheel's model)."""
-    try:
-        from rapidocr import RapidOCR
-        from rapidocr.ch_ppocr_rec.typings import TextRecInput
-    except ImportError as exc:
-        raise Missing(f"rapidocr is not installed ({exc})") from None
+def rapidocr3_engine(threads: int | None = None) -> Any:
+    """rapidocr 3.x's whole pipeline with its own settings (``threads``: onnxruntime's intra-op
+    threads, one inter-op thread; None: its defaults), its log quiet below warnings."""
     import logging
+
+    from rapidocr import RapidOCR
 
     logging.getLogger("RapidOCR").setLevel(logging.WARNING)
     params: dict[str, Any] = {}
     if threads:
         params = {"EngineConfig.onnxruntime.intra_op_num_threads": threads,
                   "EngineConfig.onnxruntime.inter_op_num_threads": 1}
-    engine = RapidOCR(params=params)
+    return RapidOCR(params=params)
+
+
+def load_rapidocr3(threads: int | None = None) -> Reader:
+    """PP-OCRv6 small text recognizer of rapidocr 3.x (recognition only, the wheel's model)."""
+    try:
+        from rapidocr.ch_ppocr_rec.typings import TextRecInput
+    except ImportError as exc:
+        raise Missing(f"rapidocr is not installed ({exc})") from None
+    engine = rapidocr3_engine(threads)
     recognizer = engine._load_rec_model()
 
     def read(image: Image.Image) -> str:

@@ -226,3 +226,14 @@ def fake_recognizer(fake_bundle: Path) -> Callable[..., Any]:
         return Recognizer(load_bundle(fake_bundle), FakeBackend(**backend), corrector, threshold)
 
     return make
+
+
+def labelled_folder(root: Path, n: int = 3) -> Path:
+    """A folder set of ``n`` flat images of growing width, labelled ``word0``, ``word1``, ..."""
+    (root / "images").mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        Image.new("RGB", (60 + 10 * i, 20), (30 * i % 255, 120, 200)).save(root / "images" / f"{i}.png")
+        lines.append(f"{i}.png\tword{i}\n")
+    (root / "labels.tsv").write_text("".join(lines))
+    return root

@@ -8,24 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from conftest import labelled_folder
 
 from benchmarks import latency, peers
 
 
-def _set(root: Path, n: int = 3) -> Path:
-    (root / "images").mkdir(parents=True)
-    lines = []
-    for i in range(n):
-        Image.new("RGB", (60 + 10 * i, 20), (30 * i % 255, 120, 200)).save(root / "images" / f"{i}.png")
-        lines.append(f"{i}.png\tword{i}\n")
-    (root / "labels.tsv").write_text("".join(lines))
-    return root
-
-
 def test_isolated_reader_runs_in_its_own_process(tiny_bundle: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    root = _set(tmp_path / "s")
+    root = labelled_folder(tmp_path / "s")
     status = peers.main([str(root), "--readers", "project", "--engine", str(tiny_bundle), "--threads", "1",
                          "--warmup", "1", "--isolated", "--json"])
     out = capsys.readouterr().out

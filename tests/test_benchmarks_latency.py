@@ -8,21 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FakeCorrector
+from conftest import FakeCorrector, labelled_folder
 from PIL import Image
 
 from benchmarks import latency
+from benchmarks.common import load_set
 from benchmarks.engines import BatchTiming
-
-
-def _set(root: Path, n: int) -> Path:
-    (root / "images").mkdir(parents=True)
-    lines = []
-    for i in range(n):
-        Image.new("RGB", (60 + 10 * i, 20), (30 * i % 255, 120, 200)).save(root / "images" / f"{i}.png")
-        lines.append(f"{i}.png\tword{i}\n")
-    (root / "labels.tsv").write_text("".join(lines))
-    return root
 
 
 def test_batch_timing_host_share() -> None:
@@ -82,9 +73,7 @@ def test_llm_step_with_stand_in_corrector(tiny_bundle: Path, tmp_path: Path, mon
         return corrector
 
     monkeypatch.setattr(Corrector, "from_spec", staticmethod(fake_from_spec))
-    from benchmarks.common import load_set
-
-    data = load_set(_set(tmp_path / "s", 5))
+    data = load_set(labelled_folder(tmp_path / "s", 5))
     report = latency.measure_llm(tiny_bundle, data.images, ["default"], threads=1, max_words=100, batch=2)
     assert made == [("default", "rescore"), ("default", "fill")]
     assert report["images"] == 5 and 0 <= report["gated"] <= 5
@@ -97,9 +86,7 @@ def test_llm_step_with_stand_in_corrector(tiny_bundle: Path, tmp_path: Path, mon
 
 
 def test_llm_step_reports_a_missing_model(tiny_bundle: Path, tmp_path: Path) -> None:
-    from benchmarks.common import load_set
-
-    data = load_set(_set(tmp_path / "s", 2))
+    data = load_set(labelled_folder(tmp_path / "s", 2))
     report = latency.measure_llm(tiny_bundle, data.images, [str(tmp_path / "none.gguf")], threads=1, max_words=1)
     assert report["variants"] == []
     assert set(report["missing"]) == {f"{tmp_path / 'none.gguf'}/rescore", f"{tmp_path / 'none.gguf'}/fill"}

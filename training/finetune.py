@@ -159,11 +159,11 @@ def distillation(log_probs: Tensor, teacher: Tensor) -> Tensor:
 
 def ctc_accuracy(tower: Tower, crops: list[np.ndarray], labels: list[str], codec: CharCodec) -> float:
     """Word accuracy (%, protocol) of the tower's greedy CTC reading."""
-    from runtime.decoding import ctc_greedy
+    from runtime.ctc_reading import ctc_prediction
 
     tower.eval()
     accuracy = WordAccuracy()
-    texts = ["".join(codec.charset[c - 1] for c in ctc_greedy(row.numpy())) for row in answers(tower, crops, 32)]
+    texts = [ctc_prediction(codec, row.numpy()).text for row in answers(tower, crops, 32)]
     accuracy.update(texts, labels)
     return float(accuracy.as_dict()["accuracy"])
 
