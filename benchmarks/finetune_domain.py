@@ -8,6 +8,11 @@ folder sets, ``train``, ``val`` and ``test`` (70 / 10 / 20 % of the crops, by a 
 permutation), each crop degraded the same deterministic way: shrunk to 10 pixels high and
 back (bilinear), blurred (Gaussian, radius 1.0) and saved as JPEG at quality 20. Write OUT
 outside the repository (the crops' licence).
+
+OUT also gets ``keep.tsv``: general scene-text crops whose reading a fine-tune must keep, the
+default model's own validation crops (the 5% its training held out,
+``benchmarks.correction.carve_val_real``) minus those of SRC's set, so that no crop is both a
+degraded training crop and a clean keep crop (``training.finetune ... --keep OUT/keep.tsv``).
 """
 
 from __future__ import annotations
@@ -59,6 +64,16 @@ def build(src: Path, out: Path, seed: int = 0) -> dict[str, int]:
     return sizes
 
 
+def write_keep(src: Path, out: Path) -> int:
+    """Write ``out/keep.tsv`` (absolute image paths); how many crops it lists."""
+    from benchmarks.correction import TRAIN, carve_val_real
+
+    rows = [(name, file, label) for name, file, label in carve_val_real(out) if name != src.resolve().name]
+    lines = [f"{TRAIN / name / 'images' / file}\t{label}\n" for name, file, label in rows]
+    (out / "keep.tsv").write_text("".join(lines), encoding="utf-8")
+    return len(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.finetune_domain", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", type=Path)
@@ -68,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.src / "labels.tsv").is_file():
         print(f"error: {args.src}: no labels.tsv (a folder set with images/ and labels.tsv)", file=sys.stderr)
         return 2
-    print(build(args.src, args.output, args.seed))
+    sizes = build(args.src, args.output, args.seed)
+    sizes["keep"] = write_keep(args.src, args.output)
+    print(sizes)
     return 0
 
 

@@ -53,19 +53,41 @@ def test_ctc_loss_ignores_case_when_asked() -> None:
     assert folded < 0.5 < sensitive
 
 
+def test_mixed_state_moves_floats_part_of_the_way() -> None:
+    original = {"w": torch.tensor([0.0, 2.0]), "n": torch.tensor(3)}
+    trained = {"w": torch.tensor([1.0, 4.0]), "n": torch.tensor(7)}
+    mixed = finetune.mixed_state(original, trained, 0.25)
+    assert torch.allclose(mixed["w"], torch.tensor([0.25, 2.5])) and int(mixed["n"]) == 7
+    assert torch.equal(finetune.mixed_state(original, trained, 0.0)["w"], original["w"])
+
+
+def test_the_mix_is_the_best_on_validation_within_the_keep_tolerance() -> None:
+    rows = [{"alpha": 0.0, "val_ctc": 80.0, "keep_ctc": 90.0},
+            {"alpha": 0.5, "val_ctc": 84.0, "keep_ctc": 89.6},
+            {"alpha": 0.8, "val_ctc": 86.0, "keep_ctc": 89.0},
+            {"alpha": 1.0, "val_ctc": 87.0, "keep_ctc": 88.0}]
+    assert finetune.pick_mix(rows, 0.5)["alpha"] == 0.5
+    assert finetune.pick_mix(rows, 1.0)["alpha"] == 0.8
+    assert finetune.pick_mix(rows, 0.0)["alpha"] == 0.0  # nothing else keeps enough
+    tie = [*rows[:1], {"alpha": 0.4, "val_ctc": 80.0, "keep_ctc": 90.0}]
+    assert finetune.pick_mix(tie, 0.5)["alpha"] == 0.0  # no gain: the original
+
+
 def test_a_short_finetune_writes_a_bundle_the_runtime_reads(tmp_path: Path, capsys) -> None:
     words = ["coffee", "Station", "OPEN", "hello", "pizza", "EXIT", "2026", "Bakery"]
     train = _set(tmp_path / "train", words)
     val = _set(tmp_path / "val", words[:4])
     out = tmp_path / "out"
     status = finetune.main([str(train), "--val", str(val), "-o", str(out), "--minutes", "0.05", "--batch", "4",
-                            "--general", "8", "--eval-every", "1", "--no-progress", "--threads", "1"])
+                            "--general", "8", "--keep-synthetic", "4", "--eval-every", "1", "--no-progress",
+                            "--threads", "1"])
     assert status == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"val_before", "val_after", "steps", "bundle", "checkpoint"} <= set(summary)
     assert summary["steps"] >= 1 and 0.0 <= summary["val_after"] <= 100.0
     meta = json.loads((out / "checkpoint" / "model.json").read_text())["meta"]["finetune"]
     assert meta["steps"] == summary["steps"] and meta["settings"]["batch"] == 4
+    assert meta["keep_crops"] == 4 and meta["mixes"][0]["alpha"] == 0.0 and summary["mix"] == meta["mix"]
     from runtime.recognizer import Recognizer
 
     with Recognizer.from_bundle(out / "bundle", llm="none") as reader:
