@@ -92,6 +92,9 @@ def base_manifest(cfg: ModelConfig, bundle_dir: Path, bpe_file: str,
         "tokenizer": tokenizer_section(bundle_dir, bpe_file),
         "graphs": graphs,
         "engines": [],
+        # cascade read as well as full, with and without the LLM, at CTC's speed on the default
+        # model's validation split (docs/benchmarks.md "Decode modes")
+        "defaults": {"decode": "cascade"} if cfg.ctc_rescoring else {},
         "files": {},
         "created": {"tool": "export.onnx", "version": TOOL_VERSION,
                     "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra},

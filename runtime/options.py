@@ -58,8 +58,9 @@ class RecognizerConfig:
     #: (None: off)
     min_confidence: float | None = None
     #: how words are read: "full" (both decoders), "ctc" (the tower's CTC head alone) or
-    #: "cascade" (CTC first, the decoders for the words the gate does not trust)
-    decode: str = "full"
+    #: "cascade" (CTC first, the decoders for the words the gate does not trust); None: the
+    #: bundle's (its manifest's ``defaults.decode``; the embedded bundle's is cascade)
+    decode: str | None = None
     #: a JSON file of correction settings put over the bundle's ``correction`` section
     #: (:class:`runtime.correction.settings.CorrectionSettings`; None: the bundle's)
     correction_config: str | None = None
@@ -234,9 +235,10 @@ def add_recognizer_options(parser: argparse.ArgumentParser, backend_note: str = 
     group.add_argument("--min-confidence", type=probability, metavar="P",
                        help="words read with a confidence below P come out as empty text, flagged "
                             "low_confidence in --json (e.g. blank images; default: off)")
-    group.add_argument("--decode", choices=DECODE_MODES, default="full",
+    group.add_argument("--decode", choices=DECODE_MODES, default=None,
                        help="full: both decoders (the method); ctc: the image tower's CTC head alone (faster); "
-                            "cascade: CTC first, the decoders for words the gate does not trust (default: full)")
+                            "cascade: CTC first, the decoders for words the gate does not trust "
+                            "(default: the bundle's; the embedded bundle's is cascade)")
     group.add_argument("--correction-config", metavar="FILE",
                        help="JSON file of correction settings over the bundle's (any subset of its manifest's "
                             "'correction' section, e.g. {\"llm\": {\"time_budget_s\": 5}}; docs/correction.md)")

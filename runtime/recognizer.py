@@ -158,8 +158,21 @@ def make_corrector(llm: str | None, mode: str, threshold: float, lexicon: str | 
     return corrector
 
 
-def check_decode(bundle: Bundle, decode: str) -> str:
-    """``decode`` when the bundle can read that way; else ``ValueError`` saying why."""
+def bundle_decode(bundle: Bundle) -> str:
+    """The bundle's decode mode: its manifest's ``defaults.decode`` when it names one the
+    bundle can read with, else ``full`` (bundles exported before the field existed)."""
+    defaults = bundle.manifest.get("defaults")
+    wanted = defaults.get("decode") if isinstance(defaults, dict) else None
+    if wanted in DECODE_MODES and (wanted == "full" or bundle.decode.ctc_rescoring):
+        return str(wanted)
+    return "full"
+
+
+def check_decode(bundle: Bundle, decode: str | None) -> str:
+    """``decode`` (None: :func:`bundle_decode`) when the bundle can read that way; else
+    ``ValueError`` saying why."""
+    if decode is None:
+        return bundle_decode(bundle)
     if decode not in DECODE_MODES:
         raise ValueError(f"unknown decode mode {decode!r} (choose from {', '.join(DECODE_MODES)})")
     if decode != "full" and not bundle.decode.ctc_rescoring:
@@ -174,7 +187,7 @@ class Recognizer:
     def __init__(self, bundle: Bundle, backend: Backend, corrector: Corrector | None = None,
                  threshold: float | None = None, llm_mode: str = "rescore",
                  min_confidence: float | None = None, correction: CorrectionSettings | None = None,
-                 decode: str = "full") -> None:
+                 decode: str | None = None) -> None:
         self.bundle = bundle
         self.backend = backend
         self.corrector = corrector
@@ -198,13 +211,13 @@ class Recognizer:
                     threshold: float | None = None, llm_mode: str = "rescore", precision: str | None = None,
                     threads: int | None = None, verify: bool = True, lexicon: str | None = "default",
                     min_confidence: float | None = None,
-                    correction: CorrectionSettings | None = None, decode: str = "full") -> Recognizer:
+                    correction: CorrectionSettings | None = None, decode: str | None = None) -> Recognizer:
         """Load and check the bundle at ``path`` (None: the embedded default bundle), pick the
         backend (see :func:`~runtime.backends.select_backend`), set up the LLM (see
         :func:`make_corrector`). ``min_confidence``: words below it read as empty text, flagged
         :attr:`ReadResult.low_confidence` (None: off). ``correction``: correction settings
         (default: the bundle's manifest section). ``decode``: one of
-        :data:`~runtime.ctc_reading.DECODE_MODES`."""
+        :data:`~runtime.ctc_reading.DECODE_MODES` (None: the bundle's, :func:`bundle_decode`)."""
         bundle = load_bundle(path, verify=verify)
         value = check_threshold(bundle.threshold if threshold is None else threshold)
         check_decode(bundle, decode)
@@ -341,8 +354,9 @@ class Recognizer:
         with timer("decode_gate"):
             predictions = ctc_predictions(self.codec, encoded["ctc_log_probs"], topk=self.topk,
                                           gap_rule=self.correction.gaps)
-        if self.decode == "cascade":  # the decoders for the words the gate does not trust
-            unsure = [i for i, p in enumerate(predictions) if gate(p, self.threshold).needs_llm]
+        if self.decode == "cascade":  # the decoders for the words the gate does not trust,
+            # and for crops where CTC read nothing (a blank crop, or text too faint for it)
+            unsure = [i for i, p in enumerate(predictions) if not p.text or gate(p, self.threshold).needs_llm]
             if unsure:
                 subset = {name: value[unsure] for name, value in encoded.items()}
                 for i, prediction in zip(unsure, self._decoders(subset, timer)):

@@ -60,7 +60,7 @@ def test_cascade_takes_the_decoders_for_unsure_words(readers: dict[str, Recogniz
                    sharp.crop((0, 0, width * 2 // 3, height))]
     full, ctc, cascade = (readers[m].read(images) for m in ("full", "ctc", "cascade"))
     threshold = readers["cascade"].threshold
-    unsure = [i for i, r in enumerate(ctc) if min(r.char_confidences or [1.0]) < threshold]
+    unsure = [i for i, r in enumerate(ctc) if not r.text or min(r.char_confidences) < threshold]
     assert 0 < len(unsure) < len(images), "the probe set needs sure and unsure words"
     for i in range(len(images)):
         want = full[i] if i in unsure else ctc[i]
@@ -73,3 +73,23 @@ def test_decode_needs_a_ctc_head(fake_bundle: Path) -> None:
     assert RecognizerConfig(engine=str(fake_bundle), llm="none", decode="full").check()
     with pytest.raises(OptionError, match="unknown decode mode"):
         RecognizerConfig(llm="none", decode="beam").check()
+
+
+def test_the_decode_mode_defaults_to_the_bundles(fake_bundle: Path, tmp_path: Path) -> None:
+    """No --decode: the manifest's ``defaults.decode`` (the embedded bundle's cascade), full
+    for a bundle without one or one it cannot read with (no CTC head)."""
+    import json
+    import shutil
+
+    from runtime.bundle import load_bundle
+    from runtime.recognizer import bundle_decode
+
+    assert bundle_decode(load_bundle(None)) == "cascade"
+    assert bundle_decode(load_bundle(fake_bundle)) == "full"
+    copy = tmp_path / "bundle"
+    shutil.copytree(fake_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["defaults"] = {"decode": "ctc"}  # this bundle has no CTC head: ignored
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert bundle_decode(load_bundle(copy, verify=False)) == "full"
+    assert RecognizerConfig(engine=str(copy), llm="none").check(verify=False)
