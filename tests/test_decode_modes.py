@@ -93,3 +93,17 @@ def test_the_decode_mode_defaults_to_the_bundles(fake_bundle: Path, tmp_path: Pa
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert bundle_decode(load_bundle(copy, verify=False)) == "full"
     assert RecognizerConfig(engine=str(copy), llm="none").check(verify=False)
+
+
+def test_the_decode_modes_benchmark_scores_each_mode(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from benchmarks import decode_modes
+
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("".join(f"{p}\t{p.stem}\n" for p in sorted(SAMPLES.glob("*.png"))), encoding="utf-8")
+    assert decode_modes.main([str(labels), "--modes", "full,ctc"]) == 0
+    table = capsys.readouterr().out
+    assert "| full: accuracy / ms per crop / texts unlike full |" in table
+    row = next(line for line in table.splitlines() if "labels.tsv" in line)
+    assert row.count("100.00 / ") == 2 and row.rstrip(" |").endswith("/ 0")
+    assert decode_modes.main([str(SAMPLES), "--modes", "ctc"]) == 2
+    assert decode_modes.main([str(labels), "--modes", "beam"]) == 2
