@@ -87,6 +87,8 @@ def test_a_short_finetune_writes_a_bundle_the_runtime_reads(tmp_path: Path, caps
     assert summary["steps"] >= 1 and 0.0 <= summary["val_after"] <= 100.0
     meta = json.loads((out / "checkpoint" / "model.json").read_text())["meta"]["finetune"]
     assert meta["steps"] == summary["steps"] and meta["settings"]["batch"] == 4
+    manifest = json.loads((out / "bundle" / "manifest.json").read_text())
+    assert summary["decode"] in ("cascade", "ctc", "full") and manifest["defaults"]["decode"] == summary["decode"]
     assert meta["keep_crops"] == 4 and meta["mixes"][0]["alpha"] == 0.0 and summary["mix"] == meta["mix"]
     from runtime.recognizer import Recognizer
 

@@ -16,7 +16,7 @@ measured before training and every ``--eval-every`` seconds; the best state is k
 OUT gets ``checkpoint/`` (``model.json`` + ``model.safetensors``, with the fine-tune's
 settings and figures in its meta) and ``bundle/`` (exported as the default's is; ``clipllama-run
 --engine OUT/bundle`` reads with it). The last line on stdout is one JSON object: validation
-accuracy before and after (with the runtime's recognizer on the bundles, ``--decode full``).
+accuracy before and after (with the runtime's recognizer on the bundles, each with its decode mode).
 """
 
 from __future__ import annotations
@@ -228,12 +228,13 @@ def _preprocessed(images: list[Any], spec: Any) -> list[np.ndarray]:
     return [preprocess([image], spec) for image in images]
 
 
-def runtime_accuracy(bundle: Path | None, pairs: list[tuple[Any, str]]) -> float:
-    """Accuracy (%) of the runtime's recognizer (``--llm none``, full decode) with ``bundle``."""
+def runtime_accuracy(bundle: Path | None, pairs: list[tuple[Any, str]], decode: str | None = None) -> float:
+    """Accuracy (%) of the runtime's recognizer (``--llm none``; ``decode`` None: the
+    bundle's) with ``bundle``."""
     from runtime.recognizer import Recognizer
 
     accuracy = WordAccuracy()
-    with Recognizer.from_bundle(bundle, llm="none", threads=1) as recognizer:
+    with Recognizer.from_bundle(bundle, llm="none", threads=1, decode=decode) as recognizer:
         kept = [(x, y) for x, y in pairs if keep_for_eval(y)]
         results = recognizer.read([x for x, _ in kept])
         accuracy.update([r.text or "" for r in results], [y for _, y in kept])
@@ -338,8 +339,9 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
     from export.onnx import export_bundle
 
     bundle = export_bundle(checkpoint, out / "bundle", ("fp32",), include_checkpoint=True)
+    decode, decode_scores = choose_decode(bundle, val, keep)
     summary = {"val_before": round(runtime_accuracy(source, val), 2),
-               "val_after": round(runtime_accuracy(bundle, val), 2),
+               "val_after": round(decode_scores[decode]["val"], 2), "decode": decode,
                "val_ctc_before": round(before, 2), "val_ctc_after": round(chosen["val_ctc"], 2),
                "keep_ctc_before": round(mixes[0]["keep_ctc"], 2), "keep_ctc_after": round(chosen["keep_ctc"], 2),
                "mix": chosen["alpha"],
@@ -347,8 +349,27 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
                "train_minutes": round(train_seconds / 60.0, 2),
                "total_minutes": round((time.monotonic() - started) / 60.0, 2),
                "checkpoint": str(checkpoint), "bundle": str(bundle)}
-    (out / "finetune.json").write_text(json.dumps({**summary, "history": history, "mixes": mixes}, indent=2) + "\n")
+    (out / "finetune.json").write_text(json.dumps({**summary, "history": history, "mixes": mixes,
+                                                              "decode_modes": decode_scores}, indent=2) + "\n")
     return summary
+
+
+def choose_decode(bundle: Path, val: list[tuple[Any, str]], keep: list[tuple[Any, str]]) -> tuple[str, dict]:
+    """The decode mode the fine-tuned bundle reads best with (the mean of its validation and
+    keep accuracy; ties: cascade, then ctc, then full), written into its manifest's
+    ``defaults.decode``: the decoders were trained on the original tower's features, so
+    whether they still help is measured, not assumed. The mode and every mode's figures."""
+    from export.manifest import read_manifest, write_manifest
+    from runtime.ctc_reading import DECODE_MODES
+
+    scores = {mode: {"val": runtime_accuracy(bundle, val, mode), "keep": runtime_accuracy(bundle, keep, mode)}
+              for mode in ("cascade", "ctc", "full") if mode in DECODE_MODES}
+    order = list(scores)
+    mode = max(order, key=lambda m: (scores[m]["val"] + scores[m]["keep"], -order.index(m)))
+    manifest = read_manifest(bundle)
+    manifest.setdefault("defaults", {})["decode"] = mode
+    write_manifest(bundle, manifest)
+    return mode, scores
 
 
 def _bar(total: float, enabled: bool) -> Any:
