@@ -62,15 +62,28 @@ def test_mixed_state_moves_floats_part_of_the_way() -> None:
 
 
 def test_the_mix_is_the_best_on_validation_within_the_keep_tolerance() -> None:
-    rows = [{"alpha": 0.0, "val_ctc": 80.0, "keep_ctc": 90.0},
-            {"alpha": 0.5, "val_ctc": 84.0, "keep_ctc": 89.6},
-            {"alpha": 0.8, "val_ctc": 86.0, "keep_ctc": 89.0},
-            {"alpha": 1.0, "val_ctc": 87.0, "keep_ctc": 88.0}]
-    assert finetune.pick_mix(rows, 0.5)["alpha"] == 0.5
+    def row(alpha: float, val: float, real: float, synthetic: float) -> dict:
+        return {"alpha": alpha, "val_ctc": val, "keep_ctc": {"real": real, "synthetic": synthetic}}
+
+    rows = [row(0.0, 80.0, 90.0, 95.0), row(0.5, 84.0, 89.6, 95.0), row(0.6, 85.0, 90.0, 94.0),
+            row(0.8, 86.0, 89.0, 94.8), row(1.0, 87.0, 88.0, 93.0)]
+    assert finetune.pick_mix(rows, 0.5)["alpha"] == 0.5  # 0.6 loses a point of the synthetic set
     assert finetune.pick_mix(rows, 1.0)["alpha"] == 0.8
     assert finetune.pick_mix(rows, 0.0)["alpha"] == 0.0  # nothing else keeps enough
-    tie = [*rows[:1], {"alpha": 0.4, "val_ctc": 80.0, "keep_ctc": 90.0}]
+    tie = [rows[0], row(0.4, 80.0, 90.0, 95.0)]
     assert finetune.pick_mix(tie, 0.5)["alpha"] == 0.0  # no gain: the original
+
+
+def test_augment_keeps_the_size_and_changes_the_crop() -> None:
+    import random
+
+    from PIL import Image
+
+    crop = Image.new("RGB", (120, 32), "white")
+    crop.paste((0, 0, 0), (30, 8, 90, 24))
+    changed = [finetune.augment(crop, random.Random(seed)) for seed in range(12)]
+    assert all(c.size == crop.size for c in changed)
+    assert any(c.tobytes() != crop.tobytes() for c in changed)
 
 
 def test_a_short_finetune_writes_a_bundle_the_runtime_reads(tmp_path: Path, capsys) -> None:
@@ -79,8 +92,8 @@ def test_a_short_finetune_writes_a_bundle_the_runtime_reads(tmp_path: Path, caps
     val = _set(tmp_path / "val", words[:4])
     out = tmp_path / "out"
     status = finetune.main([str(train), "--val", str(val), "-o", str(out), "--minutes", "0.05", "--batch", "4",
-                            "--general", "8", "--keep-synthetic", "4", "--eval-every", "1", "--no-progress",
-                            "--threads", "1"])
+                            "--general", "8", "--keep", str(val), "--keep-synthetic", "4", "--eval-every", "1",
+                            "--no-progress", "--threads", "1", "--augment"])
     assert status == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"val_before", "val_after", "steps", "bundle", "checkpoint"} <= set(summary)
@@ -89,7 +102,9 @@ def test_a_short_finetune_writes_a_bundle_the_runtime_reads(tmp_path: Path, caps
     assert meta["steps"] == summary["steps"] and meta["settings"]["batch"] == 4
     manifest = json.loads((out / "bundle" / "manifest.json").read_text())
     assert summary["decode"] in ("cascade", "ctc", "full") and manifest["defaults"]["decode"] == summary["decode"]
-    assert meta["keep_crops"] == 4 and meta["mixes"][0]["alpha"] == 0.0 and summary["mix"] == meta["mix"]
+    assert meta["keep_crops"] == {str(val): 4, "synthetic": 4} and meta["settings"]["augment"]
+    assert meta["mixes"][0]["alpha"] == 0.0 and summary["mix"] == meta["mix"]
+    assert set(summary["keep_ctc_after"]) == {str(val), "synthetic"}
     from runtime.recognizer import Recognizer
 
     with Recognizer.from_bundle(out / "bundle", llm="none") as reader:
@@ -100,5 +115,8 @@ def test_a_short_finetune_writes_a_bundle_the_runtime_reads(tmp_path: Path, caps
 def test_bad_arguments_are_one_line(tmp_path: Path, capsys) -> None:
     assert finetune.main([str(tmp_path), "--val", str(tmp_path), "-o", str(tmp_path / "o"), "--minutes", "0"]) == 2
     assert "--minutes must be above 0" in capsys.readouterr().err
+    assert finetune.main([str(tmp_path), "--val", str(tmp_path), "-o", str(tmp_path / "o"),
+                          "--keep-synthetic", "0"]) == 2
+    assert "--keep-synthetic 0 needs a --keep SET" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="not a labelled set"):
         finetune.main([str(tmp_path), "--val", str(tmp_path), "-o", str(tmp_path / "o")])

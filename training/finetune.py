@@ -62,13 +62,17 @@ class FinetuneSettings:
     distill_own: float = 0.1
     #: synthetic words drawn for the distillation term
     general: int = 1500
-    #: synthetic words held out to measure what the general reading keeps, when no ``keep``
-    #: sets are given
+    #: synthetic words held out to measure what the general reading keeps (a keep set beside
+    #: the user's ``--keep`` sets; 0: none, then ``--keep`` is needed)
     keep_synthetic: int = 400
-    #: points the general reading (the ``keep`` sets) may lose: the trained weights are mixed
-    #: with the original's (``original + alpha * (trained - original)``) and the mix that
-    #: reads the validation sets best within this loss is kept
+    #: points each keep set may lose: the trained weights are mixed with the original's
+    #: (``original + alpha * (trained - original)``) and the mix that reads the validation
+    #: sets best within this loss on every keep set is kept
     keep_tolerance: float = 0.5
+    #: the learning rates follow a cosine from their value to 0 over the time budget
+    cosine: bool = True
+    #: photometric and small geometric changes of the user's crops at every draw (sizes kept)
+    augment: bool = False
     #: the mixes tried (alpha; 0 is the original, 1 the trained state)
     mixes: tuple[float, ...] = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     #: compare case-insensitively in the CTC loss (upper and lower case probabilities summed:
@@ -202,26 +206,53 @@ def mixed_state(original: dict[str, Tensor], trained: dict[str, Tensor], alpha: 
 
 
 def pick_mix(rows: Sequence[dict[str, Any]], tolerance: float) -> dict[str, Any]:
-    """The row (``alpha``, ``val_ctc``, ``keep_ctc``) that reads the validation sets best while
-    losing at most ``tolerance`` points of the original's (alpha 0) keep accuracy; ties: the
-    higher keep accuracy, then the smaller mix. The original always qualifies."""
-    original = next(row for row in rows if row["alpha"] == 0.0)
-    floor = original["keep_ctc"] - tolerance - 1e-9
-    return max((row for row in rows if row["keep_ctc"] >= floor),
-               key=lambda row: (row["val_ctc"], row["keep_ctc"], -row["alpha"]))
+    """The row (``alpha``, ``val_ctc``, ``keep_ctc``: accuracy per keep set) that reads the
+    validation sets best while losing at most ``tolerance`` points of the original's (alpha 0)
+    accuracy on every keep set; ties: the higher mean keep accuracy, then the smaller mix. The
+    original always qualifies."""
+    original = next(row for row in rows if row["alpha"] == 0.0)["keep_ctc"]
+
+    def kept(row: dict[str, Any]) -> bool:
+        return all(row["keep_ctc"][name] >= original[name] - tolerance - 1e-9 for name in original)
+
+    def mean_keep(row: dict[str, Any]) -> float:
+        return sum(row["keep_ctc"].values()) / max(1, len(row["keep_ctc"]))
+
+    return max((row for row in rows if kept(row)), key=lambda row: (row["val_ctc"], mean_keep(row), -row["alpha"]))
 
 
 def score_mixes(tower: Tower, original: dict[str, Tensor], trained: dict[str, Tensor],
-                val: tuple[list[np.ndarray], list[str]], keep: tuple[list[np.ndarray], list[str]],
+                val: tuple[list[np.ndarray], list[str]], keep: dict[str, tuple[list[np.ndarray], list[str]]],
                 codec: CharCodec, mixes: Sequence[float]) -> list[dict[str, Any]]:
-    """The validation and keep accuracy (CTC reading) of each mix of ``original`` and
-    ``trained`` (mix 0, the original, always among them)."""
+    """The validation accuracy and the accuracy on each keep set (CTC reading) of each mix of
+    ``original`` and ``trained`` (mix 0, the original, always among them)."""
     rows = []
     for alpha in sorted({0.0, *mixes}):
         tower.load_state_dict(mixed_state(original, trained, alpha))
         rows.append({"alpha": alpha, "val_ctc": ctc_accuracy(tower, *val, codec),
-                     "keep_ctc": ctc_accuracy(tower, *keep, codec)})
+                     "keep_ctc": {name: ctc_accuracy(tower, *pairs, codec) for name, pairs in keep.items()}})
     return rows
+
+
+def augment(image: Any, rng: random.Random) -> Any:
+    """A changed copy of a crop of the same size: contrast, brightness, a shift of a few
+    pixels and a small rotation, each at random (the words stay readable)."""
+    from PIL import Image, ImageEnhance
+
+    image = image.convert("RGB")
+    width, height = image.size
+    if rng.random() < 0.5:
+        image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.6, 1.4))
+    if rng.random() < 0.5:
+        image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.7, 1.3))
+    if rng.random() < 0.5:
+        dx, dy = round(rng.uniform(-0.04, 0.04) * width), round(rng.uniform(-0.08, 0.08) * height)
+        image = image.transform(image.size, Image.Transform.AFFINE, (1, 0, dx, 0, 1, dy),
+                                resample=Image.Resampling.BILINEAR, fillcolor=image.getpixel((0, 0)))
+    if rng.random() < 0.3:
+        image = image.rotate(rng.uniform(-3.0, 3.0), resample=Image.Resampling.BILINEAR,
+                             fillcolor=image.getpixel((0, 0)))
+    return image
 
 
 def _preprocessed(images: list[Any], spec: Any) -> list[np.ndarray]:
@@ -243,7 +274,7 @@ def runtime_accuracy(bundle: Path | None, pairs: list[tuple[Any, str]], decode: 
 
 def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path, settings: FinetuneSettings,
              source: Path | None = None, progress: bool = True,
-             keep: list[tuple[Any, str]] | None = None) -> dict[str, Any]:
+             keep: dict[str, list[tuple[Any, str]]] | None = None) -> dict[str, Any]:
     """Fine-tune (see the module doc); the summary that the command prints."""
     from training.data.synth import SynthWords
 
@@ -274,12 +305,15 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
     general = SynthWords(settings.general, settings.seed + 1, cfg.charset_train)
     general_x = _preprocessed([general[i][0] for i in range(len(general))], spec)
     general_teacher = answers(teacher, general_x, settings.batch)
-    if keep is None:  # the general reading, measured on synthetic words no step trains on
+    keep = dict(keep or {})
+    if settings.keep_synthetic:  # the general reading, on synthetic words no step trains on
         held_out = SynthWords(settings.keep_synthetic, settings.seed + 2, cfg.charset_train)
-        keep = [held_out.sample(i) for i in range(len(held_out))]
-    keep_x = _preprocessed([x for x, _ in keep], spec)
-    keep_y = [y for _, y in keep]
-    own = Batches(own_x, list(zip([y for _, y in train], own_teacher)), settings.batch, rng)
+        keep["synthetic"] = [held_out.sample(i) for i in range(len(held_out))]
+    if not keep:
+        raise SystemExit("error: no keep set: give --keep SET or --keep-synthetic N")
+    keep_sets = {name: (_preprocessed([x for x, _ in pairs], spec), [y for _, y in pairs])
+                 for name, pairs in keep.items()}
+    own = Batches(own_x, [(y, t, i) for i, ((_, y), t) in enumerate(zip(train, own_teacher))], settings.batch, rng)
     anchor = Batches(general_x, general_teacher, settings.batch, rng)
     parts = ((tower.features.backbone, settings.lr_backbone), (tower.features.neck, settings.lr_neck),
              (tower.classifier, settings.lr_head))
@@ -287,6 +321,7 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
         part.requires_grad_(lr > 0)
     optimizer = torch.optim.AdamW([{"params": list(part.parameters()), "lr": lr} for part, lr in parts if lr > 0],
                                   weight_decay=settings.weight_decay)
+    base_rates = [group["lr"] for group in optimizer.param_groups]
 
     before = ctc_accuracy(tower, val_x, val_y, codec)
     best = {"accuracy": before, "step": 0, "state": copy.deepcopy(tower.state_dict())}
@@ -298,11 +333,18 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
     step = seen = 0
     while time.monotonic() - train_start < budget:
         tower.train()
+        if settings.cosine:
+            scale = 0.5 * (1.0 + math.cos(math.pi * min(1.0, (time.monotonic() - train_start) / budget)))
+            for group, rate in zip(optimizer.param_groups, base_rates):
+                group["lr"] = rate * scale
         images, extras = own.draw()
+        if settings.augment:
+            images = torch.from_numpy(np.concatenate([preprocess([augment(train[i][0], rng)], spec)
+                                                      for _, _, i in extras]))
         log_probs = tower(images)
-        loss = ctc_loss(log_probs, [y for y, _ in extras], codec, fold)
-        if settings.distill_own:
-            loss = loss + settings.distill_own * distillation(log_probs, torch.stack([t for _, t in extras]))
+        loss = ctc_loss(log_probs, [y for y, _, _ in extras], codec, fold)
+        if settings.distill_own and not settings.augment:  # the cached answers are the unchanged crops'
+            loss = loss + settings.distill_own * distillation(log_probs, torch.stack([t for _, t, _ in extras]))
         if settings.distill:
             general_images, targets = anchor.draw()
             loss = loss + settings.distill * distillation(tower(general_images), torch.stack(targets))
@@ -326,7 +368,7 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
     if bar is not None:
         bar.close()
     train_seconds = time.monotonic() - train_start
-    mixes = score_mixes(tower, teacher.state_dict(), best["state"], (val_x, val_y), (keep_x, keep_y), codec,
+    mixes = score_mixes(tower, teacher.state_dict(), best["state"], (val_x, val_y), keep_sets, codec,
                         settings.mixes)
     chosen = pick_mix(mixes, settings.keep_tolerance)
     tower.load_state_dict(mixed_state(teacher.state_dict(), best["state"], chosen["alpha"]))
@@ -334,16 +376,18 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
     meta = {"finetune": {"settings": asdict(settings), "from": str(source), "train_crops": len(train),
                          "val_crops": len(val), "steps": step, "crops_seen": seen, "best_step": best["step"],
                          "history": history, "train_seconds": round(train_seconds, 1),
-                         "keep_crops": len(keep), "mix": chosen["alpha"], "mixes": mixes}}
+                         "keep_crops": {name: len(pairs) for name, pairs in keep.items()}, "mix": chosen["alpha"],
+                         "mixes": mixes}}
     checkpoint = save_checkpoint(model, out / "checkpoint", meta=meta)
     from export.onnx import export_bundle
 
     bundle = export_bundle(checkpoint, out / "bundle", ("fp32",), include_checkpoint=True)
-    decode, decode_scores = choose_decode(bundle, val, keep)
+    decode, decode_scores = choose_decode(bundle, val, [pair for pairs in keep.values() for pair in pairs])
     summary = {"val_before": round(runtime_accuracy(source, val), 2),
                "val_after": round(decode_scores[decode]["val"], 2), "decode": decode,
                "val_ctc_before": round(before, 2), "val_ctc_after": round(chosen["val_ctc"], 2),
-               "keep_ctc_before": round(mixes[0]["keep_ctc"], 2), "keep_ctc_after": round(chosen["keep_ctc"], 2),
+               "keep_ctc_before": {k: round(v, 2) for k, v in mixes[0]["keep_ctc"].items()},
+               "keep_ctc_after": {k: round(v, 2) for k, v in chosen["keep_ctc"].items()},
                "mix": chosen["alpha"],
                "steps": step, "best_step": best["step"], "crops_seen": seen,
                "train_minutes": round(train_seconds / 60.0, 2),
@@ -401,26 +445,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--distill-own", type=float, default=defaults.distill_own)
     parser.add_argument("--general", type=int, default=defaults.general, help="synthetic words for that term")
     parser.add_argument("--keep", nargs="+", metavar="SET",
-                        help="general labelled crops whose reading must be kept (default: held-out synthetic words)")
+                        help="general labelled crops whose reading must be kept, each set within --keep-tolerance "
+                             "(beside held-out synthetic words)")
     parser.add_argument("--keep-tolerance", type=float, default=defaults.keep_tolerance, metavar="POINTS",
                         help="points the keep sets may lose (default: %(default)s)")
     parser.add_argument("--keep-synthetic", type=int, default=defaults.keep_synthetic, metavar="N",
-                        help="held-out synthetic words measured when no --keep is given (default: %(default)s)")
+                        help="held-out synthetic words kept as well (default: %(default)s; 0: only --keep)")
+    parser.add_argument("--no-cosine", action="store_true", help="constant learning rates")
+    parser.add_argument("--augment", action="store_true", help="change the crops a little at every draw")
     parser.add_argument("--ignore-case", action="store_true", help="labels whose case is not reliable")
     parser.add_argument("--eval-every", type=float, default=defaults.eval_every_s, metavar="S")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.minutes <= 0 or args.batch < 1 or args.general < 1 or args.keep_synthetic < 1:
-        print("error: --minutes must be above 0, --batch, --general and --keep-synthetic at least 1", file=sys.stderr)
+    if args.minutes <= 0 or args.batch < 1 or args.general < 1 or args.keep_synthetic < 0 or args.keep_tolerance < 0:
+        print("error: --minutes must be above 0, --batch and --general at least 1, --keep-synthetic and "
+              "--keep-tolerance at least 0", file=sys.stderr)
+        return 2
+    if not args.keep and not args.keep_synthetic:
+        print("error: --keep-synthetic 0 needs a --keep SET", file=sys.stderr)
         return 2
     settings = FinetuneSettings(minutes=args.minutes, batch=args.batch, lr_backbone=args.lr_backbone,
                                 lr_neck=args.lr_neck, lr_head=args.lr_head,
                                 distill=args.distill, distill_own=args.distill_own, general=args.general,
                                 ignore_case=args.ignore_case, eval_every_s=args.eval_every, seed=args.seed,
                                 threads=args.threads, keep_tolerance=args.keep_tolerance,
-                                keep_synthetic=args.keep_synthetic)
+                                keep_synthetic=args.keep_synthetic, cosine=not args.no_cosine, augment=args.augment)
     from runtime.charset import resolve_charset
 
     source = args.source
@@ -430,9 +481,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not train or not val:
         print("error: no usable labelled crop in " + ("TRAIN" if not train else "--val"), file=sys.stderr)
         return 2
-    keep = read_sets(args.keep, charset, 25) if args.keep else None
-    if args.keep and not keep:
-        print("error: no usable labelled crop in --keep", file=sys.stderr)
+    keep = {str(path): read_sets([path], charset, 25) for path in args.keep or []}
+    empty = [name for name, pairs in keep.items() if not pairs]
+    if empty:
+        print(f"error: --keep {empty[0]}: no usable labelled crop", file=sys.stderr)
         return 2
     summary = finetune(train, val, args.output, settings, source, progress=not args.no_progress, keep=keep)
     print(json.dumps(summary), flush=True)
