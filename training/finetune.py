@@ -6,12 +6,19 @@ without forgetting what it read before, on a CPU in minutes.
 TRAIN and VAL are labelled sets in the ``../shared/data`` layout (a folder with ``images/``
 and ``labels.tsv``, or a ``.tsv`` file; only the listed files count). The model starts from
 the embedded default's checkpoint (or ``--from``). The default reads what its tower's CTC head
-reads, so the tower and that head are what learn: CTC loss on the user's crops, plus a
-distillation term that keeps the head's per-frame distribution close to the original model's
-on synthetic words (drawn once, the original's answers cached) and, more weakly, on the
-user's crops themselves. The tower's batch norms stay in inference mode
-(:meth:`PPOCRFeatures.train`). Validation accuracy (the runtime's protocol, CTC reading) is
-measured before training and every ``--eval-every`` seconds; the best state is kept.
+reads, so the tower and that head are what learn: CTC loss on the user's crops (optionally
+case-folded, optionally augmented), learning rates per part on a cosine to 0 over the time
+budget, optional distillation terms (the original's per-frame distribution on synthetic words
+and on the user's crops). The tower's batch norms stay in inference mode
+(:meth:`PPOCRFeatures.train`).
+
+Forgetting is handled after training, in weight space: the trained tower is mixed with the
+original (``original + alpha * (trained - original)``, alpha on a grid from 0 to 1) and the mix
+kept is the one that reads VAL best (the tower's CTC reading, the runtime's protocol) while
+every keep set (``--keep`` sets of general crops, and held-out synthetic words) loses at most
+``--keep-tolerance`` points against the original. Such mixes often read the new domain better
+than either end (weight-space ensembling of fine-tuned models, WiSE-FT: Wortsman et al., CVPR
+2022). Then the exported bundle's decode mode is chosen on VAL and the keep sets.
 
 OUT gets ``checkpoint/`` (``model.json`` + ``model.safetensors``, with the fine-tune's
 settings and figures in its meta) and ``bundle/`` (exported as the default's is; ``clipllama-run
@@ -324,7 +331,6 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
     base_rates = [group["lr"] for group in optimizer.param_groups]
 
     before = ctc_accuracy(tower, val_x, val_y, codec)
-    best = {"accuracy": before, "step": 0, "state": copy.deepcopy(tower.state_dict())}
     history = [{"step": 0, "seconds": 0.0, "val_ctc": before}]
     budget = settings.minutes * 60.0
     train_start = time.monotonic()
@@ -357,24 +363,23 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
         now = time.monotonic()
         if bar is not None:
             bar.n = min(budget, now - train_start)
-            bar.set_postfix(step=step, loss=f"{float(loss):.3f}", best=f"{best['accuracy']:.1f}")
+            bar.set_postfix(step=step, loss=f"{float(loss):.3f}", val=f"{history[-1]['val_ctc']:.1f}")
             bar.refresh()
         if now >= next_eval or now - train_start >= budget:
             accuracy = ctc_accuracy(tower, val_x, val_y, codec)
             history.append({"step": step, "seconds": round(now - train_start, 1), "val_ctc": accuracy})
-            if accuracy > best["accuracy"]:
-                best = {"accuracy": accuracy, "step": step, "state": copy.deepcopy(tower.state_dict())}
             next_eval = time.monotonic() + settings.eval_every_s
     if bar is not None:
         bar.close()
     train_seconds = time.monotonic() - train_start
-    mixes = score_mixes(tower, teacher.state_dict(), best["state"], (val_x, val_y), keep_sets, codec,
+    trained = copy.deepcopy(tower.state_dict())  # the end of the schedule: mixed with the original
+    mixes = score_mixes(tower, teacher.state_dict(), trained, (val_x, val_y), keep_sets, codec,
                         settings.mixes)
     chosen = pick_mix(mixes, settings.keep_tolerance)
-    tower.load_state_dict(mixed_state(teacher.state_dict(), best["state"], chosen["alpha"]))
+    tower.load_state_dict(mixed_state(teacher.state_dict(), trained, chosen["alpha"]))
     tower.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors
     meta = {"finetune": {"settings": asdict(settings), "from": str(source), "train_crops": len(train),
-                         "val_crops": len(val), "steps": step, "crops_seen": seen, "best_step": best["step"],
+                         "val_crops": len(val), "steps": step, "crops_seen": seen,
                          "history": history, "train_seconds": round(train_seconds, 1),
                          "keep_crops": {name: len(pairs) for name, pairs in keep.items()}, "mix": chosen["alpha"],
                          "mixes": mixes}}
@@ -389,7 +394,7 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
                "keep_ctc_before": {k: round(v, 2) for k, v in mixes[0]["keep_ctc"].items()},
                "keep_ctc_after": {k: round(v, 2) for k, v in chosen["keep_ctc"].items()},
                "mix": chosen["alpha"],
-               "steps": step, "best_step": best["step"], "crops_seen": seen,
+               "steps": step, "crops_seen": seen,
                "train_minutes": round(train_seconds / 60.0, 2),
                "total_minutes": round((time.monotonic() - started) / 60.0, 2),
                "checkpoint": str(checkpoint), "bundle": str(bundle)}
