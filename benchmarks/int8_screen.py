@@ -47,7 +47,12 @@ class Variant:
         return f"{self.method}.{self.crops}.{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
-SHIPPED = ("features/neck/encoder/conv_reduce", "features/backbone/blocks4/blocks4.0")
+#: the layer groups by the shipped bundle's sensitivity pass, costliest first
+RANKED = ("features/neck/encoder/conv_reduce", "features/backbone/blocks4/blocks4.0",
+          "features/backbone/blocks5/blocks5.1", "features/backbone/blocks2/blocks2.0",
+          "features/backbone/blocks4/blocks4.4", "features/backbone/conv1/stem4")
+#: the groups the shipped bundle keeps in FP32
+SHIPPED = RANKED[:2]
 
 VARIANTS: dict[str, Variant] = {
     "entropy320": Variant(),
@@ -62,7 +67,11 @@ VARIANTS: dict[str, Variant] = {
     "pct999_2000": Variant("percentile", 2000, {"CalibPercentile": 99.9}),
     "pct99999_2000": Variant("percentile", 2000),
     "minmax_avg2000": Variant("minmax", 2000, {"CalibMovingAverage": True}),
-    "entropy2000_bins": Variant(crops=2000, options={"CalibNumBins": 4096}),
+    "entropy2000_x1": Variant(crops=2000, fp32_groups=RANKED[:1]),
+    "entropy2000_x3": Variant(crops=2000, fp32_groups=RANKED[:3]),
+    "entropy2000_x4": Variant(crops=2000, fp32_groups=RANKED[:4]),
+    "entropy2000_x6": Variant(crops=2000, fp32_groups=RANKED),
+    "entropy2000_neck": Variant(crops=2000, fp32_groups=("features/neck",)),
 }
 
 
@@ -82,8 +91,10 @@ def nodes_in(groups: dict[str, list[str]], prefixes: tuple[str, ...]) -> list[st
 
 
 def run_variant(name: str, variant: Variant, prepared: Path, work: Path, calibration: Path,
-                probes: list[q.EncoderProbe], spec: Any, groups: dict[str, list[str]]) -> dict[str, Any]:
-    """Quantize ``variant`` and score it on every probe."""
+                probes: list[q.EncoderProbe], spec: Any, groups: dict[str, list[str]],
+                evaluator: q.Evaluator | None = None) -> dict[str, Any]:
+    """Quantize ``variant`` and score it on every probe (and with the whole pipeline when
+    an ``evaluator`` is given)."""
     cache = work / f"calibration.{variant.cache_key()}.json"
     reader = None
     if not cache.is_file():
@@ -99,9 +110,12 @@ def run_variant(name: str, variant: Variant, prepared: Path, work: Path, calibra
                            "changed_strings": {}, "feature_error": {}}
     for probe in probes:
         score = probe.score(out)
-        row["ctc_accuracy_drop"][probe.name] = score["ctc_accuracy_drop"][probe.name]
+        # None: the encoder has no CTC head to read with
+        row["ctc_accuracy_drop"][probe.name] = score["ctc_accuracy_drop"].get(probe.name)
         row["changed_strings"][probe.name] = score["changed_strings"]
         row["feature_error"][probe.name] = score["feature_error"]
+    if evaluator is not None:
+        row["pipeline"] = evaluator.score(out).as_dict(evaluator.reference)
     row["file"] = str(out)
     return row
 
@@ -114,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, required=True)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--pipeline", action="store_true",
+                        help="also read the dev sets with the whole pipeline (minutes per variant)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from runtime.bundle import load_bundle
@@ -132,13 +148,19 @@ def main(argv: list[str] | None = None) -> int:
               for dev in q.dev_sets_from(args.dev)]
     for probe in probes:
         print(f"fp32 CTC reading {probe.name}: {probe.reference_accuracy:.3f}", flush=True)
+    evaluator = q.Evaluator(args.bundle, q.dev_sets_from(args.dev), args.threads) if args.pipeline else None
     for name in todo:
         row = run_variant(name, VARIANTS[name], prepared, args.output, args.calibration, probes,
-                          bundle.preprocessing, groups)
+                          bundle.preprocessing, groups, evaluator)
         with results.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
         print(f"{name:24s} drop {row['ctc_accuracy_drop']} changed {row['changed_strings']} "
               f"error {row['feature_error']} ({row['quantize_s']} s)", flush=True)
+        if "pipeline" in row:
+            print(f"{'':24s} pipeline drop {row['pipeline']['accuracy_drop']} "
+                  f"changed {row['pipeline']['changed_strings']}", flush=True)
+    if evaluator is not None:
+        evaluator.close()
     return 0
 
 
