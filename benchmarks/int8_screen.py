@@ -33,12 +33,15 @@ NECK = ("features/neck/encoder/conv_reduce",)
 @dataclass(frozen=True)
 class Variant:
     """One way to quantize: the method, how many calibration crops, options passed to
-    ``static_int8.quantize`` and layer groups (prefixes of node scopes) kept in FP32."""
+    ``static_int8.quantize``, layer groups (prefixes of node scopes) kept in FP32 and the
+    activations given 16 bits (calibrated tensors whose names contain any of ``wide``;
+    ``"/"``: every one; onnxruntime's CPU kernels then run those ops in float)."""
 
     method: str = "entropy"
     crops: int = 320
     options: dict[str, Any] = field(default_factory=dict)
     fp32_groups: tuple[str, ...] = ()
+    wide: tuple[str, ...] = ()
 
     def cache_key(self) -> str:
         """What the calibration ranges depend on."""
@@ -72,6 +75,9 @@ VARIANTS: dict[str, Variant] = {
     "entropy2000_x4": Variant(crops=2000, fp32_groups=RANKED[:4]),
     "entropy2000_x6": Variant(crops=2000, fp32_groups=RANKED),
     "entropy2000_neck": Variant(crops=2000, fp32_groups=("features/neck",)),
+    "entropy320_a16": Variant(wide=("/",)),
+    "entropy320_a16_stem": Variant(wide=("conv1/",)),
+    "entropy320_a16_neck": Variant(wide=("/neck/",)),
 }
 
 
@@ -90,6 +96,15 @@ def nodes_in(groups: dict[str, list[str]], prefixes: tuple[str, ...]) -> list[st
     return [n for g, nodes in groups.items() if any(g.startswith(p) for p in prefixes) for n in nodes]
 
 
+def wide_overrides(cache: Path, wide: tuple[str, ...]) -> dict[str, list[dict[str, Any]]]:
+    """``TensorQuantOverrides`` giving 16-bit (uint16) activations to the calibrated tensors
+    whose names contain any of ``wide``."""
+    from onnxruntime.quantization import QuantType
+
+    names = json.loads(cache.read_text())["data"]
+    return {n: [{"quant_type": QuantType.QUInt16}] for n in names if any(w in n for w in wide)}
+
+
 def run_variant(name: str, variant: Variant, prepared: Path, work: Path, calibration: Path,
                 probes: list[q.EncoderProbe], spec: Any, groups: dict[str, list[str]],
                 evaluator: q.Evaluator | None = None) -> dict[str, Any]:
@@ -102,10 +117,16 @@ def run_variant(name: str, variant: Variant, prepared: Path, work: Path, calibra
         reader = q.CropBatches(q.crop_batches(images, spec))
     out = work / f"{name}.onnx"
     start = time.perf_counter()
+    options = dict(variant.options)
+    if variant.wide:
+        if not cache.is_file():  # the tensor names come from the calibration
+            q.quantize(prepared, out, variant.method, cache, reader)
+        options["TensorQuantOverrides"] = wide_overrides(cache, variant.wide)
     q.quantize(prepared, out, variant.method, cache, reader, exclude=nodes_in(groups, variant.fp32_groups),
-               options=variant.options)
+               options=options)
     row: dict[str, Any] = {"variant": name, "method": variant.method, "crops": variant.crops,
                            "options": variant.options, "fp32_groups": list(variant.fp32_groups),
+                           "wide": list(variant.wide),
                            "quantize_s": round(time.perf_counter() - start, 1), "ctc_accuracy_drop": {},
                            "changed_strings": {}, "feature_error": {}}
     for probe in probes:

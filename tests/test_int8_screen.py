@@ -31,17 +31,19 @@ def test_screen_writes_one_line_per_variant_and_resumes(tiny_bundle: Path, tmp_p
     words = _word_set(tmp_path / "words")
     out = tmp_path / "screen"
     argv = [str(tiny_bundle), "--calibration", str(words), "--dev", str(words), "-o", str(out),
-            "--variants", "entropy320", "entropy320_s8"]
+            "--variants", "entropy320", "entropy320_s8", "entropy320_a16"]
     assert int8_screen.main(argv) == 0
     rows = [json.loads(line) for line in (out / "screen.jsonl").read_text().splitlines()]
-    assert [r["variant"] for r in rows] == ["entropy320", "entropy320_s8"]
+    assert [r["variant"] for r in rows] == ["entropy320", "entropy320_s8", "entropy320_a16"]
     for row in rows:
         assert set(row["changed_strings"]) == {"words"} and row["feature_error"]["words"] >= 0
         assert row["ctc_accuracy_drop"] == {"words": None}  # the tiny encoder has no CTC head
         assert Path(row["file"]).is_file()
     assert rows[1]["options"] == {"activations": "int8", "ActivationSymmetric": True}
-    assert len(list(out.glob("calibration.*.json"))) == 1  # the two share one calibration
+    assert len(list(out.glob("calibration.*.json"))) == 1  # the three share one calibration
+    wide = __import__("onnx").load(rows[2]["file"])
+    assert any(i.data_type == 4 for i in wide.graph.initializer if i.name.endswith("zero_point"))  # uint16
     capsys.readouterr()
     assert int8_screen.main(argv) == 0
     assert "already" in capsys.readouterr().out
-    assert len((out / "screen.jsonl").read_text().splitlines()) == 2
+    assert len((out / "screen.jsonl").read_text().splitlines()) == 3
