@@ -170,8 +170,9 @@ def test_quantize_options_reach_the_quantizer(tiny_bundle: Path, tmp_path: Path)
         return onnx.load(str(tmp_path / name))
 
     def zero_point_types(model: onnx.ModelProto) -> set[int]:
-        return {i.data_type for i in model.graph.initializer
-                if i.name.endswith("zero_point") and "weight" not in i.name}
+        """The activations' zero points (weights are stored quantized: no QuantizeLinear)."""
+        inits = {i.name: i.data_type for i in model.graph.initializer}
+        return {inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
 
     def weight_scale_sizes(model: onnx.ModelProto) -> set[int]:
         return {int(np.prod(i.dims)) for i in model.graph.initializer if i.name.endswith("weight_scale")}
