@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,9 @@ STATIC_OPS = ("Conv", "MatMul", "Gemm", "Add", "Mul", "Relu", "HardSigmoid", "Si
 PREPARE_DISABLED = ("ConvActivationFusion",)
 #: percentile of |activation| kept by the ``percentile`` method
 PERCENTILE = 99.999
+#: the quantizer's ``extra_options`` (``quantize``'s ``options`` override them)
+EXTRA_OPTIONS: dict[str, Any] = {"CalibStridedMinMax": 1, "CalibPercentile": PERCENTILE, "CalibNumBins": 2048,
+                                 "WeightSymmetric": True, "ActivationSymmetric": False}
 #: calibration batch size (crops of one padded width per batch, as the runtime forms them)
 CALIBRATION_BATCH = 16
 #: most layer groups kept in FP32 by :func:`choose_exclusions`
@@ -185,10 +188,13 @@ def prepare(src: Path, dst: Path) -> onnx.ModelProto:
 
 
 def quantize(src: Path, dst: Path, method: str, cache: Path, reader: CropBatches | None = None,
-             exclude: Sequence[str] = (), only: Sequence[str] | None = None) -> None:
+             exclude: Sequence[str] = (), only: Sequence[str] | None = None,
+             options: Mapping[str, Any] | None = None) -> None:
     """Static QDQ quantization of the prepared graph ``src`` into ``dst``: int8 weights per
     channel, uint8 activations, ranges by ``method`` from ``reader`` (or from ``cache``
-    when it exists); ``exclude`` nodes stay FP32; ``only`` quantizes just those nodes."""
+    when it exists); ``exclude`` nodes stay FP32; ``only`` quantizes just those nodes.
+    ``options`` override the quantizer's ``extra_options`` (:data:`EXTRA_OPTIONS`), and its
+    keys ``activations`` (``uint8``/``int8``) and ``per_channel`` the two arguments."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if method not in METHODS:
@@ -197,8 +203,9 @@ def quantize(src: Path, dst: Path, method: str, cache: Path, reader: CropBatches
         raise QuantizeError("no calibration data and no calibration cache")
     calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                  "entropy": CalibrationMethod.Entropy}[method]
-    extra = {"CalibStridedMinMax": 1, "CalibPercentile": PERCENTILE, "CalibNumBins": 2048,
-             "WeightSymmetric": True, "ActivationSymmetric": False}
+    extra: dict[str, Any] = {**EXTRA_OPTIONS, **(options or {})}
+    activations = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[extra.pop("activations", "uint8")]
+    per_channel = bool(extra.pop("per_channel", True))
     if reader is not None:
         reader.rewind()
     root = logging.getLogger()
@@ -207,7 +214,7 @@ def quantize(src: Path, dst: Path, method: str, cache: Path, reader: CropBatches
     try:
         quantize_static(
             str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(STATIC_OPS),
-            per_channel=True, reduce_range=False, activation_type=QuantType.QUInt8,
+            per_channel=per_channel, reduce_range=False, activation_type=activations,
             weight_type=QuantType.QInt8, nodes_to_quantize=list(only) if only is not None else None,
             nodes_to_exclude=list(exclude), calibrate_method=calibrate, extra_options=extra,
             calibration_cache_path=str(cache),

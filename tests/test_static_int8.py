@@ -153,3 +153,32 @@ def test_command_line_refusals(tiny_bundle: Path, tmp_path: Path) -> None:
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle, bundle)
     assert export_main([str(bundle), "--precision", "int8", "--calibration", str(tmp_path / "none")]) == 1
+
+
+def test_quantize_options_reach_the_quantizer(tiny_bundle: Path, tmp_path: Path) -> None:
+    """``options``: int8 activations give int8 zero points, ``per_channel`` False one
+    weight scale per tensor; the defaults stay uint8 activations and per-channel weights."""
+    bundle = load_bundle(tiny_bundle)
+    prepared = tmp_path / "prepared.onnx"
+    static_int8.prepare(bundle.path(bundle.graph("fp32", "image_encoder").file), prepared)
+    images, _ = static_int8.load_crops(_word_set(tmp_path / "w"), limit=4)
+    reader = static_int8.CropBatches(static_int8.crop_batches(images, bundle.preprocessing))
+    cache = tmp_path / "cache.json"
+
+    def quantized(name: str, options: dict | None) -> onnx.ModelProto:
+        static_int8.quantize(prepared, tmp_path / name, "minmax", cache, reader, options=options)
+        return onnx.load(str(tmp_path / name))
+
+    def zero_point_types(model: onnx.ModelProto) -> set[int]:
+        """The activations' zero points (weights are stored quantized: no QuantizeLinear)."""
+        inits = {i.name: i.data_type for i in model.graph.initializer}
+        return {inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
+
+    def weight_scale_sizes(model: onnx.ModelProto) -> set[int]:
+        return {int(np.prod(i.dims)) for i in model.graph.initializer if i.name.endswith("weight_scale")}
+
+    default = quantized("default.onnx", None)
+    assert zero_point_types(default) == {onnx.TensorProto.UINT8} and max(weight_scale_sizes(default)) > 1
+    signed = quantized("s8.onnx", {"activations": "int8", "ActivationSymmetric": True})
+    assert zero_point_types(signed) == {onnx.TensorProto.INT8}
+    assert weight_scale_sizes(quantized("tensor.onnx", {"per_channel": False})) == {1}
