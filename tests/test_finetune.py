@@ -93,7 +93,7 @@ def test_a_short_finetune_writes_a_bundle_the_runtime_reads(tmp_path: Path, caps
     out = tmp_path / "out"
     status = finetune.main([str(train), "--val", str(val), "-o", str(out), "--minutes", "0.05", "--batch", "4",
                             "--general", "8", "--keep", str(val), "--keep-synthetic", "4", "--eval-every", "1",
-                            "--no-progress", "--threads", "1", "--augment"])
+                            "--no-progress", "--threads", "1", "--distill", "0.5"])
     assert status == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"val_before", "val_after", "steps", "bundle", "checkpoint"} <= set(summary)

@@ -60,11 +60,12 @@ class FinetuneSettings:
     #: learning rates (AdamW) of the tower's convolutional backbone, of its SVTR neck and of
     #: the CTC head; 0 freezes that part
     lr_backbone: float = 3e-5
-    lr_neck: float = 3e-5
-    lr_head: float = 3e-4
+    lr_neck: float = 1e-4
+    lr_head: float = 1e-3
     weight_decay: float = 0.0
-    #: weight of the distillation term on synthetic words (the original's distribution)
-    distill: float = 1.0
+    #: weight of the distillation term on synthetic words (the original's distribution; it
+    #: halves the steps a time budget allows, and the mix already keeps the general reading)
+    distill: float = 0.0
     #: weight of the distillation term on the user's own crops
     distill_own: float = 0.1
     #: synthetic words drawn for the distillation term
@@ -79,7 +80,7 @@ class FinetuneSettings:
     #: the learning rates follow a cosine from their value to 0 over the time budget
     cosine: bool = True
     #: photometric and small geometric changes of the user's crops at every draw (sizes kept)
-    augment: bool = False
+    augment: bool = True
     #: the mixes tried (alpha; 0 is the original, 1 the trained state)
     mixes: tuple[float, ...] = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     #: compare case-insensitively in the CTC loss (upper and lower case probabilities summed:
@@ -309,9 +310,11 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
     val_x = _preprocessed([x for x, _ in val], spec)
     val_y = [y for _, y in val]
     own_teacher = answers(teacher, own_x, settings.batch)
-    general = SynthWords(settings.general, settings.seed + 1, cfg.charset_train)
-    general_x = _preprocessed([general[i][0] for i in range(len(general))], spec)
-    general_teacher = answers(teacher, general_x, settings.batch)
+    anchor = None
+    if settings.distill:  # synthetic words and the original's answers to them, drawn once
+        general = SynthWords(settings.general, settings.seed + 1, cfg.charset_train)
+        general_x = _preprocessed([general[i][0] for i in range(len(general))], spec)
+        anchor = Batches(general_x, answers(teacher, general_x, settings.batch), settings.batch, rng)
     keep = dict(keep or {})
     if settings.keep_synthetic:  # the general reading, on synthetic words no step trains on
         held_out = SynthWords(settings.keep_synthetic, settings.seed + 2, cfg.charset_train)
@@ -321,7 +324,6 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
     keep_sets = {name: (_preprocessed([x for x, _ in pairs], spec), [y for _, y in pairs])
                  for name, pairs in keep.items()}
     own = Batches(own_x, [(y, t, i) for i, ((_, y), t) in enumerate(zip(train, own_teacher))], settings.batch, rng)
-    anchor = Batches(general_x, general_teacher, settings.batch, rng)
     parts = ((tower.features.backbone, settings.lr_backbone), (tower.features.neck, settings.lr_neck),
              (tower.classifier, settings.lr_head))
     for part, lr in parts:
@@ -352,6 +354,7 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
         if settings.distill_own and not settings.augment:  # the cached answers are the unchanged crops'
             loss = loss + settings.distill_own * distillation(log_probs, torch.stack([t for _, t, _ in extras]))
         if settings.distill:
+            assert anchor is not None
             general_images, targets = anchor.draw()
             loss = loss + settings.distill * distillation(tower(general_images), torch.stack(targets))
         optimizer.zero_grad(set_to_none=True)
@@ -457,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep-synthetic", type=int, default=defaults.keep_synthetic, metavar="N",
                         help="held-out synthetic words kept as well (default: %(default)s; 0: only --keep)")
     parser.add_argument("--no-cosine", action="store_true", help="constant learning rates")
-    parser.add_argument("--augment", action="store_true", help="change the crops a little at every draw")
+    parser.add_argument("--no-augment", action="store_true", help="use the crops as they are")
     parser.add_argument("--ignore-case", action="store_true", help="labels whose case is not reliable")
     parser.add_argument("--eval-every", type=float, default=defaults.eval_every_s, metavar="S")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -476,7 +479,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 distill=args.distill, distill_own=args.distill_own, general=args.general,
                                 ignore_case=args.ignore_case, eval_every_s=args.eval_every, seed=args.seed,
                                 threads=args.threads, keep_tolerance=args.keep_tolerance,
-                                keep_synthetic=args.keep_synthetic, cosine=not args.no_cosine, augment=args.augment)
+                                keep_synthetic=args.keep_synthetic, cosine=not args.no_cosine,
+                                augment=not args.no_augment)
     from runtime.charset import resolve_charset
 
     source = args.source
