@@ -42,7 +42,37 @@ def degrade(image: Image.Image) -> Image.Image:
     return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
-def build(src: Path, out: Path, seed: int = 0) -> dict[str, int]:
+#: rows of lamps of the ``led`` look (a crop's height in lamps) and pixels per lamp
+LED_ROWS = 14
+LED_PITCH = 4
+
+
+def led(image: Image.Image) -> Image.Image:
+    """An LED sign's look: the word as amber lamps on a grid, on black (dark text on a light
+    ground is inverted first, so the text is what lights)."""
+    from PIL import ImageDraw, ImageOps
+
+    gray = ImageOps.grayscale(image)
+    width, height = gray.size
+    cols = max(1, round(width * LED_ROWS / height))
+    small = np.asarray(gray.resize((cols, LED_ROWS), Image.Resampling.BILINEAR), dtype=np.float32)
+    lit = small > small.mean()
+    if lit.mean() > 0.5:  # most lamps lit: the text is the dark part
+        lit = ~lit
+    out = Image.new("RGB", (cols * LED_PITCH, LED_ROWS * LED_PITCH), (10, 8, 6))
+    draw = ImageDraw.Draw(out)
+    radius = LED_PITCH / 2 - 0.6
+    for y, x in zip(*np.nonzero(lit)):
+        cx, cy = (x + 0.5) * LED_PITCH, (y + 0.5) * LED_PITCH
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=(255, 176, 40))
+    return out
+
+
+#: the looks ``--look`` offers
+LOOKS = {"lowres": degrade, "led": led}
+
+
+def build(src: Path, out: Path, seed: int = 0, look: str = "lowres") -> dict[str, int]:
     """Write the three degraded splits; their sizes."""
     rows = [line.split("\t", 1) for line in (src / "labels.tsv").read_text(encoding="utf-8").splitlines()
             if "\t" in line]
@@ -56,7 +86,7 @@ def build(src: Path, out: Path, seed: int = 0) -> dict[str, int]:
         for i in order[start:start + count]:
             file, label = rows[i]
             stem = Path(file).stem
-            degrade(Image.open(src / "images" / file)).save(folder / "images" / f"{stem}.png")
+            LOOKS[look](Image.open(src / "images" / file).convert("RGB")).save(folder / "images" / f"{stem}.png")
             lines.append(f"{stem}.png\t{label}\n")
         (folder / "labels.tsv").write_text("".join(lines), encoding="utf-8")
         sizes[name] = count
@@ -79,11 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", type=Path)
     parser.add_argument("-o", "--output", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--look", choices=sorted(LOOKS), default="lowres",
+                        help="lowres: small, blurred, JPEG-compressed (default); led: an LED sign's lamps")
     args = parser.parse_args(argv)
     if not (args.src / "labels.tsv").is_file():
         print(f"error: {args.src}: no labels.tsv (a folder set with images/ and labels.tsv)", file=sys.stderr)
         return 2
-    sizes = build(args.src, args.output, args.seed)
+    sizes = build(args.src, args.output, args.seed, args.look)
     sizes["keep"] = write_keep(args.src, args.output)
     print(sizes)
     return 0

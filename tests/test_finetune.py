@@ -120,3 +120,25 @@ def test_bad_arguments_are_one_line(tmp_path: Path, capsys) -> None:
     assert "--keep-synthetic 0 needs a --keep SET" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="not a labelled set"):
         finetune.main([str(tmp_path), "--val", str(tmp_path), "-o", str(tmp_path / "o")])
+
+
+def test_the_domain_looks_keep_the_word_and_split_the_set(tmp_path: Path) -> None:
+    """benchmarks.finetune_domain: every crop lands in exactly one split, each look gives an
+    image (the LED look lights the text: few lamps lit, on black)."""
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks import finetune_domain
+
+    src = _set(tmp_path / "src", ["coffee", "Station", "OPEN", "hello", "pizza", "EXIT", "2026", "Bakery",
+                                  "north", "Taxi"])
+    for look in ("lowres", "led"):
+        sizes = finetune_domain.build(src, tmp_path / look, seed=1, look=look)
+        assert sizes == {"train": 7, "val": 1, "test": 2}
+        rows = [line.split("\t") for split in sizes
+                for line in (tmp_path / look / split / "labels.tsv").read_text().splitlines()]
+        assert sorted(label for _, label in rows) == sorted(["coffee", "Station", "OPEN", "hello", "pizza", "EXIT",
+                                                              "2026", "Bakery", "north", "Taxi"])
+    lamps = np.asarray(Image.open(next((tmp_path / "led" / "train" / "images").glob("*.png"))).convert("L"))
+    assert lamps.shape[0] == finetune_domain.LED_ROWS * finetune_domain.LED_PITCH
+    assert 0.02 < (lamps > 128).mean() < 0.5
