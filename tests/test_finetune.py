@@ -74,6 +74,22 @@ def test_the_mix_is_the_best_on_validation_within_the_keep_tolerance() -> None:
     assert finetune.pick_mix(tie, 0.5)["alpha"] == 0.0  # no gain: the original
 
 
+def test_the_mix_is_refined_at_the_edge_of_the_tolerance() -> None:
+    def row(alpha: float) -> dict:  # validation rises with alpha, the keep set falls
+        return {"alpha": alpha, "val_ctc": 50.0 + 30.0 * alpha, "keep_ctc": {"real": 90.0 - 4.0 * alpha}}
+
+    asked: list[float] = []
+
+    def score(alpha: float) -> dict:
+        asked.append(alpha)
+        return row(alpha)
+
+    rows = finetune.refine_mix([row(a) for a in (0.0, 0.2, 0.4, 1.0)], score, 0.5, 2)
+    assert asked == [0.1, 0.15]  # 0.2 loses 0.8 points: bisect below it
+    assert finetune.pick_mix(rows, 0.5)["alpha"] == 0.1
+    assert finetune.refine_mix([row(a) for a in (0.0, 0.2)], score, 1.0, 2)[-1]["alpha"] == 0.2  # nothing to refine
+
+
 def test_augment_keeps_the_size_and_changes_the_crop() -> None:
     import random
 

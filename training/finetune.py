@@ -83,6 +83,8 @@ class FinetuneSettings:
     augment: bool = True
     #: the mixes tried (alpha; 0 is the original, 1 the trained state)
     mixes: tuple[float, ...] = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    #: bisections between the chosen mix and the next on the grid when that one loses too much
+    refine: int = 2
     #: compare case-insensitively in the CTC loss (upper and lower case probabilities summed:
     #: for labels whose case is not reliable)
     ignore_case: bool = False
@@ -218,10 +220,10 @@ def pick_mix(rows: Sequence[dict[str, Any]], tolerance: float) -> dict[str, Any]
     validation sets best while losing at most ``tolerance`` points of the original's (alpha 0)
     accuracy on every keep set; ties: the higher mean keep accuracy, then the smaller mix. The
     original always qualifies."""
-    original = next(row for row in rows if row["alpha"] == 0.0)["keep_ctc"]
+    original = next(row for row in rows if row["alpha"] == 0.0)
 
     def kept(row: dict[str, Any]) -> bool:
-        return all(row["keep_ctc"][name] >= original[name] - tolerance - 1e-9 for name in original)
+        return keeps(row, original, tolerance)
 
     def mean_keep(row: dict[str, Any]) -> float:
         return sum(row["keep_ctc"].values()) / max(1, len(row["keep_ctc"]))
@@ -229,17 +231,43 @@ def pick_mix(rows: Sequence[dict[str, Any]], tolerance: float) -> dict[str, Any]
     return max((row for row in rows if kept(row)), key=lambda row: (row["val_ctc"], mean_keep(row), -row["alpha"]))
 
 
+def keeps(row: dict[str, Any], original: dict[str, Any], tolerance: float) -> bool:
+    """Whether a mix loses at most ``tolerance`` points of the original's accuracy on every keep set."""
+    return all(row["keep_ctc"][name] >= value - tolerance - 1e-9 for name, value in original["keep_ctc"].items())
+
+
+def refine_mix(rows: list[dict[str, Any]], score: Any, tolerance: float, steps: int) -> list[dict[str, Any]]:
+    """``rows`` plus ``steps`` bisections between the chosen mix and the next one on the grid
+    when that one loses too much (the best mix is often at that edge): ``score(alpha)`` gives
+    a new row."""
+    rows = sorted(rows, key=lambda row: row["alpha"])
+    original = rows[0]
+    chosen = pick_mix(rows, tolerance)
+    above = [row for row in rows if row["alpha"] > chosen["alpha"]]
+    if not above or keeps(above[0], original, tolerance):
+        return rows
+    low, high = chosen["alpha"], above[0]["alpha"]
+    for _ in range(steps):
+        row = score(round((low + high) / 2, 4))
+        rows.append(row)
+        low, high = (row["alpha"], high) if keeps(row, original, tolerance) else (low, row["alpha"])
+    return sorted(rows, key=lambda row: row["alpha"])
+
+
 def score_mixes(tower: Tower, original: dict[str, Tensor], trained: dict[str, Tensor],
                 val: tuple[list[np.ndarray], list[str]], keep: dict[str, tuple[list[np.ndarray], list[str]]],
-                codec: CharCodec, mixes: Sequence[float]) -> list[dict[str, Any]]:
+                codec: CharCodec, mixes: Sequence[float], tolerance: float = 0.5,
+                refine: int = 2) -> list[dict[str, Any]]:
     """The validation accuracy and the accuracy on each keep set (CTC reading) of each mix of
-    ``original`` and ``trained`` (mix 0, the original, always among them)."""
-    rows = []
-    for alpha in sorted({0.0, *mixes}):
+    ``original`` and ``trained`` (mix 0, the original, always among them), with ``refine``
+    bisections at the edge of the tolerance (:func:`refine_mix`)."""
+    def score(alpha: float) -> dict[str, Any]:
         tower.load_state_dict(mixed_state(original, trained, alpha))
-        rows.append({"alpha": alpha, "val_ctc": ctc_accuracy(tower, *val, codec),
-                     "keep_ctc": {name: ctc_accuracy(tower, *pairs, codec) for name, pairs in keep.items()}})
-    return rows
+        return {"alpha": alpha, "val_ctc": ctc_accuracy(tower, *val, codec),
+                "keep_ctc": {name: ctc_accuracy(tower, *pairs, codec) for name, pairs in keep.items()}}
+
+    rows = [score(alpha) for alpha in sorted({0.0, *mixes})]
+    return refine_mix(rows, score, tolerance, refine)
 
 
 def augment(image: Any, rng: random.Random) -> Any:
@@ -377,7 +405,7 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
     train_seconds = time.monotonic() - train_start
     trained = copy.deepcopy(tower.state_dict())  # the end of the schedule: mixed with the original
     mixes = score_mixes(tower, teacher.state_dict(), trained, (val_x, val_y), keep_sets, codec,
-                        settings.mixes)
+                        settings.mixes, settings.keep_tolerance, settings.refine)
     chosen = pick_mix(mixes, settings.keep_tolerance)
     tower.load_state_dict(mixed_state(teacher.state_dict(), trained, chosen["alpha"]))
     tower.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors
