@@ -15,20 +15,10 @@ import sys
 import time
 from collections.abc import Sequence
 
-from benchmarks.common import markdown_table
-from runtime.charset import WordAccuracy, keep_for_eval
+from benchmarks.common import load_sets, markdown_table
+from runtime.charset import WordAccuracy
 from runtime.ctc_reading import DECODE_MODES
-
-
-def read_set(path: str) -> list[tuple[object, str]]:
-    """(image, label) of every crop of a labelled set that the protocol keeps."""
-    from runtime.inputs import open_input
-    from runtime.preprocess import load_image
-
-    opened = open_input(path)
-    if not opened.labelled:
-        return []
-    return [(load_image(s.data), str(s.label)) for s in opened.samples if keep_for_eval(str(s.label))]
+from runtime.inputs import InputError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,30 +34,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not modes or any(m not in DECODE_MODES for m in modes):
         print(f"error: --modes: choose from {', '.join(DECODE_MODES)}", file=sys.stderr)
         return 2
+    try:
+        sets = load_sets(args.sets)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    empty = next((s.path for s in sets if not s.images), None)
+    if empty is not None:
+        print(f"error: {empty}: no readable labelled crop", file=sys.stderr)
+        return 2
     from runtime.recognizer import Recognizer
 
     llm = None if args.llm == "default" else args.llm
     readers = {m: Recognizer.from_bundle(args.engine, llm=llm, threads=args.threads, decode=m) for m in modes}
     rows = []
-    for path in args.sets:
-        pairs = read_set(path)
-        if not pairs:
-            print(f"error: {path}: no labelled crop (a folder with images/ and labels.tsv, or a .tsv)",
-                  file=sys.stderr)
-            return 2
+    for labelled in sets:
         texts: dict[str, list[str]] = {}
-        row = [f"{path} ({len(pairs)})"]
+        row = [f"{labelled.path} ({len(labelled.images)})"]
         for mode, reader in readers.items():
             start = time.perf_counter()
-            results = reader.read([x for x, _ in pairs], batch_size=args.batch)
-            ms = 1000.0 * (time.perf_counter() - start) / len(pairs)
+            results = reader.read(labelled.images, batch_size=args.batch)
+            ms = 1000.0 * (time.perf_counter() - start) / len(labelled.images)
             accuracy = WordAccuracy()
             texts[mode] = [r.text or "" for r in results]
-            accuracy.update(texts[mode], [y for _, y in pairs])
+            accuracy.update(texts[mode], labelled.labels)
             differ = sum(a != b for a, b in zip(texts[mode], texts[modes[0]]))
             row.append(f"{accuracy.as_dict()['accuracy']:.2f} / {ms:.1f} / {differ}")
         rows.append(row)
-        print(f"{path}: {row[1:]}", file=sys.stderr, flush=True)
+        print(f"{labelled.path}: {row[1:]}", file=sys.stderr, flush=True)
     header = ["set"] + [f"{m}: accuracy / ms per crop / texts unlike {modes[0]}" for m in modes]
     print(markdown_table(header, rows))
     for reader in readers.values():

@@ -99,11 +99,14 @@ def test_the_decode_modes_benchmark_scores_each_mode(tmp_path: Path, capsys: pyt
     from benchmarks import decode_modes
 
     labels = tmp_path / "labels.tsv"
-    labels.write_text("".join(f"{p}\t{p.stem}\n" for p in sorted(SAMPLES.glob("*.png"))), encoding="utf-8")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")  # left out with a warning; the rest is scored
+    labels.write_text("".join(f"{p}\t{p.stem}\n" for p in sorted(SAMPLES.glob("*.png"))) + f"{broken}\tword\n",
+                      encoding="utf-8")
     assert decode_modes.main([str(labels), "--modes", "full,ctc"]) == 0
     table = capsys.readouterr().out
     assert "| full: accuracy / ms per crop / texts unlike full |" in table
-    row = next(line for line in table.splitlines() if "labels.tsv" in line)
+    row = next(line for line in table.splitlines() if "labels.tsv (8)" in line)
     assert row.count("100.00 / ") == 2 and row.rstrip(" |").endswith("/ 0")
     assert decode_modes.main([str(SAMPLES), "--modes", "ctc"]) == 2
     assert decode_modes.main([str(labels), "--modes", "beam"]) == 2

@@ -295,17 +295,20 @@ def _preprocessed(images: list[Any], spec: Any) -> list[np.ndarray]:
     return [preprocess([image], spec) for image in images]
 
 
-def runtime_accuracy(bundle: Path | None, pairs: list[tuple[Any, str]], decode: str | None = None) -> float:
+def runtime_accuracy(bundle: Path | None, *sets: list[tuple[Any, str]], decode: str | None = None) -> list[float]:
     """Accuracy (%) of the runtime's recognizer (``--llm none``; ``decode`` None: the
-    bundle's) with ``bundle``."""
+    bundle's) with ``bundle`` on each of ``sets``, one recognizer for all."""
     from runtime.recognizer import Recognizer
 
-    accuracy = WordAccuracy()
+    out = []
     with Recognizer.from_bundle(bundle, llm="none", threads=1, decode=decode) as recognizer:
-        kept = [(x, y) for x, y in pairs if keep_for_eval(y)]
-        results = recognizer.read([x for x, _ in kept])
-        accuracy.update([r.text or "" for r in results], [y for _, y in kept])
-    return float(accuracy.as_dict()["accuracy"])
+        for pairs in sets:
+            accuracy = WordAccuracy()
+            kept = [(x, y) for x, y in pairs if keep_for_eval(y)]
+            results = recognizer.read([x for x, _ in kept])
+            accuracy.update([r.text or "" for r in results], [y for _, y in kept])
+            out.append(float(accuracy.as_dict()["accuracy"]))
+    return out
 
 
 def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path, settings: FinetuneSettings,
@@ -419,7 +422,7 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
 
     bundle = export_bundle(checkpoint, out / "bundle", ("fp32",), include_checkpoint=True)
     decode, decode_scores = choose_decode(bundle, val, [pair for pairs in keep.values() for pair in pairs])
-    summary = {"val_before": round(runtime_accuracy(source, val), 2),
+    summary = {"val_before": round(runtime_accuracy(source, val)[0], 2),
                "val_after": round(decode_scores[decode]["val"], 2), "decode": decode,
                "val_ctc_before": round(before, 2), "val_ctc_after": round(chosen["val_ctc"], 2),
                "keep_ctc_before": {k: round(v, 2) for k, v in mixes[0]["keep_ctc"].items()},
@@ -440,11 +443,9 @@ def choose_decode(bundle: Path, val: list[tuple[Any, str]], keep: list[tuple[Any
     ``defaults.decode``: the decoders were trained on the original tower's features, so
     whether they still help is measured, not assumed. The mode and every mode's figures."""
     from export.manifest import read_manifest, write_manifest
-    from runtime.ctc_reading import DECODE_MODES
 
-    scores = {mode: {"val": runtime_accuracy(bundle, val, mode), "keep": runtime_accuracy(bundle, keep, mode)}
-              for mode in ("cascade", "ctc", "full") if mode in DECODE_MODES}
-    order = list(scores)
+    order = ("cascade", "ctc", "full")
+    scores = {mode: dict(zip(("val", "keep"), runtime_accuracy(bundle, val, keep, decode=mode))) for mode in order}
     mode = max(order, key=lambda m: (scores[m]["val"] + scores[m]["keep"], -order.index(m)))
     manifest = read_manifest(bundle)
     manifest.setdefault("defaults", {})["decode"] = mode
