@@ -126,6 +126,16 @@ def test_a_short_finetune_writes_a_bundle_the_runtime_reads(tmp_path: Path, caps
     with Recognizer.from_bundle(out / "bundle", llm="none") as reader:
         results = reader.read(sorted((val / "images").glob("*.png")))
     assert all(r.ok and isinstance(r.text, str) for r in results)
+    # the end of the schedule is kept: the chosen mix of it with the original is the checkpoint's tower
+    from runtime.bundle import DEFAULT_BUNDLE
+    from training.checkpoint import load_checkpoint
+
+    trained = finetune.load_tower_state(out / finetune.TRAINED_FILE)
+    original = finetune.Tower(load_checkpoint(DEFAULT_BUNDLE)).state_dict()
+    saved = finetune.Tower(load_checkpoint(out / "checkpoint")).state_dict()
+    assert set(trained) == set(saved)
+    remixed = finetune.mixed_state(original, trained, summary["mix"])
+    assert all(torch.allclose(remixed[name], saved[name], atol=1e-6) for name in saved)
 
 
 def test_bad_arguments_are_one_line(tmp_path: Path, capsys) -> None:

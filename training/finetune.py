@@ -22,7 +22,8 @@ than either end (weight-space ensembling of fine-tuned models, WiSE-FT: Wortsman
 
 OUT gets ``checkpoint/`` (``model.json`` + ``model.safetensors``, with the fine-tune's
 settings and figures in its meta) and ``bundle/`` (exported as the default's is; ``clipllama-run
---engine OUT/bundle`` reads with it). The last line on stdout is one JSON object: validation
+--engine OUT/bundle`` reads with it), and ``trained_tower.safetensors`` (the tower at the end
+of the schedule, before the mix). The last line on stdout is one JSON object: validation
 accuracy before and after (with the runtime's recognizer on the bundles, each with its decode mode).
 """
 
@@ -208,6 +209,25 @@ def answers(model: Tower, crops: list[np.ndarray], batch: int) -> list[Tensor]:
     return out  # type: ignore[return-value]
 
 
+#: the tower's state at the end of the schedule, before mixing (OUT/...), kept so that other
+#: mixes can be tried without training again
+TRAINED_FILE = "trained_tower.safetensors"
+
+
+def save_tower_state(state: dict[str, Tensor], path: Path) -> None:
+    """Write a :class:`Tower` state as safetensors (contiguous copies)."""
+    from safetensors.torch import save_file
+
+    save_file({name: value.contiguous() for name, value in state.items()}, str(path))
+
+
+def load_tower_state(path: Path) -> dict[str, Tensor]:
+    """A state written by :func:`save_tower_state`."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
 def mixed_state(original: dict[str, Tensor], trained: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
     """``original + alpha * (trained - original)`` for every floating-point tensor (the
     others, e.g. counters, from ``trained``): a weight-space mix of two states of one model."""
@@ -291,7 +311,8 @@ def augment(image: Any, rng: random.Random) -> Any:
     return image
 
 
-def _preprocessed(images: list[Any], spec: Any) -> list[np.ndarray]:
+def preprocessed_crops(images: list[Any], spec: Any) -> list[np.ndarray]:
+    """Each crop as the runtime preprocesses it alone: ``(1, 3, H, W)`` at its own padded width."""
     return [preprocess([image], spec) for image in images]
 
 
@@ -337,14 +358,14 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
     tower.classifier.requires_grad_(True)
     fold = case_folding(codec.charset) if settings.ignore_case else None
 
-    own_x = _preprocessed([x for x, _ in train], spec)
-    val_x = _preprocessed([x for x, _ in val], spec)
+    own_x = preprocessed_crops([x for x, _ in train], spec)
+    val_x = preprocessed_crops([x for x, _ in val], spec)
     val_y = [y for _, y in val]
     own_teacher = answers(teacher, own_x, settings.batch)
     anchor = None
     if settings.distill:  # synthetic words and the original's answers to them, drawn once
         general = SynthWords(settings.general, settings.seed + 1, cfg.charset_train)
-        general_x = _preprocessed([general[i][0] for i in range(len(general))], spec)
+        general_x = preprocessed_crops([general[i][0] for i in range(len(general))], spec)
         anchor = Batches(general_x, answers(teacher, general_x, settings.batch), settings.batch, rng)
     keep = dict(keep or {})
     if settings.keep_synthetic:  # the general reading, on synthetic words no step trains on
@@ -352,7 +373,7 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
         keep["synthetic"] = [held_out.sample(i) for i in range(len(held_out))]
     if not keep:
         raise SystemExit("error: no keep set: give --keep SET or --keep-synthetic N")
-    keep_sets = {name: (_preprocessed([x for x, _ in pairs], spec), [y for _, y in pairs])
+    keep_sets = {name: (preprocessed_crops([x for x, _ in pairs], spec), [y for _, y in pairs])
                  for name, pairs in keep.items()}
     own = Batches(own_x, [(y, t, i) for i, ((_, y), t) in enumerate(zip(train, own_teacher))], settings.batch, rng)
     parts = ((tower.features.backbone, settings.lr_backbone), (tower.features.neck, settings.lr_neck),
@@ -368,7 +389,7 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
     budget = settings.minutes * 60.0
     train_start = time.monotonic()
     next_eval = train_start + settings.eval_every_s
-    bar = _bar(budget, progress)
+    bar = progress_bar(budget, progress)
     step = seen = 0
     while time.monotonic() - train_start < budget:
         tower.train()
@@ -407,6 +428,8 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
         bar.close()
     train_seconds = time.monotonic() - train_start
     trained = copy.deepcopy(tower.state_dict())  # the end of the schedule: mixed with the original
+    out.mkdir(parents=True, exist_ok=True)
+    save_tower_state(trained, out / TRAINED_FILE)
     mixes = score_mixes(tower, teacher.state_dict(), trained, (val_x, val_y), keep_sets, codec,
                         settings.mixes, settings.keep_tolerance, settings.refine)
     chosen = pick_mix(mixes, settings.keep_tolerance)
@@ -453,7 +476,8 @@ def choose_decode(bundle: Path, val: list[tuple[Any, str]], keep: list[tuple[Any
     return mode, scores
 
 
-def _bar(total: float, enabled: bool) -> Any:
+def progress_bar(total: float, enabled: bool) -> Any:
+    """A tqdm bar over ``total`` seconds on stderr (None when disabled or tqdm is missing)."""
     if not enabled:
         return None
     try:
