@@ -8,8 +8,8 @@ and ``labels.tsv``, or a ``.tsv`` file; only the listed files count). The model 
 the embedded default's checkpoint (or ``--from``). The default reads what its tower's CTC head
 reads, so the tower and that head are what learn: CTC loss on the user's crops (optionally
 case-folded, optionally augmented), learning rates per part on a cosine to 0 over the time
-budget, optional distillation terms (the original's per-frame distribution on synthetic words
-and on the user's crops). The tower's batch norms stay in inference mode
+budget, distillation terms (the original's per-frame distribution on synthetic words, and
+optionally on the user's crops). The tower's batch norms stay in inference mode
 (:meth:`PPOCRFeatures.train`).
 
 Forgetting is handled after training, in weight space: the trained tower is mixed with the
@@ -64,9 +64,11 @@ class FinetuneSettings:
     lr_neck: float = 1e-4
     lr_head: float = 1e-3
     weight_decay: float = 0.0
-    #: weight of the distillation term on synthetic words (the original's distribution; it
-    #: halves the steps a time budget allows, and the mix already keeps the general reading)
-    distill: float = 0.0
+    #: weight of the distillation term on synthetic words (the original's distribution): it
+    #: halves the steps a time budget allows, but the trained tower forgets less, so the mix
+    #: can go further (validation of two domains, 0.5 against 0: LED 65.0 / 58.5, low
+    #: resolution 84.0 / 85.0; docs/finetune.md)
+    distill: float = 0.5
     #: weight of the distillation term on the user's own crops
     distill_own: float = 0.1
     #: synthetic words drawn for the distillation term

@@ -14,6 +14,10 @@ ranges fixed from the FP32 tower's activations on the first batches). The target
 FP32 original's per-frame CTC distribution on the training crops (distillation, no labels
 needed), so what is learnt is to read as FP32 does under quantization, not a new domain.
 
+A first 26-minute run made onnxruntime's int8 graph of the trained weights read worse, not
+better: the noise simulated here is not yet the graph's (docs/int8.md, "Quantization-aware
+fine-tuning"); nothing from it is shipped.
+
 OUT gets ``checkpoint/`` (the whole model with the tower's float weights after training;
 ``python -m export.onnx OUT/checkpoint -o BUNDLE --precision int8 --calibration SET``
 quantizes it as any checkpoint) and ``qat_state.safetensors`` (the tower's state, written at
