@@ -334,6 +334,22 @@ def runtime_accuracy(bundle: Path | None, *sets: list[tuple[Any, str]], decode: 
     return out
 
 
+def start_model(source: Path | None, threads: int, seed: int, command: str) -> tuple[Any, Path, random.Random]:
+    """Threads and seeds set, the model of ``source`` (default: the embedded default's
+    checkpoint), checked to have a PP-OCR tower with a CTC head; the model, its source, an rng."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    if source is None:
+        from runtime.bundle import DEFAULT_BUNDLE
+
+        source = DEFAULT_BUNDLE
+    model = load_checkpoint(source)
+    if getattr(model.image_encoder, "ctc", None) is None:
+        raise SystemExit(f"error: {source}: {command} needs a model with a PP-OCR tower and CTC head")
+    return model, source, random.Random(seed)
+
+
 def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path, settings: FinetuneSettings,
              source: Path | None = None, progress: bool = True,
              keep: dict[str, list[tuple[Any, str]]] | None = None) -> dict[str, Any]:
@@ -341,17 +357,7 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
     from training.data.synth import SynthWords
 
     started = time.monotonic()
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    torch.manual_seed(settings.seed)
-    rng = random.Random(settings.seed)
-    if source is None:
-        from runtime.bundle import DEFAULT_BUNDLE
-
-        source = DEFAULT_BUNDLE
-    model = load_checkpoint(source)
-    if getattr(model.image_encoder, "ctc", None) is None:
-        raise SystemExit(f"error: {source}: training.finetune needs a model with a PP-OCR tower and CTC head")
+    model, source, rng = start_model(source, settings.threads, settings.seed, "training.finetune")
     cfg = model.cfg
     spec = cfg.image
     codec = CharCodec(cfg.charset_train)

@@ -33,7 +33,6 @@ import argparse
 import copy
 import json
 import math
-import random
 import sys
 import time
 from collections.abc import Sequence
@@ -47,7 +46,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from runtime.decoding import CharCodec
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import save_checkpoint
 from training.finetune import (
     Batches,
     Tower,
@@ -58,6 +57,7 @@ from training.finetune import (
     progress_bar,
     read_sets,
     save_tower_state,
+    start_model,
 )
 
 #: int8 weights: symmetric, -127..127 (onnxruntime's range for symmetric int8)
@@ -193,17 +193,7 @@ def qat(train: list[tuple[Any, str]], val: dict[str, list[tuple[Any, str]]], out
         source: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Quantization-aware fine-tune (see the module doc); the summary the command prints."""
     started = time.monotonic()
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    torch.manual_seed(settings.seed)
-    rng = random.Random(settings.seed)
-    if source is None:
-        from runtime.bundle import DEFAULT_BUNDLE
-
-        source = DEFAULT_BUNDLE
-    model = load_checkpoint(source)
-    if getattr(model.image_encoder, "ctc", None) is None:
-        raise SystemExit(f"error: {source}: training.qat needs a model with a PP-OCR tower and CTC head")
+    model, source, rng = start_model(source, settings.threads, settings.seed, "training.qat")
     spec, codec = model.cfg.image, CharCodec(model.cfg.charset_train)
     teacher = Tower(copy.deepcopy(model)).to(memory_format=torch.channels_last).eval().requires_grad_(False)
     tower = Tower(model).to(memory_format=torch.channels_last)
