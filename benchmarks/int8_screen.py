@@ -107,9 +107,11 @@ def wide_overrides(cache: Path, wide: tuple[str, ...]) -> dict[str, list[dict[st
 
 def run_variant(name: str, variant: Variant, prepared: Path, work: Path, calibration: Path,
                 probes: list[q.EncoderProbe], spec: Any, groups: dict[str, list[str]],
-                evaluator: q.Evaluator | None = None) -> dict[str, Any]:
+                evaluator: q.Evaluator | None = None,
+                fixed: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Quantize ``variant`` and score it on every probe (and with the whole pipeline when
-    an ``evaluator`` is given)."""
+    an ``evaluator`` is given); ``fixed``: scales and zero points that replace the
+    calibrated ones (``TensorQuantOverrides`` by tensor name)."""
     cache = work / f"calibration.{variant.cache_key()}.json"
     reader = None
     if not cache.is_file():
@@ -118,10 +120,13 @@ def run_variant(name: str, variant: Variant, prepared: Path, work: Path, calibra
     out = work / f"{name}.onnx"
     start = time.perf_counter()
     options = dict(variant.options)
+    overrides = dict(fixed or {})
     if variant.wide:
         if not cache.is_file():  # the tensor names come from the calibration
             q.quantize(prepared, out, variant.method, cache, reader)
-        options["TensorQuantOverrides"] = wide_overrides(cache, variant.wide)
+        overrides.update(wide_overrides(cache, variant.wide))
+    if overrides:
+        options["TensorQuantOverrides"] = overrides
     q.quantize(prepared, out, variant.method, cache, reader, exclude=nodes_in(groups, variant.fp32_groups),
                options=options)
     row: dict[str, Any] = {"variant": name, "method": variant.method, "crops": variant.crops,
@@ -149,9 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, required=True)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ranges-from", type=Path, metavar="QDQ_ONNX",
+                        help="take every activation's scale and zero point from this int8 graph (of the same "
+                             "export; e.g. the one a training.qat --grid run trained on)")
     parser.add_argument("--pipeline", action="store_true",
                         help="also read the dev sets with the whole pipeline (minutes per variant)")
     args = parser.parse_args(argv)
+    if args.ranges_from is not None and not args.ranges_from.is_file():
+        print(f"error: --ranges-from {args.ranges_from}: no such file", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from runtime.bundle import load_bundle
 
@@ -170,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     for probe in probes:
         print(f"fp32 CTC reading {probe.name}: {probe.reference_accuracy:.3f}", flush=True)
     evaluator = q.Evaluator(args.bundle, q.dev_sets_from(args.dev), args.threads) if args.pipeline else None
+    fixed = q.scale_overrides(args.ranges_from) if args.ranges_from is not None else None
     for name in todo:
         row = run_variant(name, VARIANTS[name], prepared, args.output, args.calibration, probes,
-                          bundle.preprocessing, groups, evaluator)
+                          bundle.preprocessing, groups, evaluator, fixed)
         with results.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
         print(f"{name:24s} drop {row['ctc_accuracy_drop']} changed {row['changed_strings']} "

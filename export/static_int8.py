@@ -223,6 +223,52 @@ def quantize(src: Path, dst: Path, method: str, cache: Path, reader: CropBatches
         root.setLevel(level)
 
 
+#: integer range of each zero-point type onnxruntime's quantizer writes for activations
+ZERO_POINT_RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
+
+
+#: the suffix onnxruntime's quantizer gives a graph output's float tensor
+RENAMED_OUTPUT = "_QuantizeLinear_Input"
+
+
+@dataclass(frozen=True)
+class TensorGrid:
+    """One quantized activation: its scale, zero point and integer range."""
+
+    scale: float
+    zero_point: int
+    low: int
+    high: int
+
+
+def graph_grids(qdq_path: str | Path) -> dict[str, TensorGrid]:
+    """The activations a QDQ graph quantizes to 8 bits (tensor name -> grid); weights and
+    16-bit activations are left out."""
+    graph = onnx.load(str(qdq_path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    grids = {}
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in inits or len(node.input) < 3:
+            continue
+        scale, zero = inits.get(node.input[1]), inits.get(node.input[2])
+        if scale is None or zero is None or scale.size != 1 or zero.dtype not in ZERO_POINT_RANGES:
+            continue
+        low, high = ZERO_POINT_RANGES[zero.dtype]
+        grids[node.input[0]] = TensorGrid(float(scale.reshape(())), int(zero.reshape(())), low, high)
+    return grids
+
+
+def scale_overrides(qdq_path: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """``TensorQuantOverrides`` that give another graph's activations the scales and zero
+    points of ``qdq_path`` (by tensor name: the same export of other weights)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, grid in graph_grids(qdq_path).items():
+        dtype = np.uint8 if grid.low == 0 else np.int8
+        out[name.removesuffix(RENAMED_OUTPUT)] = [{"scale": np.array(grid.scale, dtype=np.float32),
+                      "zero_point": np.array(grid.zero_point, dtype=dtype)}]
+    return out
+
+
 # -- measuring a candidate --------------------------------------------------------------------
 
 

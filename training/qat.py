@@ -82,6 +82,9 @@ class QATSettings:
     activations: bool = True
     #: batches whose FP32 activations fix those ranges (mean of the per-batch min and max)
     range_batches: int = 24
+    #: an onnxruntime QDQ graph of the starting model whose activation grids are used
+    #: instead (``training.qat_ranges``; its FP32 input graph ``prepared.onnx`` beside it)
+    grid: str = ""
     eval_every_s: float = 120.0
     seed: int = 0
     threads: int = 0
@@ -189,6 +192,36 @@ def score(tower: nn.Module, sets: dict[str, tuple[list[np.ndarray], list[str], l
     return out
 
 
+def _graph_grids(tower: nn.Module, grid: Path, crops: list[np.ndarray]) -> tuple[list[Any], dict[str, Any]]:
+    """Hook ``grid``'s activation grids into ``tower`` (matched on two training crops of one
+    width); a one-line error when the graph is not of this model."""
+    from training.qat_ranges import graph_fake_quant
+
+    prepared = grid.with_name("prepared.onnx")
+    if not grid.is_file() or not prepared.is_file():
+        raise SystemExit(f"error: --grid {grid}: needs the QDQ graph and prepared.onnx beside it "
+                         "(benchmarks.int8_screen writes both)")
+    widths: dict[int, list[np.ndarray]] = {}
+    for x in crops:
+        widths.setdefault(x.shape[-1], []).append(x)
+    group = max(widths.values(), key=len)
+    probe = np.concatenate((group * 2)[:2])
+    handles, report = graph_fake_quant(tower.eval(), grid, prepared, probe)
+    if report["matched"] < report["quantized_tensors"] // 2:
+        for handle in handles:
+            handle.remove()
+        raise SystemExit(f"error: --grid {grid}: only {report['matched']} of its {report['quantized_tensors']} "
+                         "activations match the tower: quantize the model training starts from")
+    return handles, report
+
+
+def _grid_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    return {"quantized_tensors": report["quantized_tensors"], "matched": report["matched"],
+            "unmatched": report["unmatched"]}
+
+
 def qat(train: list[tuple[Any, str]], val: dict[str, list[tuple[Any, str]]], out: Path, settings: QATSettings,
         source: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Quantization-aware fine-tune (see the module doc); the summary the command prints."""
@@ -206,7 +239,13 @@ def qat(train: list[tuple[Any, str]], val: dict[str, list[tuple[Any, str]]], out
         val_sets[name] = (crops, [y for _, y in pairs], readings(teacher, crops, codec))
     fp32 = score(teacher, val_sets, codec)
 
-    hooks, handles = add_fake_quant(tower, settings.activations)
+    grid_report: dict[str, Any] | None = None
+    if settings.grid:
+        grid_handles, grid_report = _graph_grids(tower, Path(settings.grid), train_x)
+        hooks, handles = add_fake_quant(tower, activations=False)
+        handles = [*grid_handles, *handles]
+    else:
+        hooks, handles = add_fake_quant(tower, settings.activations)
     batches = Batches(train_x, targets, settings.batch, rng)
     with torch.no_grad():  # the activation ranges (weights already fake-quantized)
         for _ in range(settings.range_batches if hooks else 0):
@@ -273,9 +312,10 @@ def qat(train: list[tuple[Any, str]], val: dict[str, list[tuple[Any, str]]], out
     meta = {"qat": {"settings": asdict(settings), "from": str(source), "train_crops": len(train),
                     "steps": step, "train_seconds": round(time.monotonic() - train_start, 1),
                     "fp32": fp32, "before": before, "after": after, "history": history,
-                    "activation_ranges": ranges}}
+                    "activation_ranges": ranges, "graph_grids": _grid_summary(grid_report)}}
     checkpoint = save_checkpoint(model, out / "checkpoint", meta=meta)
-    summary = {"fp32": fp32, "fake_int8_before": before, "fake_int8_after": after, "steps": step,
+    summary = {"fp32": fp32, "graph_grids": _grid_summary(grid_report), "fake_int8_before": before,
+               "fake_int8_after": after, "steps": step,
                "train_minutes": round((time.monotonic() - train_start) / 60.0, 2),
                "total_minutes": round((time.monotonic() - started) / 60.0, 2), "checkpoint": str(checkpoint)}
     (out / "qat.json").write_text(json.dumps({**summary, "history": history}, indent=2) + "\n")
@@ -296,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lr-neck", type=float, default=defaults.lr_neck)
     parser.add_argument("--lr-head", type=float, default=defaults.lr_head)
     parser.add_argument("--weights-only", action="store_true", help="fake-quantize the weights only")
+    parser.add_argument("--grid", type=Path, metavar="QDQ_ONNX",
+                        help="onnxruntime's int8 graph of the starting model: train on its activation grids")
     parser.add_argument("--eval-every", type=float, default=defaults.eval_every_s, metavar="S")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
@@ -314,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     settings = QATSettings(minutes=args.minutes, batch=args.batch, lr_backbone=args.lr_backbone,
                            lr_neck=args.lr_neck, lr_head=args.lr_head, activations=not args.weights_only,
+                           grid=str(args.grid) if args.grid else "",
                            eval_every_s=args.eval_every, seed=args.seed, threads=args.threads)
     summary = qat(train, val, args.output, settings, args.source, progress=not args.no_progress)
     print(json.dumps(summary), flush=True)
