@@ -14,9 +14,12 @@ ranges fixed from the FP32 tower's activations on the first batches). The target
 FP32 original's per-frame CTC distribution on the training crops (distillation, no labels
 needed), so what is learnt is to read as FP32 does under quantization, not a new domain.
 
-A first 26-minute run made onnxruntime's int8 graph of the trained weights read worse, not
-better: the noise simulated here is not yet the graph's (docs/int8.md, "Quantization-aware
-fine-tuning"); nothing from it is shipped.
+With ``--grid QDQ.onnx`` the activations are fake-quantized where onnxruntime's int8 graph
+of the starting model quantizes them, with its scales and zero points
+(``training.qat_ranges``; ``benchmarks.int8_screen --ranges-from`` quantizes the trained
+weights on the same grid). Three runs, the last on that grid, did not bring onnxruntime's
+int8 readings closer to FP32 (docs/int8.md, "Quantization-aware fine-tuning"); nothing from
+them is shipped.
 
 OUT gets ``checkpoint/`` (the whole model with the tower's float weights after training;
 ``python -m export.onnx OUT/checkpoint -o BUNDLE --precision int8 --calibration SET``
