@@ -414,6 +414,8 @@ class StaticInt8:
     tolerance: float = 0.2
     sensitivity: bool = True
     threads: int | None = None
+    #: layer groups (prefixes of node scopes, e.g. ``features/neck``) always kept in FP32
+    keep_fp32: Sequence[str] = ()
 
 
 def add_static_int8(bundle_dir: str | Path, settings: StaticInt8) -> dict[str, Any]:
@@ -430,7 +432,8 @@ def add_static_int8(bundle_dir: str | Path, settings: StaticInt8) -> dict[str, A
         dev = dev_sets_from(settings.validation)
         record = static_int8_encoder(bundle_dir, manifest["graphs"]["fp32"]["image_encoder"]["file"], rel,
                                      settings.calibration, dev, settings.method, settings.crops,
-                                     settings.tolerance, settings.threads, settings.sensitivity)
+                                     settings.tolerance, settings.threads, settings.sensitivity,
+                                     tuple(settings.keep_fp32))
     except QuantizeError as exc:
         raise ExportError(f"static int8: {exc}") from None
     entry = graph_entry(bundle_dir, rel)
@@ -496,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     quant.add_argument("--tolerance", type=float, default=0.2, metavar="POINTS",
                        help="accuracy points int8 may lose on each validation set (default 0.2)")
     quant.add_argument("--no-sensitivity", action="store_true", help="quantize every layer (no exclusions)")
+    quant.add_argument("--keep-fp32", nargs="+", default=[], metavar="GROUP",
+                       help="layer groups kept in FP32 whatever the sensitivity pass says (prefixes of node "
+                            "scopes, e.g. features/neck)")
     args = parser.parse_args(argv)
     if args.calibration and "int8" not in args.precision:
         parser.error("--calibration quantizes the int8 variant: add --precision int8")
@@ -507,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     static = None
     if args.calibration:
         static = StaticInt8(args.calibration, args.validation, args.calibration_method, args.calibration_crops,
-                            args.tolerance, not args.no_sensitivity, max(1, args.threads))
+                            args.tolerance, not args.no_sensitivity, max(1, args.threads), tuple(args.keep_fp32))
     try:
         if (Path(args.ckpt) / MANIFEST_NAME).is_file():
             if args.output is not None and Path(args.output).resolve() != Path(args.ckpt).resolve():

@@ -476,17 +476,18 @@ def group_cost(row: dict[str, Any]) -> tuple[float, int, float]:
 
 
 def choose_exclusions(prepared: Path, work: Path, method: str, cache: Path, ranked: list[dict[str, Any]],
-                      evaluator: Evaluator, tolerance: float,
-                      max_excluded: int = MAX_EXCLUDED) -> tuple[int, list[dict[str, Any]]]:
+                      evaluator: Evaluator, tolerance: float, max_excluded: int = MAX_EXCLUDED,
+                      always: Sequence[str] = ()) -> tuple[int, list[dict[str, Any]]]:
     """Keep the ``k`` costliest groups in FP32 for k = 0, 1, ... until every set is within
-    ``tolerance``; returns ``k`` and each step's score (the first that holds, else the best)."""
+    ``tolerance`` (the nodes ``always`` in FP32 at every step); returns ``k`` and each step's
+    score (the first that holds, else the best)."""
     steps = []
     reference = evaluator.reference
     for k in range(0, min(max_excluded, len(ranked)) + 1):
         if k and ranked[k - 1]["changed_strings"] == 0:
             break  # the next group changes nothing alone: excluding it cannot help
         out = work / f"exclude{k}.onnx"
-        excluded = [n for row in ranked[:k] for n in row["nodes"]]
+        excluded = [*always, *(n for row in ranked[:k] for n in row["nodes"])]
         quantize(prepared, out, method, cache, exclude=excluded)
         score = evaluator.score(out)
         out.unlink()
@@ -519,9 +520,11 @@ def choose_method(prepared: Path, work: Path, reader: CropBatches, evaluator: Ev
 def static_int8_encoder(bundle_dir: Path, fp32_file: str, out_file: str, calibration: str | Path,
                         dev_sets: Sequence[DevSet], method: str = "auto", limit: int = 320,
                         tolerance: float = 0.2, threads: int | None = None,
-                        sensitivity_pass: bool = True) -> dict[str, Any]:
+                        sensitivity_pass: bool = True, keep_fp32: Sequence[str] = ()) -> dict[str, Any]:
     """Write the static INT8 image encoder of the bundle at ``bundle_dir`` (its fp32 graph
-    ``fp32_file``) to ``out_file``; returns the ``quantization`` record of the manifest."""
+    ``fp32_file``) to ``out_file``; returns the ``quantization`` record of the manifest.
+    ``keep_fp32``: layer groups (scope prefixes) kept in FP32 whatever the sensitivity pass
+    says; the pass ranks the others."""
     from runtime.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir, verify=False)
@@ -533,7 +536,14 @@ def static_int8_encoder(bundle_dir: Path, fp32_file: str, out_file: str, calibra
         work = Path(tmp)
         prepared = work / "prepared.onnx"
         model = prepare(bundle.path(fp32_file), prepared)
-        groups = layer_groups(model)
+        all_groups = layer_groups(model)
+        kept = {g: nodes for g, nodes in all_groups.items() if any(g.startswith(p) for p in keep_fp32)}
+        unknown = [p for p in keep_fp32 if not any(g.startswith(p) for g in all_groups)]
+        if unknown:
+            raise QuantizeError(f"--keep-fp32 {unknown[0]}: no layer group starts with it "
+                                f"(groups look like {next(iter(all_groups), 'features/backbone/...')})")
+        groups = {g: nodes for g, nodes in all_groups.items() if g not in kept}
+        always = [n for nodes in kept.values() for n in nodes]
         record: dict[str, Any] = {
             "mode": "static", "format": "QDQ", "weights": "int8 per channel", "activations": "uint8",
             "op_types": list(STATIC_OPS),
@@ -560,14 +570,16 @@ def static_int8_encoder(bundle_dir: Path, fp32_file: str, out_file: str, calibra
                 log.info("sensitivity pass: %d layer groups, one at a time, on %s", len(groups), dev_sets[0].name)
                 probe = EncoderProbe(prepared, dev_sets[0], bundle.preprocessing, bundle.charset, threads)
                 ranked = sensitivity(prepared, work, method, cache, groups, probe)
-                k, steps = choose_exclusions(prepared, work, method, cache, ranked, evaluator, tolerance)
+                k, steps = choose_exclusions(prepared, work, method, cache, ranked, evaluator, tolerance,
+                                             always=always)
                 excluded = ranked[:k]
                 record["sensitivity"] = [{k2: v for k2, v in r.items() if k2 != "nodes"} for r in ranked]
                 record["exclusion_steps"] = steps
-            record["excluded"] = [{"group": r["group"], "nodes": r["nodes"],
-                                   **{k2: r[k2] for k2 in ("ctc_accuracy_drop", "changed_strings", "feature_error")
-                                      if k2 in r}} for r in excluded]
-            nodes = [n for r in excluded for n in r["nodes"]]
+            record["excluded"] = [{"group": g, "nodes": nodes, "reason": "--keep-fp32"} for g, nodes in kept.items()]
+            record["excluded"] += [{"group": r["group"], "nodes": r["nodes"],
+                                    **{k2: r[k2] for k2 in ("ctc_accuracy_drop", "changed_strings", "feature_error")
+                                       if k2 in r}} for r in excluded]
+            nodes = [*always, *(n for r in excluded for n in r["nodes"])]
             target = Path(bundle_dir) / out_file
             target.parent.mkdir(parents=True, exist_ok=True)
             quantize(prepared, target, method, cache, exclude=nodes)

@@ -94,19 +94,30 @@ def test_exclusions_are_recorded_and_honoured(static_bundle: tuple[Path, Path]) 
 
 
 def test_explicit_exclusion_round_trips_through_the_manifest(tiny_bundle: Path, tmp_path: Path) -> None:
-    """Quantize with a chosen group kept FP32 (no sensitivity pass): the manifest lists it,
-    the runtime loads the bundle, and reading the manifest back gives the same record."""
+    """Quantize with a chosen group kept FP32 (``--keep-fp32``, no sensitivity pass): its
+    nodes stay float in the graph, the manifest lists it, the runtime loads the bundle, and
+    reading the manifest back gives the same record; an unknown group is refused."""
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bundle)
     words = _word_set(tmp_path / "words")
+    fp32_file = load_bundle(bundle, verify=False).graph("fp32", "image_encoder").file
+    groups = static_int8.layer_groups(static_int8.prepare(bundle / fp32_file, tmp_path / "prepared.onnx"))
+    kept = next(iter(groups))
     add_precisions(bundle, ["int8"], static=StaticInt8(str(words), [], method="minmax", crops=6,
-                                                       sensitivity=False, threads=1))
+                                                       sensitivity=False, threads=1, keep_fp32=(kept,)))
     manifest = json.loads((bundle / "manifest.json").read_text())
     record = manifest["graphs"]["int8"]["image_encoder"]["quantization"]
-    assert record["excluded"] == [] and "sensitivity" not in record
+    assert record["excluded"] == [{"group": kept, "nodes": groups[kept], "reason": "--keep-fp32"}]
+    assert "sensitivity" not in record
+    graph = onnx.load(str(bundle / "int8" / "image_encoder.onnx")).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    float_nodes = [n for n in graph.node if n.name in groups[kept]]
+    assert float_nodes and not any(i in dequantized for n in float_nodes for i in n.input[:2])
     again = json.loads(json.dumps(manifest))
     assert again["graphs"]["int8"]["image_encoder"]["quantization"] == record
     load_bundle(bundle)
+    assert export_main([str(bundle), "--precision", "int8", "--calibration", str(words), "--no-sensitivity",
+                        "--keep-fp32", "no/such/group"]) == 1
 
 
 def test_unpack_half_undoes_half_storage(tiny_bundle: Path, tmp_path: Path) -> None:
