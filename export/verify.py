@@ -275,7 +275,10 @@ def make_recognizers(bundle_dir: str, precisions: Sequence[str], threads: int) -
     missing = [p for p in precisions if p not in bundle.precisions]
     if missing:
         raise VerifyError(f"{bundle_dir}: no {', '.join(missing)} graphs (has {', '.join(bundle.precisions)})")
-    return {p: Recognizer(bundle, RecordingBackend(select_backend(bundle, "ort-cpu", p, threads)), None)
+    # decode "full": every graph runs on every crop, as in PyTorch (the bundle's cascade would
+    # run the decoders on the gated crops only, and their outputs could not be compared)
+    return {p: Recognizer(bundle, RecordingBackend(select_backend(bundle, "ort-cpu", p, threads)), None,
+                          decode="full")
             for p in precisions}
 
 

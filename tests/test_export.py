@@ -171,6 +171,13 @@ def test_fp16_and_int8_variants_run(variants: Path, model: torch.nn.Module) -> N
         assert 0 < stats["max_abs_diff"]["image_encoder.image_features"] < 0.5, precision
 
 
+def test_verify_runs_every_graph_on_every_crop(tiny_bundle: Path) -> None:
+    """A bundle whose default decode is the cascade runs its decoders only for gated words;
+    verify compares every graph with PyTorch, so its recognizers decode in full."""
+    recognizers = make_recognizers(str(tiny_bundle), ["fp32"], threads=1)
+    assert all(r.decode == "full" for r in recognizers.values())
+
+
 def test_verify_cli_prints_one_json_line(tiny_bundle: Path, tiny_checkpoint: Path, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "set"

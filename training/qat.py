@@ -305,6 +305,9 @@ def qat(train: list[tuple[Any, str]], val: dict[str, list[tuple[Any, str]]], out
             next_eval = time.monotonic() + settings.eval_every_s
     if step and history[-1].get("step") != step:  # the last steps since the last validation
         checkpoint_state(time.monotonic() - train_start)
+    elif step:  # validated at the last step: a resumed run must still find the whole budget spent
+        progress_path.write_text(json.dumps({"train_seconds": time.monotonic() - train_start,
+                                             "history": history}) + "\n")
     if bar is not None:
         bar.close()
     after = history[-1]["val"] if len(history) > 1 else before
