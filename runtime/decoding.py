@@ -206,13 +206,16 @@ def joint_score(probs: np.ndarray, ctc_log_probs: np.ndarray, ids: np.ndarray, e
 
 def ctc_rescored(codec: CharCodec, probs: np.ndarray, ctc_log_probs: np.ndarray, topk: int = 0,
                  ctc_weight: float = _JOINT.ctc, decoder_weight: float = _JOINT.decoder,
-                 gap_rule: GapRule | None = None) -> list[Prediction]:
+                 gap_rule: GapRule | None = None, fill_gaps: bool = _JOINT.fill_gaps,
+                 fill_slack: int = _JOINT.fill_slack) -> list[Prediction]:
     """Predictions of the decoder's ``probs`` ``(B, T, C+1)``, each replaced by the image
     tower's CTC reading (``ctc_log_probs`` ``(B, S, C+1)``) when that reading has the higher
     :func:`joint_score`: joint CTC/attention rescoring of two candidates (the decoder's
     word, the CTC best path). Characters keep the decoder's per-position probabilities, so
     the confidence gate sees how sure the decoder is of the chosen word. ``gap_rule``:
-    where :func:`find_gaps` reports missing characters (default: the default model's)."""
+    where :func:`find_gaps` reports missing characters (default: the default model's).
+    ``fill_gaps``: a chosen CTC reading with gaps takes the decoder's characters there
+    (:func:`gap_filled`, at most ``missing + fill_slack`` per gap)."""
     probs = np.asarray(probs, dtype=np.float32)
     gap_args = (gap_rule or _GAPS).find_gaps_args()
     out = []
@@ -227,17 +230,94 @@ def ctc_rescored(codec: CharCodec, probs: np.ndarray, ctc_log_probs: np.ndarray,
                 and joint_score(row, ctc_row, greedy, codec.eos_id, **weights)
                 > joint_score(row, ctc_row, decoded, codec.eos_id, **weights)):
             chosen = greedy
-        prediction = codec.prediction(row, np.append(chosen, codec.eos_id), topk)
-        if np.array_equal(chosen, best_path):  # the best path reads this very word
-            alignment = best_path_alignment(ctc_row)
-        else:
-            alignment = ctc_alignment(ctc_row, chosen)
-        if alignment is not None:
-            prediction.char_frames = character_centres(alignment, len(chosen))
-            prediction.gaps = find_gaps(prediction.char_frames, text=prediction.text, **gap_args)
-        prediction.ctc_log_probs = ctc_row
+        prediction = _located(codec, row, ctc_row, chosen, best_path, topk, gap_args)
+        if fill_gaps and prediction.gaps and not np.array_equal(chosen, decoded):
+            filled = gap_filled(chosen, decoded, {g.slot: g.missing + fill_slack for g in prediction.gaps})
+            if filled is not None and len(filled) < row.shape[0]:
+                frames = filled_frames(prediction.char_frames, chosen, filled)
+                prediction = codec.prediction(row, np.append(filled, codec.eos_id), topk)
+                prediction.char_frames = frames
+                prediction.gaps = find_gaps(frames, text=prediction.text, **gap_args)
+                prediction.ctc_log_probs = ctc_row
         out.append(prediction)
     return out
+
+
+def filled_frames(frames: Sequence[float], reading: Sequence[int], filled: Sequence[int]) -> list[float]:
+    """The CTC frame centres of ``filled`` (``reading`` with characters inserted, as
+    :func:`gap_filled` makes it): the read characters keep ``frames``; the inserted ones
+    are spread evenly over the gap between their neighbours (the CTC head saw nothing there
+    to place them by)."""
+    if len(frames) != len(reading):
+        return []
+    inserted = insertions(reading, filled)
+    out: list[float] = []
+    for slot in range(len(reading) + 1):
+        chars = inserted.get(slot, [])
+        if chars:
+            left = frames[slot - 1] if slot > 0 else frames[0] - len(chars)
+            right = frames[slot] if slot < len(reading) else frames[-1] + len(chars)
+            out.extend(left + (right - left) * (k + 1) / (len(chars) + 1) for k in range(len(chars)))
+        if slot < len(reading):
+            out.append(float(frames[slot]))
+    return out
+
+
+def _located(codec: CharCodec, row: np.ndarray, ctc_row: np.ndarray, chosen: np.ndarray, best_path: np.ndarray,
+             topk: int, gap_args: dict) -> Prediction:
+    """The word ``chosen`` with the decoder's probabilities, its CTC frames and gaps."""
+    prediction = codec.prediction(row, np.append(chosen, codec.eos_id), topk)
+    same = np.array_equal(chosen, best_path)  # the best path reads this very word
+    alignment = best_path_alignment(ctc_row) if same else ctc_alignment(ctc_row, chosen)
+    if alignment is not None:
+        prediction.char_frames = character_centres(alignment, len(chosen))
+        prediction.gaps = find_gaps(prediction.char_frames, text=prediction.text, **gap_args)
+    prediction.ctc_log_probs = ctc_row
+    return prediction
+
+
+def insertions(reading: Sequence[int], proposal: Sequence[int]) -> dict[int, list[int]]:
+    """Per slot of ``reading`` (0 before its first character, ``len(reading)`` after its
+    last), the characters of ``proposal`` that a minimal edit alignment of the two inserts
+    there. Ties go to matches, then insertions, then substitutions."""
+    reading, proposal = list(reading), list(proposal)
+    n, m = len(reading), len(proposal)
+    cost = np.zeros((n + 1, m + 1), dtype=np.int64)
+    cost[:, 0], cost[0, :] = np.arange(n + 1), np.arange(m + 1)
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            cost[i, j] = min(cost[i - 1, j] + 1, cost[i, j - 1] + 1,
+                             cost[i - 1, j - 1] + (reading[i - 1] != proposal[j - 1]))
+    out: dict[int, list[int]] = {}
+    i, j = n, m
+    while i or j:
+        if i and j and reading[i - 1] == proposal[j - 1] and cost[i, j] == cost[i - 1, j - 1]:
+            i, j = i - 1, j - 1
+        elif j and cost[i, j] == cost[i, j - 1] + 1:
+            out.setdefault(i, []).insert(0, proposal[j - 1])
+            j -= 1
+        elif i and j and cost[i, j] == cost[i - 1, j - 1] + 1:
+            i, j = i - 1, j - 1
+        else:
+            i -= 1
+    return out
+
+
+def gap_filled(reading: Sequence[int], proposal: Sequence[int], room: Mapping[int, int]) -> np.ndarray | None:
+    """``reading`` with the characters ``proposal`` inserts at its slots (:func:`insertions`)
+    where ``room`` allows: slot -> at most that many characters. Every character of
+    ``reading`` stays; what ``proposal`` substitutes or drops is ignored. None when nothing
+    is inserted."""
+    added = {slot: chars for slot, chars in insertions(reading, proposal).items()
+             if 0 < len(chars) <= room.get(slot, 0)}
+    if not added:
+        return None
+    out: list[int] = []
+    for slot, char in enumerate([*reading, None]):
+        out.extend(added.get(slot, ()))
+        if char is not None:
+            out.append(char)
+    return np.asarray(out, dtype=np.int64)
 
 
 # -- where characters are missing -----------------------------------------------------------

@@ -356,7 +356,9 @@ class Recognizer:
                                           gap_rule=self.correction.gaps)
         if self.decode == "cascade":  # the decoders for the words the gate does not trust,
             # and for crops where CTC read nothing (a blank crop, or text too faint for it)
-            unsure = [i for i, p in enumerate(predictions) if not p.text or gate(p, self.threshold).needs_llm]
+            fill = self.correction.joint.fill_gaps  # a gap is where the decoders' characters are wanted
+            unsure = [i for i, p in enumerate(predictions)
+                      if not p.text or (fill and p.gaps) or gate(p, self.threshold).needs_llm]
             if unsure:
                 subset = {name: value[unsure] for name, value in encoded.items()}
                 for i, prediction in zip(unsure, self._decoders(subset, timer)):
@@ -382,7 +384,8 @@ class Recognizer:
             if self.bundle.decode.ctc_rescoring:
                 joint = self.correction.joint
                 return ctc_rescored(self.codec, probs, encoded["ctc_log_probs"], topk=self.topk, ctc_weight=joint.ctc,
-                                    decoder_weight=joint.decoder, gap_rule=self.correction.gaps)
+                                    decoder_weight=joint.decoder, gap_rule=self.correction.gaps,
+                                    fill_gaps=joint.fill_gaps, fill_slack=joint.fill_slack)
             return self.codec.decode(probs, topk=self.topk)
 
     def _fill(self, result: ReadResult, prediction: Prediction) -> None:

@@ -73,10 +73,21 @@ class JointRescoring:
 
     ctc: float = 1.0
     decoder: float = 0.0
+    #: where the chosen CTC reading has a gap (:class:`GapRule`), insert the characters the
+    #: decoder's word has there and keep every character the CTC head read
+    #: (:func:`runtime.decoding.gap_filled`); ``--decode cascade`` then also sends words with
+    #: a gap to the decoders. Off: the decoders' word is taken whole or not at all.
+    fill_gaps: bool = False
+    #: a gap takes at most its estimated number of missing characters plus this many
+    fill_slack: int = 1
 
     def check(self) -> None:
         _finite("joint.ctc", self.ctc, 0.0)
         _finite("joint.decoder", self.decoder, 0.0)
+        if not isinstance(self.fill_gaps, bool):
+            raise SettingsError(f"joint.fill_gaps must be true or false, got {self.fill_gaps!r}")
+        if not isinstance(self.fill_slack, int) or isinstance(self.fill_slack, bool) or self.fill_slack < 0:
+            raise SettingsError(f"joint.fill_slack must be a whole number >= 0, got {self.fill_slack!r}")
 
 
 @dataclass(frozen=True)
