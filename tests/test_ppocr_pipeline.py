@@ -253,7 +253,7 @@ def test_frozen_tower_trainer_mixes_covered_words_and_reports_extra_validation(t
         assert shard["labels"].tolist() == ["Rescue", "market"]
     train = ["train", "--config", "clipllama-ppocr", "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "r"),
              "--max-steps", "2", "--val-every", "2", "--batch-size", "8", "--cover-share", "0.5",
-             "--extra-val-weight", "0.5"]
+             "--extra-val-weight", "0.5", "--fill-gaps"]
     assert main(train) == 0
     line = json.loads((tmp_path / "r" / "log.csv").read_text().splitlines()[-1])
     assert line["score"] == pytest.approx(line["accuracy"] + 0.5 * line["occ_accuracy"])

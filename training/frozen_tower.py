@@ -197,9 +197,11 @@ class FeatureSet:
 
 
 @torch.inference_mode()
-def evaluate(model: CLIP4STR, data: FeatureSet, padding: np.ndarray, batch_size: int = 256) -> dict:
+def evaluate(model: CLIP4STR, data: FeatureSet, padding: np.ndarray, batch_size: int = 256,
+             fill_gaps: bool = False) -> dict:
     """Word accuracy (evaluation protocol) of the final and the visual prediction, each
-    word read without padding (batches of equal length), as the runtime reads one crop."""
+    word read without padding (batches of equal length), as the runtime reads one crop
+    (``fill_gaps``: CTC gaps filled with the decoders' characters, ``correction.joint.fill_gaps``)."""
     model.eval()
     final, visual = WordAccuracy(), WordAccuracy()
     for length in np.unique(data.lengths):
@@ -210,7 +212,7 @@ def evaluate(model: CLIP4STR, data: FeatureSet, padding: np.ndarray, batch_size:
             out = model.decode(model.image_encoder.project(features))
             if model.cfg.ctc_rescoring:
                 out["ctc_log_probs"] = model.image_encoder.ctc_log_probs(features)
-            final.update([p.text for p in model.predictions(out)], labels)
+            final.update([p.text for p in model.predictions(out, fill_gaps=fill_gaps)], labels)
             visual.update([p.text for p in model.codec.decode(softmax(out["visual_ar"].numpy()))], labels)
     model.train()
     return {"accuracy": final.accuracy, "visual_accuracy": visual.accuracy, "one_minus_ned": final.one_minus_ned}
@@ -325,9 +327,9 @@ def train(args: argparse.Namespace) -> None:
         step += 1
         done = elapsed >= budget or (args.max_steps is not None and step >= args.max_steps)
         if step % args.val_every == 0 or done:
-            result = evaluate(model, val, padding)
+            result = evaluate(model, val, padding, fill_gaps=args.fill_gaps)
             for name, extra in extra_val.items():
-                result[f"{name}_accuracy"] = evaluate(model, extra, padding)["accuracy"]
+                result[f"{name}_accuracy"] = evaluate(model, extra, padding, fill_gaps=args.fill_gaps)["accuracy"]
             # the selection score: the split's accuracy, plus the extra sets' at --extra-val-weight
             result["score"] = result["accuracy"] + args.extra_val_weight * sum(
                 result[f"{name}_accuracy"] for name in extra_val)
@@ -379,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--val-every", type=int, default=500)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--init", help="start from this checkpoint's weights (a new schedule)")
+    t.add_argument("--fill-gaps", action="store_true",
+                   help="validate with CTC gaps filled by the decoders' characters (the bundle's "
+                        "correction.joint.fill_gaps)")
     t.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps (the schedule still follows --minutes)")
     t.add_argument("--real-share", type=float, default=None,

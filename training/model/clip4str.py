@@ -78,12 +78,14 @@ class CLIP4STR(nn.Module):
             return {**self.decode(features, early_exit), "ctc_log_probs": ctc}
         return self.decode(self.encode_image(images), early_exit)
 
-    def predictions(self, out: dict[str, Tensor], topk: int = 0) -> list[Prediction]:
+    def predictions(self, out: dict[str, Tensor], topk: int = 0, fill_gaps: bool = False) -> list[Prediction]:
         """The words of a :meth:`forward` output: the final logits decoded, or rescored
-        against the CTC reading when the output has one (the runtime's own decoding)."""
+        against the CTC reading when the output has one (the runtime's own decoding;
+        ``fill_gaps``: as the manifest's ``correction.joint.fill_gaps``)."""
         probs = softmax(out["final"].float().cpu().numpy())
         if "ctc_log_probs" in out:
-            return ctc_rescored(self.codec, probs, out["ctc_log_probs"].float().cpu().numpy(), topk)
+            return ctc_rescored(self.codec, probs, out["ctc_log_probs"].float().cpu().numpy(), topk,
+                                fill_gaps=fill_gaps)
         return self.codec.decode(probs, topk=topk)
 
     def decode(self, image_features: Tensor, early_exit: bool = True) -> dict[str, Tensor]:
