@@ -22,7 +22,7 @@ from PIL import Image
 from runtime.recognizer import STAGES
 
 #: The stages that run inside a graph (or the eager model), not on the host.
-GRAPH_STAGES = ("image_encoder", "visual_decoder", "text_encoder", "cross_decoder", "forward")
+GRAPH_STAGES = ("image_encoder", "image_encoder_recheck", "visual_decoder", "text_encoder", "cross_decoder", "forward")
 #: Stage columns of the reports, in pipeline order.
 ALL_STAGES = ("preprocess", "forward", *STAGES[1:])
 
@@ -136,13 +136,19 @@ def backend_choices(bundle_path: str | Path) -> list[tuple[str, str]]:
     that match this GPU."""
     import onnxruntime as ort
 
-    from runtime.backends import gpu_compute_capability, matching_engines
-    from runtime.bundle import load_bundle
+    from runtime.backends import RECHECKED, gpu_compute_capability, matching_engines, recheck_threshold
+    from runtime.bundle import BundleError, load_bundle
 
     bundle = load_bundle(bundle_path, verify=False)
     providers = ort.get_available_providers()
     gpu = gpu_compute_capability() is not None
     out = [("ort-cpu", p) for p in bundle.precisions]
+    try:
+        recheck_threshold(bundle)
+    except BundleError:
+        pass
+    else:
+        out.append(("ort-cpu", RECHECKED))
     if gpu and "CUDAExecutionProvider" in providers:
         out += [("ort-cuda", p) for p in bundle.precisions]
     if gpu and "TensorrtExecutionProvider" in providers:

@@ -39,6 +39,7 @@ from benchmarks.common import (
     rotate,
 )
 from benchmarks.readers import LOADERS, PEERS, PROJECT, Missing, Reader, load_project
+from runtime.backends import PRECISION_CHOICES
 from runtime.charset import WordAccuracy, weighted_total
 from runtime.inputs import InputError
 
@@ -183,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--llm", default="default", help="GGUF for project+llm: default or a path")
     parser.add_argument("--llm-mode", default="rescore", choices=("rescore", "fill"))
     parser.add_argument("--backend", default="auto", help="this project's backend (auto, ort-cpu, ...)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "int8"),
+    parser.add_argument("--precision", choices=PRECISION_CHOICES,
                         help="this project's precision (default: auto, the bundle's CPU precision)")
     parser.add_argument("--threads", type=int, help="threads per reader (default: each library's own)")
     parser.add_argument("--limit", type=int, help="first N crops of each set (after the protocol's filter)")

@@ -441,6 +441,7 @@ def add_static_int8(bundle_dir: str | Path, settings: StaticInt8) -> dict[str, A
     manifest["graphs"]["int8"]["image_encoder"] = entry
     validated = record.get("validation", {}).get("int8", {}).get("accuracy_drop")
     defaults = manifest.setdefault("defaults", {})
+    defaults.pop("int8_recheck", None)  # fitted to the int8 graph this one replaces (export.recheck)
     if validated and all(drop <= settings.tolerance + 1e-9 for drop in validated.values()):
         defaults["cpu_precision"] = "int8"  # --precision auto reads int8 on a CPU
         log.info("int8 reads within %.2f points of fp32 on every validation set: the CPU default",

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from runtime.backends import PRECISIONS, Backend, select_backend
+from runtime.backends import PRECISIONS, RECHECKED, Backend, select_backend
 from runtime.bundle import load_bundle
 from runtime.charset import WordAccuracy, keep_for_eval, weighted_total
 from runtime.preprocess import ImageError, load_image, preprocess, width_groups
@@ -49,6 +49,10 @@ OUTPUTS = ("image_encoder.image_features", "image_encoder.ctc_log_probs",
            "cross_decoder.ar_logits", "cross_decoder.refined_logits")
 
 
+#: what ``--precision`` takes: the graph precisions and int8+fp32 (fp32 re-reads of unsure crops)
+VARIANTS = (*PRECISIONS, RECHECKED)
+
+
 class VerifyError(RuntimeError):
     """A set or bundle that cannot be verified."""
 
@@ -60,7 +64,12 @@ class RecordingBackend:
         self.inner = inner
         self.name = inner.name
         self.precision = inner.precision
+        #: int8+fp32: the recognizer writes the fp32 rows into the recorded int8 outputs in place
+        self.below_confidence = getattr(inner, "below_confidence", None)
         self.calls: list[tuple[str, dict[str, np.ndarray]]] = []
+
+    def run_reference(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.inner.run_reference(graph, feeds)  # type: ignore[attr-defined]
 
     def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.inner.run(graph, feeds)
@@ -271,8 +280,9 @@ def verify_set(model: CLIP4STR, recognizers: dict[str, Recognizer], samples: Seq
 
 def make_recognizers(bundle_dir: str, precisions: Sequence[str], threads: int) -> dict[str, Recognizer]:
     bundle = load_bundle(bundle_dir)
-    precisions = [p for p in PRECISIONS if p in precisions]
-    missing = [p for p in precisions if p not in bundle.precisions]
+    precisions = [p for p in VARIANTS if p in precisions]
+    needed = {p for p in precisions if p != RECHECKED} | ({"fp32", "int8"} if RECHECKED in precisions else set())
+    missing = [p for p in PRECISIONS if p in needed and p not in bundle.precisions]
     if missing:
         raise VerifyError(f"{bundle_dir}: no {', '.join(missing)} graphs (has {', '.join(bundle.precisions)})")
     # decode "full": every graph runs on every crop, as in PyTorch (the bundle's cascade would
@@ -314,6 +324,10 @@ def _summary_line(name: str, result: dict[str, Any]) -> str:
 def describe_variant(manifest: dict[str, Any], precision: str) -> dict[str, str]:
     """How each graph of ``precision`` was made, in words: ``static int8 (QDQ, minmax; 2
     layer groups in FP32: ...)``, ``dynamic int8``, or the precision whose file it shares."""
+    if precision == RECHECKED:
+        below = (manifest.get("defaults") or {}).get("int8_recheck", {}).get("below_confidence")
+        return {"all": f"the static int8 image encoder, the other graphs fp32; crops whose int8 CTC "
+                       f"confidence is below {below} (or empty) encoded again in fp32"}
     out = {}
     for name, entry in manifest["graphs"].get(precision, {}).items():
         record = entry.get("quantization")
@@ -378,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("bundle", help="bundle directory")
     parser.add_argument("--ckpt", required=True, help="the checkpoint the bundle was exported from")
     parser.add_argument("sets", nargs="*", help="folder with labels.tsv, a labels .tsv, or an LMDB")
-    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS)
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=VARIANTS)
     parser.add_argument("--synthetic", type=int, default=0, metavar="N", help="also N generated words")
     parser.add_argument("--limit", type=int, default=None, help="at most this many samples per set")
     parser.add_argument("--batch-size", type=int, default=32)

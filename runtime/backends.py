@@ -6,6 +6,8 @@
   ``cuda-bindings`` for device memory; no torch; TensorRT 10 and 11, see ``runtime.trt_api``).
 * :class:`RoutedBackend` sends each graph to the backend that has it (engines for some
   graphs, ONNX for the rest).
+* :class:`RecheckedBackend` (``--precision int8+fp32``) runs the int8 graphs and keeps the
+  fp32 image encoder for the crops the recognizer reads again (:data:`RECHECKED`).
 
 :func:`select_backend` picks one: ``auto`` takes TensorRT engines built for this GPU's
 compute capability and this TensorRT version, else onnxruntime with the best provider that
@@ -40,8 +42,11 @@ from runtime.gpu import (
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "trt")
 PRECISIONS = ("fp32", "fp16", "int8")
-#: what ``--precision`` takes: a precision, or ``auto`` (:func:`default_precision`)
-PRECISION_CHOICES = ("auto", *PRECISIONS)
+#: int8 graphs first; the crops whose int8 CTC reading is less confident than the bundle's
+#: ``defaults.int8_recheck.below_confidence`` are read again by the fp32 image encoder
+RECHECKED = "int8+fp32"
+#: what ``--precision`` takes: a precision, ``int8+fp32`` or ``auto`` (:func:`default_precision`)
+PRECISION_CHOICES = ("auto", *PRECISIONS, RECHECKED)
 
 _ORT_PROVIDERS = {
     "ort-cpu": ["CPUExecutionProvider"],
@@ -431,6 +436,49 @@ class RoutedBackend:
             backend.close()
 
 
+class RecheckedBackend:
+    """The int8 (static, fixed-scale) image encoder; the fp32 graphs for the rest and for
+    crops read again (:meth:`run_reference`). The dynamic int8 text encoder is not used: its
+    scales come from each batch, so a word would read differently in another batch. Below
+    which CTC confidence a crop is read again: ``below_confidence`` (:func:`recheck_threshold`)."""
+
+    def __init__(self, fast: Backend, reference: Backend, below_confidence: float) -> None:
+        self.fast, self.reference = fast, reference
+        self.below_confidence = below_confidence
+        self.name = fast.name
+        self.precision = RECHECKED
+        self.notes = list(getattr(fast, "notes", []))
+
+    def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return (self.fast if graph == "image_encoder" else self.reference).run(graph, feeds)
+
+    def run_reference(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.reference.run(graph, feeds)
+
+    def close(self) -> None:
+        self.fast.close()
+        self.reference.close()
+
+
+def recheck_threshold(bundle: Bundle) -> float:
+    """The bundle's ``defaults.int8_recheck.below_confidence`` (chosen on validation data by
+    ``python -m export.recheck``); ``BundleError`` when it has none or no int8 and fp32 graphs."""
+    missing = [p for p in ("int8", "fp32") if p not in bundle.precisions]
+    if missing:
+        raise BundleError(f"{bundle.root}: --precision {RECHECKED} needs int8 and fp32 graphs "
+                          f"(has {', '.join(bundle.precisions)})")
+    if not bundle.decode.ctc_rescoring:
+        raise BundleError(f"{bundle.root}: --precision {RECHECKED} needs an image encoder with a CTC head "
+                          "(its confidence decides which crops are read again)")
+    defaults = bundle.manifest.get("defaults")
+    recheck = defaults.get("int8_recheck") if isinstance(defaults, dict) else None
+    value = recheck.get("below_confidence") if isinstance(recheck, dict) else None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+        raise BundleError(f"{bundle.root}: --precision {RECHECKED} needs defaults.int8_recheck.below_confidence "
+                          f"in its manifest (python -m export.recheck {bundle.root} chooses it)")
+    return float(value)
+
+
 # -- selection ------------------------------------------------------------------------
 
 
@@ -502,6 +550,13 @@ def cpu_precision(bundle: Bundle) -> str:
     wanted = defaults.get("cpu_precision") if isinstance(defaults, dict) else None
     if wanted in bundle.precisions:
         return str(wanted)
+    if wanted == RECHECKED:
+        try:
+            recheck_threshold(bundle)
+        except BundleError:
+            pass
+        else:
+            return RECHECKED
     return "fp32" if "fp32" in bundle.precisions else bundle.precisions[0]
 
 
@@ -552,6 +607,8 @@ def select_backend(bundle: Bundle, backend: str = "auto", precision: str | None 
         raise BackendError(f"unknown precision {precision!r} (choose from {', '.join(PRECISION_CHOICES)})")
     if precision in (None, "auto"):
         precision = default_precision(bundle, backend)
+    if precision == RECHECKED:
+        return _rechecked(bundle, backend, threads)
     if precision not in bundle.graphs and not any(e.precision == precision for e in bundle.engines):
         raise BundleError(f"{bundle.root}: no {precision} variant (has {', '.join(bundle.precisions)})")
     notes: list[str] = []
@@ -584,6 +641,19 @@ def select_backend(bundle: Bundle, backend: str = "auto", precision: str | None 
     elif gpu.compute_capability is None and not gpu.absent and not bundle.engines:
         notes.append(f"no usable CUDA GPU: {gpu.reason}")
     return _mark(_ort_best(bundle, precision, threads, gpu, notes), [], gpu.absent)
+
+
+def _rechecked(bundle: Bundle, backend: str, threads: int | None) -> Backend:
+    """:class:`RecheckedBackend` on onnxruntime's CPU provider (int8 graphs are for a CPU)."""
+    below = recheck_threshold(bundle)
+    if backend not in ("auto", "ort-cpu"):
+        raise BackendError(f"--precision {RECHECKED} runs on onnxruntime's CPU provider only "
+                           f"(--backend auto or ort-cpu, not {backend})")
+    gpu = gpu_status()
+    notes = [f"onnxruntime runs on the CPU, as there is no NVIDIA GPU: {gpu.reason}"] if gpu.absent else []
+    fast = OrtBackend(bundle, "int8", _ORT_PROVIDERS["ort-cpu"], threads, graphs=("image_encoder",))
+    reference = OrtBackend(bundle, "fp32", _ORT_PROVIDERS["ort-cpu"], threads)
+    return _mark(RecheckedBackend(fast, reference, below), notes, gpu.absent)
 
 
 def _mark(backend: Any, notes: list[str], gpu_absent: bool) -> Any:

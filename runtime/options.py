@@ -221,7 +221,8 @@ def add_recognizer_options(parser: argparse.ArgumentParser, backend_note: str = 
     group.add_argument("--backend", choices=BACKENDS, default="auto",
                        help=f"inference backend (default: auto{backend_note})")
     group.add_argument("--precision", choices=PRECISION_CHOICES,
-                       help="graph variant (default: auto: fp16 on a GPU, else the bundle's CPU precision)")
+                       help="graph variant; int8+fp32: int8, with the crops its CTC head is unsure of read "
+                            "again in fp32 (default: auto: fp16 on a GPU, else the bundle's CPU precision)")
     group.add_argument("--llm", default=None, metavar="PATH|default|none",
                        help="GGUF model for the correction, 'default' (embedded model) or 'none' "
                             "(default: the embedded model when llama-cpp-python is installed)")

@@ -35,8 +35,8 @@ from runtime.preprocess import ImageError, load_image, pad_batch, preprocess, wi
 from runtime.tokenizer import BPETokenizer, TextBridge
 
 #: Stage names of :attr:`ReadResult.timings_ms`, in the order they run.
-STAGES = ("preprocess", "image_encoder", "visual_decoder", "tokenize", "text_encoder", "cross_decoder",
-          "decode_gate", "llm")
+STAGES = ("preprocess", "image_encoder", "image_encoder_recheck", "visual_decoder", "tokenize", "text_encoder",
+          "cross_decoder", "decode_gate", "llm")
 DEFAULT_BATCH_SIZE = 32
 #: :meth:`Recognizer.read` groups images of equal padded width within windows of this many
 #: batches (a window's images are loaded at once)
@@ -349,11 +349,16 @@ class Recognizer:
         run = self.backend.run
         with timer("image_encoder"):
             encoded = run("image_encoder", {"images": images})
-        if self.decode == "full":
+        recheck = getattr(self.backend, "below_confidence", None)
+        if self.decode == "full" and recheck is None:
             return self._decoders(encoded, timer)
         with timer("decode_gate"):
             predictions = ctc_predictions(self.codec, encoded["ctc_log_probs"], topk=self.topk,
                                           gap_rule=self.correction.gaps)
+        if recheck is not None:
+            predictions = self._recheck(images, encoded, predictions, recheck, timer)
+        if self.decode == "full":
+            return self._decoders(encoded, timer)
         if self.decode == "cascade":  # the decoders for the words the gate does not trust,
             # and for crops where CTC read nothing (a blank crop, or text too faint for it)
             fill = self.correction.joint.fill_gaps  # a gap is where the decoders' characters are wanted
@@ -363,6 +368,26 @@ class Recognizer:
                 subset = {name: value[unsure] for name, value in encoded.items()}
                 for i, prediction in zip(unsure, self._decoders(subset, timer)):
                     predictions[i] = prediction
+        return predictions
+
+    def _recheck(self, images: np.ndarray, encoded: dict[str, np.ndarray], predictions: list[Prediction],
+                 below: float, timer: _Timer) -> list[Prediction]:
+        """``--precision int8+fp32``: the crops whose (int8) CTC reading is empty or less
+        confident than ``below`` are encoded again in fp32; their rows of ``encoded`` and
+        their predictions are replaced."""
+        again = [i for i, p in enumerate(predictions) if not p.text or p.confidence < below]
+        if not again:
+            return predictions
+        with timer("image_encoder_recheck"):
+            redone = self.backend.run_reference("image_encoder", {"images": images[again]})
+        for name, value in redone.items():
+            if name in encoded:
+                encoded[name][again] = value
+        with timer("decode_gate"):
+            fresh = ctc_predictions(self.codec, encoded["ctc_log_probs"][again], topk=self.topk,
+                                    gap_rule=self.correction.gaps)
+        for i, prediction in zip(again, fresh):
+            predictions[i] = prediction
         return predictions
 
     def _decoders(self, encoded: dict[str, np.ndarray], timer: _Timer) -> list[Prediction]:
