@@ -31,7 +31,7 @@ from export.manifest import read_manifest, write_manifest
 from runtime.backends import RECHECKED
 from runtime.bundle import load_bundle
 from runtime.charset import WordAccuracy, keep_for_eval
-from runtime.inputs import InputError, Sample, open_input
+from runtime.inputs import InputError, Sample, open_labelled
 from runtime.recognizer import Recognizer
 
 #: thresholds tried, in order (the first that holds is chosen)
@@ -69,11 +69,9 @@ class SetReadings:
 def labelled_samples(path: str) -> tuple[str, list[Sample]]:
     """A labelled set's name and its scored samples (the evaluation label policy)."""
     try:
-        opened = open_input(path)
+        opened = open_labelled(path)
     except InputError as exc:
         raise RecheckError(str(exc)) from None
-    if not opened.labelled:
-        raise RecheckError(f"{path}: not a labelled set (a folder with images/ and labels.tsv, a .tsv or LMDB)")
     samples = [s for s in opened.samples if s.label is not None and keep_for_eval(s.label)]
     if not samples:
         raise RecheckError(f"{path}: no labelled crops")

@@ -220,3 +220,12 @@ def collect_inputs(paths: Sequence[str | Path], recursive: bool = False) -> list
         else:
             sets.append(opened)
     return ([InputSet(None, loose, notes=notes)] if loose or notes else []) + sets
+
+
+def open_labelled(path: str | Path) -> InputSet:
+    """:func:`open_input` for a labelled set; :class:`InputError` when ``path`` is not one."""
+    opened = open_input(path)
+    if not opened.labelled:
+        raise InputError(f"{path}: not a labelled set (a folder with images/ and labels.tsv, a labels .tsv "
+                         "or an LMDB folder)")
+    return opened
