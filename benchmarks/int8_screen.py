@@ -1,7 +1,7 @@
 """Screen static INT8 variants of a bundle's image encoder by the tower's own CTC reading.
 
     python -m benchmarks.int8_screen BUNDLE --calibration SET --dev SET... -o DIR
-        [--variants NAME...] [--crops N]
+        [--variants NAME...] [--crops N] [--exact]
 
 Every variant (:data:`VARIANTS`: calibration method, crops, the quantizer's options, layer
 groups kept in FP32) is quantized from the same prepared graph and read on each dev set by
@@ -10,6 +10,8 @@ encoder: seconds, where the whole pipeline takes minutes). One JSON line per var
 to ``DIR/screen.jsonl``; a variant already there is not run again (so a stopped screen
 resumes). Calibration ranges are cached per method, crops and calibration options.
 Choose only on training-carved dev sets (``benchmarks.int8_sets``), never an eval set.
+``--exact`` reads the QDQ graphs unfused (exact products, as a CPU with VNNI computes them)
+rather than as this CPU's kernels do: on x86 without VNNI the two differ by points.
 """
 
 from __future__ import annotations
@@ -78,6 +80,11 @@ VARIANTS: dict[str, Variant] = {
     "entropy320_a16": Variant(wide=("/",)),
     "entropy320_a16_stem": Variant(wide=("conv1/",)),
     "entropy320_a16_neck": Variant(wide=("/neck/",)),
+    # x86 CPUs without VNNI: u8 x s8 products saturate (runtime.backends.int8_dot_saturates)
+    "entropy2000_neck_r7": Variant(crops=2000, options={"reduce_range": True}, fp32_groups=("features/neck",)),
+    "entropy2000_neck_u8u8": Variant(crops=2000, options={"weights": "uint8"}, fp32_groups=("features/neck",)),
+    "entropy2000_neck_s8s8": Variant(crops=2000, options={"activations": "int8", "ActivationSymmetric": True},
+                                     fp32_groups=("features/neck",)),
 }
 
 
@@ -159,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                              "export; e.g. the one a training.qat --grid run trained on)")
     parser.add_argument("--pipeline", action="store_true",
                         help="also read the dev sets with the whole pipeline (minutes per variant)")
+    parser.add_argument("--exact", action="store_true",
+                        help="read each int8 graph unfused, as a CPU with VNNI computes it (not as this CPU's "
+                             "kernels do); results go to DIR/screen-exact.jsonl")
     args = parser.parse_args(argv)
     if args.ranges_from is not None and not args.ranges_from.is_file():
         print(f"error: --ranges-from {args.ranges_from}: no such file", file=sys.stderr)
@@ -167,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.bundle import load_bundle
 
     args.output.mkdir(parents=True, exist_ok=True)
-    results = args.output / "screen.jsonl"
+    results = args.output / ("screen-exact.jsonl" if args.exact else "screen.jsonl")
     done = {json.loads(line)["variant"] for line in results.read_text().splitlines()} if results.is_file() else set()
     todo = [v for v in args.variants if v not in done]
     if not todo:
@@ -176,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_bundle(args.bundle, verify=False)
     prepared = _prepare(args.bundle, args.output)
     groups = q.layer_groups(q.onnx.load(str(prepared)))
-    probes = [q.EncoderProbe(prepared, dev, bundle.preprocessing, bundle.charset, args.threads)
+    probes = [q.EncoderProbe(prepared, dev, bundle.preprocessing, bundle.charset, args.threads, exact=args.exact)
               for dev in q.dev_sets_from(args.dev)]
     for probe in probes:
         print(f"fp32 CTC reading {probe.name}: {probe.reference_accuracy:.3f}", flush=True)

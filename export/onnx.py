@@ -416,6 +416,8 @@ class StaticInt8:
     threads: int | None = None
     #: layer groups (prefixes of node scopes, e.g. ``features/neck``) always kept in FP32
     keep_fp32: Sequence[str] = ()
+    #: 7-bit weights, exact on x86 CPUs without VNNI (``export.static_int8.WEIGHTS_7BIT``)
+    reduce_range: bool = False
 
 
 def add_static_int8(bundle_dir: str | Path, settings: StaticInt8) -> dict[str, Any]:
@@ -433,7 +435,7 @@ def add_static_int8(bundle_dir: str | Path, settings: StaticInt8) -> dict[str, A
         record = static_int8_encoder(bundle_dir, manifest["graphs"]["fp32"]["image_encoder"]["file"], rel,
                                      settings.calibration, dev, settings.method, settings.crops,
                                      settings.tolerance, settings.threads, settings.sensitivity,
-                                     tuple(settings.keep_fp32))
+                                     tuple(settings.keep_fp32), settings.reduce_range)
     except QuantizeError as exc:
         raise ExportError(f"static int8: {exc}") from None
     entry = graph_entry(bundle_dir, rel)
@@ -503,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     quant.add_argument("--keep-fp32", nargs="+", default=[], metavar="GROUP",
                        help="layer groups kept in FP32 whatever the sensitivity pass says (prefixes of node "
                             "scopes, e.g. features/neck)")
+    quant.add_argument("--reduce-range", action="store_true",
+                       help="7-bit weights: exact on x86 CPUs without VNNI, whose 8-bit dot products saturate")
     args = parser.parse_args(argv)
     if args.calibration and "int8" not in args.precision:
         parser.error("--calibration quantizes the int8 variant: add --precision int8")
@@ -514,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     static = None
     if args.calibration:
         static = StaticInt8(args.calibration, args.validation, args.calibration_method, args.calibration_crops,
-                            args.tolerance, not args.no_sensitivity, max(1, args.threads), tuple(args.keep_fp32))
+                            args.tolerance, not args.no_sensitivity, max(1, args.threads), tuple(args.keep_fp32),
+                            args.reduce_range)
     try:
         if (Path(args.ckpt) / MANIFEST_NAME).is_file():
             if args.output is not None and Path(args.output).resolve() != Path(args.ckpt).resolve():

@@ -41,6 +41,10 @@ PERCENTILE = 99.999
 #: the quantizer's ``extra_options`` (``quantize``'s ``options`` override them)
 EXTRA_OPTIONS: dict[str, Any] = {"CalibStridedMinMax": 1, "CalibPercentile": PERCENTILE, "CalibNumBins": 2048,
                                  "WeightSymmetric": True, "ActivationSymmetric": False}
+#: the manifest's ``weights`` of a graph quantized with ``reduce_range``: x86 CPUs without VNNI
+#: multiply uint8 activations by int8 weights with VPMADDUBSW, whose 16-bit pair sums
+#: saturate (255 * 127 * 2 > 32767); 7-bit weights keep them in range (255 * 63 * 2 < 32767)
+WEIGHTS_7BIT = "int7 per channel (reduce_range)"
 #: calibration batch size (crops of one padded width per batch, as the runtime forms them)
 CALIBRATION_BATCH = 16
 #: most layer groups kept in FP32 by :func:`choose_exclusions`
@@ -194,7 +198,9 @@ def quantize(src: Path, dst: Path, method: str, cache: Path, reader: CropBatches
     channel, uint8 activations, ranges by ``method`` from ``reader`` (or from ``cache``
     when it exists); ``exclude`` nodes stay FP32; ``only`` quantizes just those nodes.
     ``options`` override the quantizer's ``extra_options`` (:data:`EXTRA_OPTIONS`), and its
-    keys ``activations`` (``uint8``/``int8``) and ``per_channel`` the two arguments."""
+    keys ``activations`` and ``weights`` (``uint8``/``int8``), ``per_channel`` and
+    ``reduce_range`` (7-bit weights: no overflow in the u8 x s8 dot products of x86 CPUs
+    without VNNI) the arguments."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if method not in METHODS:
@@ -206,6 +212,8 @@ def quantize(src: Path, dst: Path, method: str, cache: Path, reader: CropBatches
     extra: dict[str, Any] = {**EXTRA_OPTIONS, **(options or {})}
     activations = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[extra.pop("activations", "uint8")]
     per_channel = bool(extra.pop("per_channel", True))
+    reduce_range = bool(extra.pop("reduce_range", False))
+    weights = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[extra.pop("weights", "int8")]
     if reader is not None:
         reader.rewind()
     root = logging.getLogger()
@@ -214,8 +222,8 @@ def quantize(src: Path, dst: Path, method: str, cache: Path, reader: CropBatches
     try:
         quantize_static(
             str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(STATIC_OPS),
-            per_channel=per_channel, reduce_range=False, activation_type=activations,
-            weight_type=QuantType.QInt8, nodes_to_quantize=list(only) if only is not None else None,
+            per_channel=per_channel, reduce_range=reduce_range, activation_type=activations,
+            weight_type=weights, nodes_to_quantize=list(only) if only is not None else None,
             nodes_to_exclude=list(exclude), calibrate_method=calibrate, extra_options=extra,
             calibration_cache_path=str(cache),
         )
@@ -382,13 +390,15 @@ class EncoderProbe:
     """The image encoder alone on one validation set: the tower's own CTC reading (best
     path; ``runtime.decoding.ctc_greedy``) and its outputs, FP32 against a candidate. A
     few seconds per candidate where the whole pipeline takes minutes: the per-group pass
-    runs on it, the exclusion steps on the pipeline (:class:`Evaluator`)."""
+    runs on it, the exclusion steps on the pipeline (:class:`Evaluator`). ``exact``: run
+    the candidate's QDQ graph unfused, so every product is exact (what a CPU with VNNI
+    computes; x86 CPUs without it saturate 8-bit weights, ``runtime.backends.int8_dot_saturates``)."""
 
     def __init__(self, fp32_path: Path, dev: DevSet, spec: Any, charset: str, threads: int | None = None,
-                 batch: int = 32) -> None:
+                 batch: int = 32, exact: bool = False) -> None:
         from runtime.preprocess import preprocess, width_groups
 
-        self.name, self.threads, self.charset = dev.name, threads, charset
+        self.name, self.threads, self.charset, self.exact = dev.name, threads, charset, exact
         groups = width_groups([im.size for im in dev.images], spec, batch)
         self.inputs = [preprocess([dev.images[i] for i in g], spec) for g in groups]
         self.labels = [dev.labels[i] for g in groups for i in g]
@@ -400,8 +410,10 @@ class EncoderProbe:
 
         from runtime.backends import session_options
 
-        return ort.InferenceSession(str(path), sess_options=session_options(self.threads),
-                                    providers=["CPUExecutionProvider"])
+        options = session_options(self.threads)
+        if self.exact:  # QDQ pairs left unfused: float math on int8 grids, as a VNNI CPU's integers
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
     def _run(self, path: Path) -> tuple[list[np.ndarray], list[str]]:
         from runtime.decoding import ctc_greedy
@@ -454,13 +466,13 @@ def cost(score: Score, reference: Score) -> tuple[float, int, float]:
 
 
 def sensitivity(prepared: Path, work: Path, method: str, cache: Path, groups: dict[str, list[str]],
-                probe: EncoderProbe) -> list[dict[str, Any]]:
+                probe: EncoderProbe, options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """Each group quantized alone (the rest FP32), scored by ``probe``: most costly first
     (CTC accuracy drop, then strings changed, then output error)."""
     rows = []
     for i, (group, nodes) in enumerate(groups.items()):
         out = work / f"group{i}.onnx"
-        quantize(prepared, out, method, cache, only=nodes)
+        quantize(prepared, out, method, cache, only=nodes, options=options)
         row = {"group": group, "nodes": nodes, **probe.score(out)}
         out.unlink()
         rows.append(row)
@@ -477,7 +489,8 @@ def group_cost(row: dict[str, Any]) -> tuple[float, int, float]:
 
 def choose_exclusions(prepared: Path, work: Path, method: str, cache: Path, ranked: list[dict[str, Any]],
                       evaluator: Evaluator, tolerance: float, max_excluded: int = MAX_EXCLUDED,
-                      always: Sequence[str] = ()) -> tuple[int, list[dict[str, Any]]]:
+                      always: Sequence[str] = (),
+                      options: Mapping[str, Any] | None = None) -> tuple[int, list[dict[str, Any]]]:
     """Keep the ``k`` costliest groups in FP32 for k = 0, 1, ... until every set is within
     ``tolerance`` (the nodes ``always`` in FP32 at every step); returns ``k`` and each step's
     score (the first that holds, else the best)."""
@@ -488,7 +501,7 @@ def choose_exclusions(prepared: Path, work: Path, method: str, cache: Path, rank
             break  # the next group changes nothing alone: excluding it cannot help
         out = work / f"exclude{k}.onnx"
         excluded = [*always, *(n for row in ranked[:k] for n in row["nodes"])]
-        quantize(prepared, out, method, cache, exclude=excluded)
+        quantize(prepared, out, method, cache, exclude=excluded, options=options)
         score = evaluator.score(out)
         out.unlink()
         steps.append({"excluded_groups": k, **score.as_dict(reference), "_ok": within(score, reference, tolerance),
@@ -503,12 +516,13 @@ def choose_exclusions(prepared: Path, work: Path, method: str, cache: Path, rank
 
 
 def choose_method(prepared: Path, work: Path, reader: CropBatches, evaluator: Evaluator,
-                  methods: Sequence[str] = METHODS) -> tuple[str, dict[str, dict[str, Any]]]:
+                  methods: Sequence[str] = METHODS,
+                  options: Mapping[str, Any] | None = None) -> tuple[str, dict[str, dict[str, Any]]]:
     """Each calibration method on the whole encoder: the one that loses least."""
     scores: dict[str, Score] = {}
     for method in methods:
         out = work / f"all.{method}.onnx"
-        quantize(prepared, out, method, work / f"calibration.{method}.json", reader)
+        quantize(prepared, out, method, work / f"calibration.{method}.json", reader, options=options)
         scores[method] = evaluator.score(out)
         out.unlink()
         log.info("  calibration %-10s drop %s changed %d error %.4f", method,
@@ -520,14 +534,16 @@ def choose_method(prepared: Path, work: Path, reader: CropBatches, evaluator: Ev
 def static_int8_encoder(bundle_dir: Path, fp32_file: str, out_file: str, calibration: str | Path,
                         dev_sets: Sequence[DevSet], method: str = "auto", limit: int = 320,
                         tolerance: float = 0.2, threads: int | None = None,
-                        sensitivity_pass: bool = True, keep_fp32: Sequence[str] = ()) -> dict[str, Any]:
+                        sensitivity_pass: bool = True, keep_fp32: Sequence[str] = (),
+                        reduce_range: bool = False) -> dict[str, Any]:
     """Write the static INT8 image encoder of the bundle at ``bundle_dir`` (its fp32 graph
     ``fp32_file``) to ``out_file``; returns the ``quantization`` record of the manifest.
     ``keep_fp32``: layer groups (scope prefixes) kept in FP32 whatever the sensitivity pass
-    says; the pass ranks the others."""
+    says; the pass ranks the others. ``reduce_range``: 7-bit weights (:data:`WEIGHTS_7BIT`)."""
     from runtime.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir, verify=False)
+    options = {"reduce_range": reduce_range}
     images, _ = load_crops(calibration, limit)
     batches = crop_batches(images, bundle.preprocessing)
     reader = CropBatches(batches, bundle.graph("fp32", "image_encoder").inputs[0].name)
@@ -545,7 +561,8 @@ def static_int8_encoder(bundle_dir: Path, fp32_file: str, out_file: str, calibra
         groups = {g: nodes for g, nodes in all_groups.items() if g not in kept}
         always = [n for nodes in kept.values() for n in nodes]
         record: dict[str, Any] = {
-            "mode": "static", "format": "QDQ", "weights": "int8 per channel", "activations": "uint8",
+            "mode": "static", "format": "QDQ", "activations": "uint8",
+            "weights": WEIGHTS_7BIT if reduce_range else "int8 per channel",
             "op_types": list(STATIC_OPS),
             "calibration": {"set": str(calibration), "crops": len(images), "batches": len(batches),
                             "widths": widths},
@@ -559,19 +576,19 @@ def static_int8_encoder(bundle_dir: Path, fp32_file: str, out_file: str, calibra
             if method == "auto":
                 if evaluator is None:
                     raise QuantizeError("--calibration-method auto needs validation sets")
-                method, by_method = choose_method(prepared, work, reader, evaluator)
+                method, by_method = choose_method(prepared, work, reader, evaluator, options=options)
                 record["methods"] = by_method
             cache = work / f"calibration.{method}.json"
             if not cache.is_file():
-                quantize(prepared, work / "all.onnx", method, cache, reader)
+                quantize(prepared, work / "all.onnx", method, cache, reader, options=options)
             record["calibration"]["method"] = method
             excluded: list[dict[str, Any]] = []
             if evaluator is not None and sensitivity_pass:
                 log.info("sensitivity pass: %d layer groups, one at a time, on %s", len(groups), dev_sets[0].name)
                 probe = EncoderProbe(prepared, dev_sets[0], bundle.preprocessing, bundle.charset, threads)
-                ranked = sensitivity(prepared, work, method, cache, groups, probe)
+                ranked = sensitivity(prepared, work, method, cache, groups, probe, options)
                 k, steps = choose_exclusions(prepared, work, method, cache, ranked, evaluator, tolerance,
-                                             always=always)
+                                             always=always, options=options)
                 excluded = ranked[:k]
                 record["sensitivity"] = [{k2: v for k2, v in r.items() if k2 != "nodes"} for r in ranked]
                 record["exclusion_steps"] = steps
@@ -582,7 +599,7 @@ def static_int8_encoder(bundle_dir: Path, fp32_file: str, out_file: str, calibra
             nodes = [*always, *(n for r in excluded for n in r["nodes"])]
             target = Path(bundle_dir) / out_file
             target.parent.mkdir(parents=True, exist_ok=True)
-            quantize(prepared, target, method, cache, exclude=nodes)
+            quantize(prepared, target, method, cache, exclude=nodes, options=options)
             if evaluator is not None:
                 record["validation"]["int8"] = evaluator.score(target).as_dict(evaluator.reference)
         finally:

@@ -19,6 +19,7 @@ imported lazily, so a CPU machine needs none of them.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Mapping
@@ -542,12 +543,69 @@ def _ort_gpu_available() -> bool:
     return any(_ORT_PROVIDERS[n][0] in ort.get_available_providers() for n in ("ort-trt", "ort-cuda"))
 
 
-def cpu_precision(bundle: Bundle) -> str:
+#: the ``weights`` a static int8 graph's manifest record names when its weights are 7-bit
+#: (``export.onnx --reduce-range``): exact on every x86 CPU, VNNI or not
+EXACT_INT8_WEIGHTS = "int7"
+
+
+#: a serialized ONNX graph (``y = MatMulInteger(a, b)``, ``a`` uint8 [1, 64], ``b`` the int8
+#: constant 127 of shape [64, 1]; made with ``onnx.helper``, which the runtime does not need;
+#: tests/test_int8_saturation.py rebuilds and compares it)
+INT8_PROBE_ONNX = (
+    "CAgSCWNsaXBsbGFtYTqdAQoYCgFhCgFiEgF5Ig1NYXRNdWxJbnRlZ2VyEgppbnQ4X3Byb2JlKksIQAgBEAMqQH9/f39/f39/f39/"
+    "f39/f39/f39/f39/f39/f39/f39/f39/f39/f39/f39/f39/f39/f39/f39/f39/f39/f39CAWJaEwoBYRIOCgwIAhIICgIIAQoC"
+    "CEBiEwoBeRIOCgwIBhIICgIIAQoCCAFCBAoAEA0="
+)
+
+
+@functools.cache
+def int8_dot_saturates() -> bool:
+    """Whether onnxruntime's CPU kernels for uint8 x int8 products saturate on this CPU.
+
+    x86 CPUs without VNNI multiply with VPMADDUBSW, whose 16-bit sums of two products
+    overflow for 8-bit weights (255 * 127 * 2 > 32767); an int8 graph quantized for a VNNI
+    CPU then reads several points worse (docs/int8.md). :data:`INT8_PROBE_ONNX`, whose exact
+    answer (255 * 127 * 64) such a kernel cannot reach, tells."""
+    import base64
+
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(base64.b64decode(INT8_PROBE_ONNX), sess_options=session_options(1),
+                                       providers=["CPUExecutionProvider"])
+        (out,) = session.run(None, {"a": np.full((1, 64), 255, np.uint8)})
+    except Exception:  # a build without the kernel: nothing to say about it
+        return False
+    return int(np.asarray(out).reshape(-1)[0]) != 255 * 127 * 64
+
+
+def int8_saturation_problem(bundle: Bundle) -> str | None:
+    """Why the bundle's int8 image encoder reads worse on this CPU than where it was chosen
+    (8-bit weights on a CPU whose int8 products saturate), or None."""
+    entry = bundle.manifest.get("graphs", {}).get("int8", {}).get("image_encoder")
+    record = entry.get("quantization") if isinstance(entry, dict) else None
+    if not isinstance(record, dict) or record.get("mode") != "static":
+        return None
+    if str(record.get("weights", "")).startswith(EXACT_INT8_WEIGHTS) or not int8_dot_saturates():
+        return None
+    return ("this CPU has no VNNI, so its 8-bit integer products saturate, and the bundle's int8 image encoder "
+            "has 8-bit weights (python -m export.onnx BUNDLE --precision int8 --reduce-range ... makes one "
+            "that is exact here)")
+
+
+def cpu_precision(bundle: Bundle, notes: list[str] | None = None) -> str:
     """The bundle's precision for a CPU: its manifest's ``defaults.cpu_precision`` when the
     bundle has that variant (the export sets int8 there only when int8 read within its
-    tolerance of fp32 on every validation set), else fp32."""
+    tolerance of fp32 on every validation set) and this CPU computes its int8 graph as it
+    was measured (:func:`int8_saturation_problem`; else a note in ``notes``), else fp32."""
     defaults = bundle.manifest.get("defaults")
     wanted = defaults.get("cpu_precision") if isinstance(defaults, dict) else None
+    if wanted in ("int8", RECHECKED):
+        problem = int8_saturation_problem(bundle)
+        if problem is not None:
+            if notes is not None:
+                notes.append(f"reading in fp32, not the bundle's {wanted}: {problem}")
+            wanted = None
     if wanted in bundle.precisions:
         return str(wanted)
     if wanted == RECHECKED:
@@ -560,9 +618,9 @@ def cpu_precision(bundle: Bundle) -> str:
     return "fp32" if "fp32" in bundle.precisions else bundle.precisions[0]
 
 
-def default_precision(bundle: Bundle, backend: str) -> str:
+def default_precision(bundle: Bundle, backend: str, notes: list[str] | None = None) -> str:
     """fp16 where a GPU runs it and the bundle has it, else the bundle's CPU precision
-    (:func:`cpu_precision`; fp16 on a CPU is slow)."""
+    (:func:`cpu_precision`; fp16 on a CPU is slow; why not int8 goes to ``notes``)."""
     if backend in ("trt", "ort-trt", "ort-cuda"):
         gpu = True
     elif backend == "auto" and gpu_status().compute_capability is not None:
@@ -573,7 +631,7 @@ def default_precision(bundle: Bundle, backend: str) -> str:
         return "fp16"
     if gpu:  # int8 graphs are for onnxruntime on a CPU
         return "fp32" if "fp32" in bundle.precisions else bundle.precisions[0]
-    return cpu_precision(bundle)
+    return cpu_precision(bundle, notes)
 
 
 def _no_engine_message(bundle: Bundle, precision: str, missing: list[str], notes: list[str]) -> str:
@@ -599,19 +657,32 @@ def select_backend(bundle: Bundle, backend: str = "auto", precision: str | None 
     The result's ``name`` is what runs (``ort-cuda`` when onnxruntime fell back from its
     TensorRT provider, ``trt+ort-cpu`` for engines plus ONNX graphs); its ``notes`` say why
     each faster way was not taken, and ``gpu_absent`` whether this machine simply has no
-    NVIDIA GPU (then the notes are only for the curious).
+    NVIDIA GPU (then the notes are only for the curious); its ``warnings`` what a user must
+    hear whatever the machine (an int8 graph this CPU computes worse than where it was chosen).
     """
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if precision is not None and precision not in PRECISION_CHOICES:
         raise BackendError(f"unknown precision {precision!r} (choose from {', '.join(PRECISION_CHOICES)})")
+    warned: list[str] = []
+    if precision in ("int8", RECHECKED) and backend in ("auto", "ort-cpu"):
+        problem = int8_saturation_problem(bundle)
+        if problem is not None:
+            warned.append(f"--precision {precision} reads worse here than where it was measured: {problem}")
+    chosen = _select(bundle, backend, precision, threads)
+    chosen.warnings = warned
+    return chosen
+
+
+def _select(bundle: Bundle, backend: str, precision: str | None, threads: int | None) -> Backend:
+    """:func:`select_backend` once the arguments are checked."""
+    notes: list[str] = []
     if precision in (None, "auto"):
-        precision = default_precision(bundle, backend)
+        precision = default_precision(bundle, backend, notes)
     if precision == RECHECKED:
-        return _rechecked(bundle, backend, threads)
+        return _rechecked(bundle, backend, threads, notes)
     if precision not in bundle.graphs and not any(e.precision == precision for e in bundle.engines):
         raise BundleError(f"{bundle.root}: no {precision} variant (has {', '.join(bundle.precisions)})")
-    notes: list[str] = []
     if backend == "trt":
         engines = matching_engines(bundle, precision, notes=notes)
         missing = [g for g in GRAPH_NAMES if g not in engines]
@@ -643,14 +714,16 @@ def select_backend(bundle: Bundle, backend: str = "auto", precision: str | None 
     return _mark(_ort_best(bundle, precision, threads, gpu, notes), [], gpu.absent)
 
 
-def _rechecked(bundle: Bundle, backend: str, threads: int | None) -> Backend:
+def _rechecked(bundle: Bundle, backend: str, threads: int | None, notes: list[str] | None = None) -> Backend:
     """:class:`RecheckedBackend` on onnxruntime's CPU provider (int8 graphs are for a CPU)."""
     below = recheck_threshold(bundle)
     if backend not in ("auto", "ort-cpu"):
         raise BackendError(f"--precision {RECHECKED} runs on onnxruntime's CPU provider only "
                            f"(--backend auto or ort-cpu, not {backend})")
     gpu = gpu_status()
-    notes = [f"onnxruntime runs on the CPU, as there is no NVIDIA GPU: {gpu.reason}"] if gpu.absent else []
+    notes = list(notes or [])
+    if gpu.absent:
+        notes.insert(0, f"onnxruntime runs on the CPU, as there is no NVIDIA GPU: {gpu.reason}")
     fast = OrtBackend(bundle, "int8", _ORT_PROVIDERS["ort-cpu"], threads, graphs=("image_encoder",))
     reference = OrtBackend(bundle, "fp32", _ORT_PROVIDERS["ort-cpu"], threads)
     return _mark(RecheckedBackend(fast, reference, below), notes, gpu.absent)

@@ -235,8 +235,10 @@ def run_photos(args: argparse.Namespace, recognizer: Recognizer, sets: list[Inpu
 
 
 def _backend_notes(recognizer: Recognizer, as_json: bool) -> None:
-    """The backend's notes on stderr, one line each (quiet on a machine with no NVIDIA GPU,
-    unless --json)."""
+    """The backend's warnings, then its notes on stderr, one line each (the notes are quiet on
+    a machine with no NVIDIA GPU, unless --json)."""
+    for warning in getattr(recognizer.backend, "warnings", []) or []:
+        print(f"warning: {warning}", file=sys.stderr)
     if getattr(recognizer.backend, "gpu_absent", False) and not as_json:
         return
     for note in backend_info(recognizer)["notes"]:

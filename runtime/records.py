@@ -18,8 +18,12 @@ if TYPE_CHECKING:
 def backend_info(recognizer: Recognizer) -> dict[str, Any]:
     """What read the inputs: the backend that runs, its precision, why nothing faster ran."""
     backend = recognizer.backend
-    return {"name": getattr(backend, "name", "?"), "precision": getattr(backend, "precision", "?"),
+    info = {"name": getattr(backend, "name", "?"), "precision": getattr(backend, "precision", "?"),
             "notes": list(getattr(backend, "notes", []) or [])}
+    warnings = list(getattr(backend, "warnings", []) or [])
+    if warnings:
+        info["warnings"] = warnings
+    return info
 
 
 def backend_label(recognizer: Recognizer | None) -> str | None:

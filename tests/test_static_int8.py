@@ -193,3 +193,32 @@ def test_quantize_options_reach_the_quantizer(tiny_bundle: Path, tmp_path: Path)
     signed = quantized("s8.onnx", {"activations": "int8", "ActivationSymmetric": True})
     assert zero_point_types(signed) == {onnx.TensorProto.INT8}
     assert weight_scale_sizes(quantized("tensor.onnx", {"per_channel": False})) == {1}
+
+    def weights(model: onnx.ModelProto) -> list[np.ndarray]:
+        return [onnx.numpy_helper.to_array(i) for i in model.graph.initializer
+                if i.name.endswith("weight_quantized")]
+
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights(default)) == 127
+    seven = weights(quantized("r7.onnx", {"reduce_range": True}))  # no overflow on CPUs without VNNI
+    assert seven and all(w.dtype == np.int8 for w in seven) and max(int(np.abs(w).max()) for w in seven) <= 64
+    assert all(w.dtype == np.uint8 for w in weights(quantized("u8.onnx", {"weights": "uint8"})))
+
+
+def test_the_exact_probe_reads_qdq_graphs_unfused(static_bundle: tuple[Path, Path]) -> None:
+    """``exact``: the session keeps the QDQ pairs (float math on the int8 grid), and its
+    reading of the fp32 graph is the fp32 reading."""
+    import onnxruntime as ort
+
+    bundle_dir, words = static_bundle
+    bundle = load_bundle(bundle_dir)
+    fp32 = bundle.path(bundle.graph("fp32", "image_encoder").file)
+    (dev,) = static_int8.dev_sets_from([words])
+    fused = static_int8.EncoderProbe(fp32, dev, bundle.preprocessing, bundle.charset, 1)
+    exact = static_int8.EncoderProbe(fp32, dev, bundle.preprocessing, bundle.charset, 1, exact=True)
+    assert exact.score(fp32)["feature_error"] == 0.0
+    assert exact._session(fp32).get_session_options().graph_optimization_level == \
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert fused._session(fp32).get_session_options().graph_optimization_level != \
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    int8 = bundle.path(bundle.graph("int8", "image_encoder").file)
+    assert 0.0 < exact.score(int8)["feature_error"] < 0.5

@@ -1,0 +1,103 @@
+"""x86 CPUs without VNNI saturate onnxruntime's uint8 x int8 products: an int8 graph with
+8-bit weights then reads worse than where it was chosen, so ``--precision auto`` reads fp32
+there and an explicit ``--precision int8`` is warned (``runtime.backends``)."""
+
+from __future__ import annotations
+
+import base64
+import copy
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from runtime import backends
+from runtime.backends import RECHECKED, int8_saturation_problem, select_backend
+from runtime.bundle import DEFAULT_BUNDLE, load_bundle
+
+
+def _static(bundle, weights: str):
+    """A copy of ``bundle`` whose int8 image encoder record names ``weights``."""
+    bundle = copy.deepcopy(bundle)
+    record = bundle.manifest["graphs"]["int8"]["image_encoder"].setdefault("quantization", {"mode": "static"})
+    record["weights"] = weights
+    return bundle
+
+
+@pytest.fixture()
+def embedded():
+    return load_bundle(DEFAULT_BUNDLE)
+
+
+def test_the_probe_graph_is_a_saturating_product() -> None:
+    """The embedded probe is uint8 [1, 64] x int8 127 [64, 1]: 255 * 127 * 64 when exact."""
+    model = onnx.load_from_string(base64.b64decode(backends.INT8_PROBE_ONNX))
+    onnx.checker.check_model(model)
+    (node,) = model.graph.node
+    assert node.op_type == "MatMulInteger"
+    (weights,) = model.graph.initializer
+    values = numpy_helper.to_array(weights)
+    assert values.dtype == np.int8 and values.shape == (64, 1) and (values == 127).all()
+    assert isinstance(backends.int8_dot_saturates(), bool)
+
+
+def test_the_probe_agrees_with_the_cpu_flags() -> None:
+    """Linux x86: saturation exactly where the CPU has AVX2 but neither AVX-512 VNNI nor AVX-VNNI."""
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags (not Linux x86): nothing to compare the probe with")
+    if "avx2" not in flags:
+        pytest.skip("a CPU without AVX2: onnxruntime's kernel choice there is not pinned down here")
+    vnni = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
+    assert backends.int8_dot_saturates() is (not vnni)
+
+
+@pytest.mark.parametrize(("weights", "saturates", "problem"), [
+    ("int8 per channel", True, True),
+    ("int8 per channel", False, False),
+    ("int7 per channel (reduce_range)", True, False),
+])
+def test_only_8bit_weights_on_a_saturating_cpu_are_a_problem(embedded, monkeypatch, weights, saturates,
+                                                            problem) -> None:
+    monkeypatch.setattr(backends, "int8_dot_saturates", lambda: saturates)
+    found = int8_saturation_problem(_static(embedded, weights))
+    assert (found is not None) == problem
+    if problem:
+        assert "VNNI" in found and "--reduce-range" in found
+
+
+def test_dynamic_int8_graphs_are_not_judged(embedded, monkeypatch) -> None:
+    monkeypatch.setattr(backends, "int8_dot_saturates", lambda: True)
+    bundle = copy.deepcopy(embedded)
+    bundle.manifest["graphs"]["int8"]["image_encoder"].pop("quantization", None)
+    assert int8_saturation_problem(bundle) is None
+
+
+def test_auto_reads_fp32_where_int8_would_saturate(embedded, monkeypatch) -> None:
+    embedded.manifest.setdefault("defaults", {})["cpu_precision"] = RECHECKED
+    monkeypatch.setattr(backends, "int8_dot_saturates", lambda: True)
+    notes: list[str] = []
+    assert backends.cpu_precision(_static(embedded, "int8 per channel"), notes) == "fp32"
+    assert len(notes) == 1 and "VNNI" in notes[0]
+    assert backends.cpu_precision(_static(embedded, "int7 per channel (reduce_range)")) == RECHECKED
+    monkeypatch.setattr(backends, "int8_dot_saturates", lambda: False)
+    assert backends.cpu_precision(_static(embedded, "int8 per channel")) == RECHECKED
+
+
+def test_an_explicit_int8_request_runs_and_is_warned(embedded, monkeypatch) -> None:
+    monkeypatch.setattr(backends, "int8_dot_saturates", lambda: True)
+    chosen = select_backend(_static(embedded, "int8 per channel"), "ort-cpu", "int8", threads=1)
+    try:
+        assert chosen.precision == "int8"
+        assert len(chosen.warnings) == 1 and "--precision int8" in chosen.warnings[0]
+    finally:
+        chosen.close()
+    chosen = select_backend(_static(embedded, "int7 per channel (reduce_range)"), "ort-cpu", "int8", threads=1)
+    try:
+        assert chosen.warnings == []
+    finally:
+        chosen.close()
