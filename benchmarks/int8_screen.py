@@ -10,8 +10,8 @@ encoder: seconds, where the whole pipeline takes minutes). One JSON line per var
 to ``DIR/screen.jsonl``; a variant already there is not run again (so a stopped screen
 resumes). Calibration ranges are cached per method, crops and calibration options.
 Choose only on training-carved dev sets (``benchmarks.int8_sets``), never an eval set.
-``--exact`` reads the QDQ graphs unfused (exact products, as a CPU with VNNI computes them)
-rather than as this CPU's kernels do: on x86 without VNNI the two differ by points.
+``--exact`` reads the QDQ graphs unfused (float math on the int8 grids, so nothing saturates as
+on x86 CPUs without VNNI) rather than with this CPU's fused kernels.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ class Variant:
 RANKED = ("features/neck/encoder/conv_reduce", "features/backbone/blocks4/blocks4.0",
           "features/backbone/blocks5/blocks5.1", "features/backbone/blocks2/blocks2.0",
           "features/backbone/blocks4/blocks4.4", "features/backbone/conv1/stem4")
+#: the first convolution's weights (3 input channels at full resolution): the layer whose 8-bit
+#: products saturate most on x86 CPUs without VNNI (docs/int8.md)
+STEM1 = "encoder.features.backbone.conv1.stem1.conv.weight"
 #: the groups the shipped bundle keeps in FP32
 SHIPPED = RANKED[:2]
 
@@ -83,6 +86,8 @@ VARIANTS: dict[str, Variant] = {
     # x86 CPUs without VNNI: u8 x s8 products saturate (runtime.backends.int8_dot_saturates)
     "entropy2000_neck_r7": Variant(crops=2000, options={"reduce_range": True}, fp32_groups=("features/neck",)),
     "entropy2000_neck_u8u8": Variant(crops=2000, options={"weights": "uint8"}, fp32_groups=("features/neck",)),
+    "entropy2000_neck_stem1r7": Variant(crops=2000, options={"weights_7bit": [STEM1]}, fp32_groups=("features/neck",)),
+    "entropy2000_neck_stem1u8": Variant(crops=2000, options={"weights_uint8": [STEM1]}, fp32_groups=("features/neck",)),
     "entropy2000_neck_s8s8": Variant(crops=2000, options={"activations": "int8", "ActivationSymmetric": True},
                                      fp32_groups=("features/neck",)),
 }
@@ -167,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline", action="store_true",
                         help="also read the dev sets with the whole pipeline (minutes per variant)")
     parser.add_argument("--exact", action="store_true",
-                        help="read each int8 graph unfused, as a CPU with VNNI computes it (not as this CPU's "
-                             "kernels do); results go to DIR/screen-exact.jsonl")
+                        help="read each int8 graph unfused (nothing saturates), not with this CPU's fused "
+                             "kernels; results go to DIR/screen-exact.jsonl")
     args = parser.parse_args(argv)
     if args.ranges_from is not None and not args.ranges_from.is_file():
         print(f"error: --ranges-from {args.ranges_from}: no such file", file=sys.stderr)

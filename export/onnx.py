@@ -418,6 +418,8 @@ class StaticInt8:
     keep_fp32: Sequence[str] = ()
     #: 7-bit weights, exact on x86 CPUs without VNNI (``export.static_int8.WEIGHTS_7BIT``)
     reduce_range: bool = False
+    #: weight initializers quantized to 7 bits, the rest to 8
+    weights_7bit: Sequence[str] = ()
 
 
 def add_static_int8(bundle_dir: str | Path, settings: StaticInt8) -> dict[str, Any]:
@@ -435,7 +437,8 @@ def add_static_int8(bundle_dir: str | Path, settings: StaticInt8) -> dict[str, A
         record = static_int8_encoder(bundle_dir, manifest["graphs"]["fp32"]["image_encoder"]["file"], rel,
                                      settings.calibration, dev, settings.method, settings.crops,
                                      settings.tolerance, settings.threads, settings.sensitivity,
-                                     tuple(settings.keep_fp32), settings.reduce_range)
+                                     tuple(settings.keep_fp32), settings.reduce_range,
+                                     tuple(settings.weights_7bit))
     except QuantizeError as exc:
         raise ExportError(f"static int8: {exc}") from None
     entry = graph_entry(bundle_dir, rel)
@@ -507,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
                             "scopes, e.g. features/neck)")
     quant.add_argument("--reduce-range", action="store_true",
                        help="7-bit weights: exact on x86 CPUs without VNNI, whose 8-bit dot products saturate")
+    quant.add_argument("--weights-7bit", nargs="+", default=[], metavar="INITIALIZER",
+                       help="only these weights in 7 bits (the layers whose 8-bit products saturate without VNNI; "
+                            "benchmarks.int8_screen finds them)")
     args = parser.parse_args(argv)
     if args.calibration and "int8" not in args.precision:
         parser.error("--calibration quantizes the int8 variant: add --precision int8")
@@ -519,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.calibration:
         static = StaticInt8(args.calibration, args.validation, args.calibration_method, args.calibration_crops,
                             args.tolerance, not args.no_sensitivity, max(1, args.threads), tuple(args.keep_fp32),
-                            args.reduce_range)
+                            args.reduce_range, tuple(args.weights_7bit))
     try:
         if (Path(args.ckpt) / MANIFEST_NAME).is_file():
             if args.output is not None and Path(args.output).resolve() != Path(args.ckpt).resolve():

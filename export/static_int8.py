@@ -200,7 +200,8 @@ def quantize(src: Path, dst: Path, method: str, cache: Path, reader: CropBatches
     ``options`` override the quantizer's ``extra_options`` (:data:`EXTRA_OPTIONS`), and its
     keys ``activations`` and ``weights`` (``uint8``/``int8``), ``per_channel`` and
     ``reduce_range`` (7-bit weights: no overflow in the u8 x s8 dot products of x86 CPUs
-    without VNNI) the arguments."""
+    without VNNI) the arguments; ``weights_7bit`` and ``weights_uint8`` name weight
+    initializers quantized that way while the rest follow ``weights``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if method not in METHODS:
@@ -214,6 +215,13 @@ def quantize(src: Path, dst: Path, method: str, cache: Path, reader: CropBatches
     per_channel = bool(extra.pop("per_channel", True))
     reduce_range = bool(extra.pop("reduce_range", False))
     weights = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[extra.pop("weights", "int8")]
+    overrides = dict(extra.pop("TensorQuantOverrides", {}))
+    for name in extra.pop("weights_7bit", ()):  # these weights in 7 bits, the others as ``weights``
+        overrides[name] = [{**overrides.get(name, [{}])[0], "reduce_range": True}]
+    for name in extra.pop("weights_uint8", ()):  # these weights uint8 (the u8 x u8 kernels never saturate)
+        overrides[name] = [{**overrides.get(name, [{}])[0], "quant_type": QuantType.QUInt8}]
+    if overrides:
+        extra["TensorQuantOverrides"] = overrides
     if reader is not None:
         reader.rewind()
     root = logging.getLogger()
@@ -391,8 +399,9 @@ class EncoderProbe:
     path; ``runtime.decoding.ctc_greedy``) and its outputs, FP32 against a candidate. A
     few seconds per candidate where the whole pipeline takes minutes: the per-group pass
     runs on it, the exclusion steps on the pipeline (:class:`Evaluator`). ``exact``: run
-    the candidate's QDQ graph unfused, so every product is exact (what a CPU with VNNI
-    computes; x86 CPUs without it saturate 8-bit weights, ``runtime.backends.int8_dot_saturates``)."""
+    the candidate's QDQ graph unfused (float math on the int8 grids: no saturation, which x86
+    CPUs without VNNI suffer, ``runtime.backends.int8_dot_saturates``; but rounded otherwise
+    than any fused integer kernel, so about a tenth of near-tie readings differ either way)."""
 
     def __init__(self, fp32_path: Path, dev: DevSet, spec: Any, charset: str, threads: int | None = None,
                  batch: int = 32, exact: bool = False) -> None:
@@ -411,7 +420,7 @@ class EncoderProbe:
         from runtime.backends import session_options
 
         options = session_options(self.threads)
-        if self.exact:  # QDQ pairs left unfused: float math on int8 grids, as a VNNI CPU's integers
+        if self.exact:  # QDQ pairs left unfused: float math on the int8 grids, nothing saturates
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
@@ -531,19 +540,32 @@ def choose_method(prepared: Path, work: Path, reader: CropBatches, evaluator: Ev
     return best, {m: s.as_dict(evaluator.reference) for m, s in scores.items()}
 
 
+def saturation_record() -> dict[str, Any]:
+    """The manifest's ``saturation`` record of an int8 graph validated on this CPU: whether
+    its uint8 x int8 kernels saturate (``runtime.backends.int8_dot_saturates``). Figures
+    measured where they saturate hold on any CPU (saturation only loses); figures measured
+    where they do not say nothing of CPUs that saturate, so the runtime reads fp32 there."""
+    from runtime.backends import int8_dot_saturates
+
+    return {"cpu_saturates": int8_dot_saturates()}
+
+
 def static_int8_encoder(bundle_dir: Path, fp32_file: str, out_file: str, calibration: str | Path,
                         dev_sets: Sequence[DevSet], method: str = "auto", limit: int = 320,
                         tolerance: float = 0.2, threads: int | None = None,
                         sensitivity_pass: bool = True, keep_fp32: Sequence[str] = (),
-                        reduce_range: bool = False) -> dict[str, Any]:
+                        reduce_range: bool = False, weights_7bit: Sequence[str] = ()) -> dict[str, Any]:
     """Write the static INT8 image encoder of the bundle at ``bundle_dir`` (its fp32 graph
     ``fp32_file``) to ``out_file``; returns the ``quantization`` record of the manifest.
     ``keep_fp32``: layer groups (scope prefixes) kept in FP32 whatever the sensitivity pass
-    says; the pass ranks the others. ``reduce_range``: 7-bit weights (:data:`WEIGHTS_7BIT`)."""
+    says; the pass ranks the others. ``reduce_range``: 7-bit weights (:data:`WEIGHTS_7BIT`);
+    ``weights_7bit``: only these weight initializers in 7 bits (the layers whose 8-bit
+    products saturate on x86 CPUs without VNNI). With validation sets the record says whether
+    they were read with saturating kernels (:func:`saturation_record`)."""
     from runtime.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir, verify=False)
-    options = {"reduce_range": reduce_range}
+    options: dict[str, Any] = {"reduce_range": reduce_range, "weights_7bit": list(weights_7bit)}
     images, _ = load_crops(calibration, limit)
     batches = crop_batches(images, bundle.preprocessing)
     reader = CropBatches(batches, bundle.graph("fp32", "image_encoder").inputs[0].name)
@@ -600,8 +622,11 @@ def static_int8_encoder(bundle_dir: Path, fp32_file: str, out_file: str, calibra
             target = Path(bundle_dir) / out_file
             target.parent.mkdir(parents=True, exist_ok=True)
             quantize(prepared, target, method, cache, exclude=nodes, options=options)
+            if weights_7bit:
+                record["weights_7bit"] = list(weights_7bit)
             if evaluator is not None:
                 record["validation"]["int8"] = evaluator.score(target).as_dict(evaluator.reference)
+                record["saturation"] = saturation_record()
         finally:
             if evaluator is not None:
                 evaluator.close()

@@ -581,12 +581,15 @@ def int8_dot_saturates() -> bool:
 
 def int8_saturation_problem(bundle: Bundle) -> str | None:
     """Why the bundle's int8 image encoder reads worse on this CPU than where it was chosen
-    (8-bit weights on a CPU whose int8 products saturate), or None."""
+    (8-bit weights on a CPU whose int8 products saturate, unless the export validated it on
+    such a CPU: ``quantization.saturation.cpu_saturates``), or None."""
     entry = bundle.manifest.get("graphs", {}).get("int8", {}).get("image_encoder")
     record = entry.get("quantization") if isinstance(entry, dict) else None
     if not isinstance(record, dict) or record.get("mode") != "static":
         return None
-    if str(record.get("weights", "")).startswith(EXACT_INT8_WEIGHTS) or not int8_dot_saturates():
+    saturation = record.get("saturation")  # figures measured with saturating kernels hold here
+    checked = isinstance(saturation, dict) and saturation.get("cpu_saturates") is True
+    if checked or str(record.get("weights", "")).startswith(EXACT_INT8_WEIGHTS) or not int8_dot_saturates():
         return None
     return ("this CPU has no VNNI, so its 8-bit integer products saturate, and the bundle's int8 image encoder "
             "has 8-bit weights (python -m export.onnx BUNDLE --precision int8 --reduce-range ... makes one "

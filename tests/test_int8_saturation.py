@@ -19,10 +19,12 @@ from runtime.bundle import DEFAULT_BUNDLE, load_bundle
 
 
 def _static(bundle, weights: str):
-    """A copy of ``bundle`` whose int8 image encoder record names ``weights``."""
+    """A copy of ``bundle`` whose int8 image encoder record names ``weights`` (validated
+    where int8 products do not saturate)."""
     bundle = copy.deepcopy(bundle)
     record = bundle.manifest["graphs"]["int8"]["image_encoder"].setdefault("quantization", {"mode": "static"})
     record["weights"] = weights
+    record["saturation"] = {"cpu_saturates": False}
     return bundle
 
 
@@ -68,6 +70,18 @@ def test_only_8bit_weights_on_a_saturating_cpu_are_a_problem(embedded, monkeypat
     assert (found is not None) == problem
     if problem:
         assert "VNNI" in found and "--reduce-range" in found
+
+
+@pytest.mark.parametrize(("measured_saturating", "problem"), [(True, False), (False, True)])
+def test_figures_measured_with_saturating_kernels_are_believed(embedded, monkeypatch, measured_saturating,
+                                                                problem) -> None:
+    """8-bit weights whose export validated them on a CPU that saturates
+    (``quantization.saturation.cpu_saturates``) run on such CPUs too."""
+    monkeypatch.setattr(backends, "int8_dot_saturates", lambda: True)
+    bundle = _static(embedded, "int8 per channel")
+    bundle.manifest["graphs"]["int8"]["image_encoder"]["quantization"]["saturation"] = {
+        "cpu_saturates": measured_saturating}
+    assert (int8_saturation_problem(bundle) is not None) == problem
 
 
 def test_dynamic_int8_graphs_are_not_judged(embedded, monkeypatch) -> None:

@@ -222,3 +222,15 @@ def test_the_exact_probe_reads_qdq_graphs_unfused(static_bundle: tuple[Path, Pat
         ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     int8 = bundle.path(bundle.graph("int8", "image_encoder").file)
     assert 0.0 < exact.score(int8)["feature_error"] < 0.5
+
+
+def test_the_saturation_record(static_bundle: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The validated graph's record says whether this CPU's int8 products saturate."""
+    from runtime import backends
+
+    bundle_dir, _ = static_bundle
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    record = manifest["graphs"]["int8"]["image_encoder"]["quantization"]["saturation"]
+    assert record == {"cpu_saturates": backends.int8_dot_saturates()}
+    monkeypatch.setattr(backends, "int8_dot_saturates", lambda: True)
+    assert static_int8.saturation_record() == {"cpu_saturates": True}
