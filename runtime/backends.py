@@ -592,8 +592,8 @@ def int8_saturation_problem(bundle: Bundle) -> str | None:
     if checked or str(record.get("weights", "")).startswith(EXACT_INT8_WEIGHTS) or not int8_dot_saturates():
         return None
     return ("this CPU has no VNNI, so its 8-bit integer products saturate, and the bundle's int8 image encoder "
-            "has 8-bit weights (python -m export.onnx BUNDLE --precision int8 --reduce-range ... makes one "
-            "that is exact here)")
+            "has 8-bit weights validated on a CPU where they do not (export.onnx --precision int8 --weights-7bit "
+            "... run on a CPU like this one makes one for it: docs/int8.md)")
 
 
 def cpu_precision(bundle: Bundle, notes: list[str] | None = None) -> str:
@@ -667,14 +667,21 @@ def select_backend(bundle: Bundle, backend: str = "auto", precision: str | None 
         raise BackendError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if precision is not None and precision not in PRECISION_CHOICES:
         raise BackendError(f"unknown precision {precision!r} (choose from {', '.join(PRECISION_CHOICES)})")
-    warned: list[str] = []
-    if precision in ("int8", RECHECKED) and backend in ("auto", "ort-cpu"):
-        problem = int8_saturation_problem(bundle)
-        if problem is not None:
-            warned.append(f"--precision {precision} reads worse here than where it was measured: {problem}")
+    warned = precision_warnings(bundle, backend, precision)
     chosen = _select(bundle, backend, precision, threads)
     chosen.warnings = warned
     return chosen
+
+
+def precision_warnings(bundle: Bundle, backend: str = "auto", precision: str | None = None) -> list[str]:
+    """What a user asking for ``precision`` must hear whatever the machine: an int8 graph
+    this CPU computes worse than where it was chosen (:func:`int8_saturation_problem`)."""
+    if precision not in ("int8", RECHECKED) or backend not in ("auto", "ort-cpu"):
+        return []
+    problem = int8_saturation_problem(bundle)
+    if problem is None:
+        return []
+    return [f"--precision {precision} reads worse here than where it was measured: {problem}"]
 
 
 def _select(bundle: Bundle, backend: str, precision: str | None, threads: int | None) -> Backend:

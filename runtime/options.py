@@ -87,6 +87,12 @@ class RecognizerConfig:
 
         return Path(self.engine) if self.engine else DEFAULT_BUNDLE
 
+    def warnings(self, bundle: Bundle) -> list[str]:
+        """Lines a user must see before anything starts (``runtime.backends.precision_warnings``)."""
+        from runtime.backends import precision_warnings
+
+        return precision_warnings(bundle, self.backend, self.precision)
+
     def check(self, verify: bool = False) -> Bundle:
         """The bundle, once every option is known to work; else :class:`OptionError` (one line).
 

@@ -350,9 +350,12 @@ def check(args: argparse.Namespace) -> str | None:
     if args.num_cpus <= 0 or args.num_gpus < 0 or args.decode_cpus <= 0:
         return "--num-cpus and --decode-cpus must be above 0 and --num-gpus at least 0"
     try:
-        settings_from_args(args).check(verify=True)
+        settings = settings_from_args(args)
+        bundle = settings.check(verify=True)
     except OptionError as exc:
         return str(exc)
+    for warning in settings.warnings(bundle):
+        print(f"warning: {warning}", file=sys.stderr)
     return None
 
 

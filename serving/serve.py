@@ -69,9 +69,12 @@ def check(args: argparse.Namespace) -> str | None:
     if not 0 < args.port < 65536:
         return f"--port {args.port}: must be within 1-65535"
     try:
-        settings_from_args(args).check(verify=True)
+        settings = settings_from_args(args)
+        bundle = settings.check(verify=True)
     except OptionError as exc:
         return str(exc)
+    for warning in settings.warnings(bundle):
+        print(f"warning: {warning}", file=sys.stderr)
     if args.detect:
         from runtime.detect.settings import DetectUnavailable, check_available
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,7 @@ def test_only_8bit_weights_on_a_saturating_cpu_are_a_problem(embedded, monkeypat
     found = int8_saturation_problem(_static(embedded, weights))
     assert (found is not None) == problem
     if problem:
-        assert "VNNI" in found and "--reduce-range" in found
+        assert "VNNI" in found and "--weights-7bit" in found
 
 
 @pytest.mark.parametrize(("measured_saturating", "problem"), [(True, False), (False, True)])
@@ -115,3 +116,31 @@ def test_an_explicit_int8_request_runs_and_is_warned(embedded, monkeypatch) -> N
         assert chosen.warnings == []
     finally:
         chosen.close()
+
+
+def test_the_cli_warns_and_auto_reads_fp32(monkeypatch, capsys) -> None:
+    """``clipllama-run`` on a CPU that saturates: ``--precision int8`` prints one warning
+    line; the default reads fp32 and says why in ``--json``'s backend notes."""
+    from runtime import cli
+
+    sample = sorted((Path(DEFAULT_BUNDLE).parent / "samples").glob("*.png"))[0]
+    monkeypatch.setattr(backends, "int8_dot_saturates", lambda: True)
+    assert cli.main(["--llm", "none", "--threads", "1", "--precision", "int8", str(sample)]) == 0
+    err = capsys.readouterr().err
+    assert sum(line.startswith("warning: --precision int8 reads worse") for line in err.splitlines()) == 1
+    assert cli.main(["--llm", "none", "--threads", "1", "--json", str(sample)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.splitlines()[0])["backend"] == "ort-cpu fp32"
+    assert "reading in fp32, not the bundle's int8+fp32" in captured.err
+    monkeypatch.setattr(backends, "int8_dot_saturates", lambda: False)
+    assert cli.main(["--llm", "none", "--threads", "1", "--precision", "int8", str(sample)]) == 0
+    assert "warning:" not in capsys.readouterr().err
+
+
+def test_serving_options_carry_the_same_warning(embedded, monkeypatch) -> None:
+    from runtime.options import RecognizerConfig
+
+    monkeypatch.setattr(backends, "int8_dot_saturates", lambda: True)
+    config = RecognizerConfig(precision="int8+fp32")
+    assert len(config.warnings(config.check())) == 1
+    assert RecognizerConfig(precision="fp32").warnings(embedded) == []
