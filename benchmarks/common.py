@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from runtime.charset import keep_for_eval
-from runtime.inputs import InputError, open_input
+from runtime.inputs import open_labelled
 from runtime.preprocess import ImageError, load_image
 
 
@@ -59,10 +59,7 @@ def load_set(path: str | Path, limit: int | None = None) -> EvalSet:
     Raises ``InputError`` when ``path`` is not a labelled set. Unreadable images are listed
     in ``unreadable`` and left out.
     """
-    opened = open_input(path)
-    if not opened.labelled:
-        raise InputError(f"{path}: not a labelled set (want a folder with images/ and labels.tsv, "
-                         "a labels .tsv, or an LMDB folder)")
+    opened = open_labelled(path)
     images, labels, sources, unreadable = [], [], [], []
     dropped = 0
     for sample in opened.samples:

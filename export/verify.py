@@ -173,14 +173,12 @@ def load_set(spec: str, max_length: int = 25, limit: int | None = None) -> Loade
         return LoadedSet(str(getattr(dataset, "name", spec)), _from_dataset(dataset, limit),
                          unreadable=len(getattr(dataset, "broken", [])),
                          dropped=int(getattr(dataset, "num_dropped", 0)))
-    from runtime.inputs import InputError, open_input
+    from runtime.inputs import InputError, open_labelled
 
     try:
-        opened = open_input(spec)
+        opened = open_labelled(spec)
     except InputError as exc:
         raise VerifyError(str(exc)) from None
-    if not opened.labelled:
-        raise VerifyError(f"{spec}: not a labelled set (a folder with labels.tsv, a .tsv or an LMDB)")
     loaded = LoadedSet(opened.name or spec, [])
     for sample in opened.samples:
         if limit is not None and len(loaded.samples) >= limit:

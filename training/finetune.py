@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from runtime.charset import WordAccuracy, keep_for_eval, normalize_label
 from runtime.decoding import CharCodec
-from runtime.inputs import InputError, open_input
+from runtime.inputs import InputError, open_labelled
 from runtime.preprocess import ImageError, load_image, preprocess
 from training.checkpoint import load_checkpoint, save_checkpoint
 
@@ -123,11 +123,9 @@ def read_sets(paths: Sequence[str | Path], charset: str, max_length: int) -> lis
     out = []
     for path in paths:
         try:
-            opened = open_input(path)
+            opened = open_labelled(path)
         except InputError as exc:
             raise SystemExit(f"error: {exc}") from None
-        if not opened.labelled:
-            raise SystemExit(f"error: {path}: not a labelled set (a folder with images/ and labels.tsv, or a .tsv)")
         for sample in opened.samples:
             label = normalize_label(str(sample.label), charset, max_length)
             if not label:
