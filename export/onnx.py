@@ -416,7 +416,7 @@ class StaticInt8:
     threads: int | None = None
     #: layer groups (prefixes of node scopes, e.g. ``features/neck``) always kept in FP32
     keep_fp32: Sequence[str] = ()
-    #: 7-bit weights, exact on x86 CPUs without VNNI (``export.static_int8.WEIGHTS_7BIT``)
+    #: 7-bit weights, exact on x86 CPUs without VNNI (``runtime.backends.WEIGHTS_7BIT``)
     reduce_range: bool = False
     #: weight initializers quantized to 7 bits, the rest to 8
     weights_7bit: Sequence[str] = ()

@@ -28,6 +28,8 @@ import onnx
 from onnx import numpy_helper
 from PIL import Image
 
+from runtime.backends import WEIGHTS_7BIT
+
 #: calibration methods measured (``auto`` picks one of them on the validation sets)
 METHODS = ("minmax", "percentile", "entropy")
 #: op types given QDQ pairs: the compute and the cheap ops between two convolutions (so
@@ -41,10 +43,6 @@ PERCENTILE = 99.999
 #: the quantizer's ``extra_options`` (``quantize``'s ``options`` override them)
 EXTRA_OPTIONS: dict[str, Any] = {"CalibStridedMinMax": 1, "CalibPercentile": PERCENTILE, "CalibNumBins": 2048,
                                  "WeightSymmetric": True, "ActivationSymmetric": False}
-#: the manifest's ``weights`` of a graph quantized with ``reduce_range``: x86 CPUs without VNNI
-#: multiply uint8 activations by int8 weights with VPMADDUBSW, whose 16-bit pair sums
-#: saturate (255 * 127 * 2 > 32767); 7-bit weights keep them in range (255 * 63 * 2 < 32767)
-WEIGHTS_7BIT = "int7 per channel (reduce_range)"
 #: calibration batch size (crops of one padded width per batch, as the runtime forms them)
 CALIBRATION_BATCH = 16
 #: most layer groups kept in FP32 by :func:`choose_exclusions`
@@ -558,7 +556,7 @@ def static_int8_encoder(bundle_dir: Path, fp32_file: str, out_file: str, calibra
     """Write the static INT8 image encoder of the bundle at ``bundle_dir`` (its fp32 graph
     ``fp32_file``) to ``out_file``; returns the ``quantization`` record of the manifest.
     ``keep_fp32``: layer groups (scope prefixes) kept in FP32 whatever the sensitivity pass
-    says; the pass ranks the others. ``reduce_range``: 7-bit weights (:data:`WEIGHTS_7BIT`);
+    says; the pass ranks the others. ``reduce_range``: 7-bit weights (``runtime.backends.WEIGHTS_7BIT``);
     ``weights_7bit``: only these weight initializers in 7 bits (the layers whose 8-bit
     products saturate on x86 CPUs without VNNI). With validation sets the record says whether
     they were read with saturating kernels (:func:`saturation_record`)."""

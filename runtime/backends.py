@@ -543,9 +543,11 @@ def _ort_gpu_available() -> bool:
     return any(_ORT_PROVIDERS[n][0] in ort.get_available_providers() for n in ("ort-trt", "ort-cuda"))
 
 
-#: the ``weights`` a static int8 graph's manifest record names when its weights are 7-bit
-#: (``export.onnx --reduce-range``): exact on every x86 CPU, VNNI or not
-EXACT_INT8_WEIGHTS = "int7"
+#: the ``weights`` a static int8 graph's manifest record names when every weight is 7-bit
+#: (``export.onnx --reduce-range``, written by ``export.static_int8``): x86 CPUs without VNNI
+#: multiply uint8 activations by int8 weights with VPMADDUBSW, whose 16-bit pair sums
+#: saturate for 8-bit weights (255 * 127 * 2 > 32767) but not for 7-bit ones (255 * 63 * 2)
+WEIGHTS_7BIT = "int7 per channel (reduce_range)"
 
 
 #: a serialized ONNX graph (``y = MatMulInteger(a, b)``, ``a`` uint8 [1, 64], ``b`` the int8
@@ -589,7 +591,7 @@ def int8_saturation_problem(bundle: Bundle) -> str | None:
         return None
     saturation = record.get("saturation")  # figures measured with saturating kernels hold here
     checked = isinstance(saturation, dict) and saturation.get("cpu_saturates") is True
-    if checked or str(record.get("weights", "")).startswith(EXACT_INT8_WEIGHTS) or not int8_dot_saturates():
+    if checked or record.get("weights") == WEIGHTS_7BIT or not int8_dot_saturates():
         return None
     return ("this CPU has no VNNI, so its 8-bit integer products saturate, and the bundle's int8 image encoder "
             "has 8-bit weights validated on a CPU where they do not (export.onnx --precision int8 --weights-7bit "

@@ -15,7 +15,7 @@ import pytest
 from onnx import numpy_helper
 
 from runtime import backends
-from runtime.backends import RECHECKED, int8_saturation_problem, select_backend
+from runtime.backends import RECHECKED, WEIGHTS_7BIT, int8_saturation_problem, select_backend
 from runtime.bundle import DEFAULT_BUNDLE, load_bundle
 
 
@@ -62,7 +62,7 @@ def test_the_probe_agrees_with_the_cpu_flags() -> None:
 @pytest.mark.parametrize(("weights", "saturates", "problem"), [
     ("int8 per channel", True, True),
     ("int8 per channel", False, False),
-    ("int7 per channel (reduce_range)", True, False),
+    (WEIGHTS_7BIT, True, False),
 ])
 def test_only_8bit_weights_on_a_saturating_cpu_are_a_problem(embedded, monkeypatch, weights, saturates,
                                                             problem) -> None:
@@ -98,7 +98,7 @@ def test_auto_reads_fp32_where_int8_would_saturate(embedded, monkeypatch) -> Non
     notes: list[str] = []
     assert backends.cpu_precision(_static(embedded, "int8 per channel"), notes) == "fp32"
     assert len(notes) == 1 and "VNNI" in notes[0]
-    assert backends.cpu_precision(_static(embedded, "int7 per channel (reduce_range)")) == RECHECKED
+    assert backends.cpu_precision(_static(embedded, WEIGHTS_7BIT)) == RECHECKED
     monkeypatch.setattr(backends, "int8_dot_saturates", lambda: False)
     assert backends.cpu_precision(_static(embedded, "int8 per channel")) == RECHECKED
 
@@ -111,7 +111,7 @@ def test_an_explicit_int8_request_runs_and_is_warned(embedded, monkeypatch) -> N
         assert len(chosen.warnings) == 1 and "--precision int8" in chosen.warnings[0]
     finally:
         chosen.close()
-    chosen = select_backend(_static(embedded, "int7 per channel (reduce_range)"), "ort-cpu", "int8", threads=1)
+    chosen = select_backend(_static(embedded, WEIGHTS_7BIT), "ort-cpu", "int8", threads=1)
     try:
         assert chosen.warnings == []
     finally:
