@@ -420,18 +420,35 @@ class StaticInt8:
     reduce_range: bool = False
     #: weight initializers quantized to 7 bits, the rest to 8
     weights_7bit: Sequence[str] = ()
+    #: write a second int8 image encoder for x86 CPUs without VNNI (``graphs.int8_no_vnni``),
+    #: validated on this CPU, which must be one; the bundle's int8 graphs stay as they are
+    no_vnni: bool = False
 
 
 def add_static_int8(bundle_dir: str | Path, settings: StaticInt8) -> dict[str, Any]:
     """Quantize the bundle's fp32 image encoder statically into ``int8/image_encoder.onnx``,
-    point the int8 entry at it and record how (``quantization``); returns the manifest."""
+    point the int8 entry at it and record how (``quantization``); returns the manifest.
+
+    With ``settings.no_vnni``: the image encoder for x86 CPUs without VNNI, whose uint8 x int8
+    products saturate (``runtime.backends.int8_dot_saturates``), quantized as ``settings`` say
+    (e.g. the first convolution's weights in 7 bits) and validated here, so this must be such
+    a CPU; it goes to ``int8/image_encoder_no_vnni.onnx`` and ``graphs.int8_no_vnni``, the
+    int8 entry and the CPU default stay, and ``export.recheck`` run on such a CPU chooses its
+    ``int8+fp32`` threshold."""
     from export.static_int8 import QuantizeError, dev_sets_from, static_int8_encoder
+    from runtime.backends import INT8_NO_VNNI, RECHECK_KEYS, int8_dot_saturates
 
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     if "int8" not in manifest["graphs"]:
         raise ExportError(f"{bundle_dir}: no int8 entry to quantize into (export with --precision int8)")
-    rel = "int8/image_encoder.onnx"
+    key = INT8_NO_VNNI if settings.no_vnni else "int8"
+    if settings.no_vnni and not int8_dot_saturates():
+        raise ExportError("--no-vnni: this CPU's int8 products do not saturate (it has VNNI or is not x86), so "
+                          "the validation would not show what CPUs without VNNI read; run it on such a CPU")
+    if settings.no_vnni and not settings.validation:
+        raise ExportError("--no-vnni needs --validation sets: the graph is for the CPUs it is validated on")
+    rel = "int8/image_encoder_no_vnni.onnx" if settings.no_vnni else "int8/image_encoder.onnx"
     try:
         dev = dev_sets_from(settings.validation)
         record = static_int8_encoder(bundle_dir, manifest["graphs"]["fp32"]["image_encoder"]["file"], rel,
@@ -443,11 +460,13 @@ def add_static_int8(bundle_dir: str | Path, settings: StaticInt8) -> dict[str, A
         raise ExportError(f"static int8: {exc}") from None
     entry = graph_entry(bundle_dir, rel)
     entry["quantization"] = record
-    manifest["graphs"]["int8"]["image_encoder"] = entry
-    validated = record.get("validation", {}).get("int8", {}).get("accuracy_drop")
+    manifest["graphs"].setdefault(key, {})["image_encoder"] = entry
     defaults = manifest.setdefault("defaults", {})
-    defaults.pop("int8_recheck", None)  # fitted to the int8 graph this one replaces (export.recheck)
-    if validated and all(drop <= settings.tolerance + 1e-9 for drop in validated.values()):
+    defaults.pop(RECHECK_KEYS[key], None)  # fitted to the int8 graph this one replaces (export.recheck)
+    validated = record.get("validation", {}).get("int8", {}).get("accuracy_drop")
+    if settings.no_vnni:
+        log.info("int8 image_encoder for CPUs without VNNI: %s", rel)
+    elif validated and all(drop <= settings.tolerance + 1e-9 for drop in validated.values()):
         defaults["cpu_precision"] = "int8"  # --precision auto reads int8 on a CPU
         log.info("int8 reads within %.2f points of fp32 on every validation set: the CPU default",
                  settings.tolerance)
@@ -513,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     quant.add_argument("--weights-7bit", nargs="+", default=[], metavar="INITIALIZER",
                        help="only these weights in 7 bits (the layers whose 8-bit products saturate without VNNI; "
                             "benchmarks.int8_screen finds them)")
+    quant.add_argument("--no-vnni", action="store_true",
+                       help="write a second int8 image encoder for x86 CPUs without VNNI (validated here, which "
+                            "must be such a CPU), keeping the bundle's int8 graphs; such CPUs then read it")
     args = parser.parse_args(argv)
     if args.calibration and "int8" not in args.precision:
         parser.error("--calibration quantizes the int8 variant: add --precision int8")
@@ -520,17 +542,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--calibration-crops must be at least 1")
     if args.validation and not args.calibration:
         parser.error("--validation needs --calibration")
+    if args.no_vnni and not (args.calibration and args.validation):
+        parser.error("--no-vnni needs --calibration and --validation (and a bundle with int8 graphs)")
     _log_to_stderr()
     static = None
     if args.calibration:
         static = StaticInt8(args.calibration, args.validation, args.calibration_method, args.calibration_crops,
                             args.tolerance, not args.no_sensitivity, max(1, args.threads), tuple(args.keep_fp32),
-                            args.reduce_range, tuple(args.weights_7bit))
+                            args.reduce_range, tuple(args.weights_7bit), args.no_vnni)
     try:
         if (Path(args.ckpt) / MANIFEST_NAME).is_file():
             if args.output is not None and Path(args.output).resolve() != Path(args.ckpt).resolve():
                 raise ExportError("given a bundle, the precisions are added in place: leave out -o")
-            add_precisions(args.ckpt, args.precision, lint=not args.no_lint, static=static)
+            if static is not None and static.no_vnni:  # the bundle's int8 graphs stay as they are
+                add_static_int8(args.ckpt, static)
+            else:
+                add_precisions(args.ckpt, args.precision, lint=not args.no_lint, static=static)
             out = Path(args.ckpt)
         else:
             if args.output is None:

@@ -11,9 +11,12 @@ bundle's decode mode: fp32, int8, and the int8 CTC confidence of each crop. Sinc
 again goes through exactly the fp32 path, the accuracy at every threshold of a grid follows
 from those readings. Chosen: the smallest threshold at which every set reads within
 ``--tolerance`` points of fp32 (the fewest crops read twice). Written to the manifest:
-``defaults.int8_recheck`` (the threshold, the figures per set, the sets) and, unless
-``--no-default``, ``defaults.cpu_precision = "int8+fp32"`` (``--precision auto`` on a CPU).
-A later ``export.onnx --precision int8`` removes both (the threshold belongs to that graph).
+``defaults.int8_recheck`` (the threshold, the figures per set, the sets, whether this CPU's
+int8 products saturate) and, unless ``--no-default``, ``defaults.cpu_precision = "int8+fp32"``
+(``--precision auto`` on a CPU). A later ``export.onnx --precision int8`` removes the threshold
+(it belongs to that graph). On an x86 CPU without VNNI, where the bundle has an int8 image
+encoder made for such CPUs (``export.onnx --no-vnni``), that graph is the one read and its
+threshold goes to ``defaults.int8_no_vnni_recheck``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from export.manifest import read_manifest, write_manifest
-from runtime.backends import RECHECKED
+from runtime import backends
+from runtime.backends import RECHECK_KEYS, RECHECKED, int8_variant
 from runtime.bundle import load_bundle
 from runtime.charset import WordAccuracy, keep_for_eval
 from runtime.inputs import InputError, Sample, open_labelled
@@ -127,12 +131,14 @@ def choose_threshold(readings: Sequence[SetReadings], tolerance: float,
 
 
 def write_recheck(bundle_dir: Path, choice: dict[str, Any], validation: Sequence[str], default: bool) -> dict[str, Any]:
-    """Record ``choice`` in the manifest's ``defaults`` (and make it the CPU default)."""
+    """Record ``choice`` in the manifest's ``defaults`` (and make it the CPU default), under the
+    key of the int8 image encoder this CPU reads (``runtime.backends.int8_variant``)."""
+    key = RECHECK_KEYS[int8_variant(load_bundle(bundle_dir, verify=False))]
     manifest = read_manifest(bundle_dir)
     defaults = manifest.setdefault("defaults", {})
-    defaults["int8_recheck"] = {
+    defaults[key] = {
         "below_confidence": choice["below_confidence"], "tolerance": choice["tolerance"],
-        "validation": list(validation), "sets": choice["sets"],
+        "validation": list(validation), "sets": choice["sets"], "cpu_saturates": backends.int8_dot_saturates(),
         "chosen_by": "python -m export.recheck", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if default:
@@ -175,8 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          for k, v in below_entry["sets"].items())
         print(f"below {below_entry['below_confidence']}: {sets}", file=sys.stderr)
     summary = {k: v for k, v in choice.items() if k != "tried"}
+    key = RECHECK_KEYS[int8_variant(bundle)]
     print(json.dumps(summary) if args.json else f"int8+fp32: crops below CTC confidence "
-          f"{choice['below_confidence']} read again in fp32 (written to {bundle_dir / 'manifest.json'})")
+          f"{choice['below_confidence']} read again in fp32 (defaults.{key} in {bundle_dir / 'manifest.json'})")
     return 0
 
 

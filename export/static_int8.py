@@ -214,10 +214,16 @@ def quantize(src: Path, dst: Path, method: str, cache: Path, reader: CropBatches
     reduce_range = bool(extra.pop("reduce_range", False))
     weights = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[extra.pop("weights", "int8")]
     overrides = dict(extra.pop("TensorQuantOverrides", {}))
-    for name in extra.pop("weights_7bit", ()):  # these weights in 7 bits, the others as ``weights``
-        overrides[name] = [{**overrides.get(name, [{}])[0], "reduce_range": True}]
-    for name in extra.pop("weights_uint8", ()):  # these weights uint8 (the u8 x u8 kernels never saturate)
-        overrides[name] = [{**overrides.get(name, [{}])[0], "quant_type": QuantType.QUInt8}]
+    named = {"reduce_range": extra.pop("weights_7bit", ()),  # these weights in 7 bits, the others as ``weights``
+             "quant_type": extra.pop("weights_uint8", ())}  # these uint8 (the u8 x u8 kernels never saturate)
+    if any(named.values()):
+        axes = weight_axes(onnx.load(str(src), load_external_data=False)) if per_channel else {}
+        for key, names in named.items():
+            for name in names:
+                entry = {**overrides.get(name, [{}])[0], key: True if key == "reduce_range" else QuantType.QUInt8}
+                if name in axes:  # an override without an axis makes onnxruntime quantize the tensor per tensor
+                    entry.setdefault("axis", axes[name])
+                overrides[name] = [entry]
     if overrides:
         extra["TensorQuantOverrides"] = overrides
     if reader is not None:
@@ -235,6 +241,26 @@ def quantize(src: Path, dst: Path, method: str, cache: Path, reader: CropBatches
         )
     finally:
         root.setLevel(level)
+
+
+def weight_axes(model: Any) -> dict[str, int]:
+    """The output-channel axis of every Conv, MatMul and Gemm weight initializer of ``model``
+    (where onnxruntime's quantizer puts per-channel scales: 0 for a Conv's weight, the last
+    axis for a MatMul's, by ``transB`` for a Gemm's)."""
+    initializers = {i.name: len(i.dims) for i in model.graph.initializer}
+    axes: dict[str, int] = {}
+    for node in model.graph.node:
+        if len(node.input) < 2 or node.input[1] not in initializers:
+            continue
+        weight = node.input[1]
+        if node.op_type == "Conv":
+            axes[weight] = 0
+        elif node.op_type == "MatMul":
+            axes[weight] = initializers[weight] - 1
+        elif node.op_type == "Gemm":
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            axes[weight] = 0 if trans_b else 1
+    return axes
 
 
 #: integer range of each zero-point type onnxruntime's quantizer writes for activations

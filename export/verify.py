@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from runtime.backends import PRECISIONS, RECHECKED, Backend, select_backend
+from runtime.backends import PRECISIONS, RECHECK_KEYS, RECHECKED, Backend, int8_variant, select_backend
 from runtime.bundle import load_bundle
 from runtime.charset import WordAccuracy, keep_for_eval, weighted_total
 from runtime.preprocess import ImageError, load_image, preprocess, width_groups
@@ -319,15 +319,22 @@ def _summary_line(name: str, result: dict[str, Any]) -> str:
     return "\t".join(parts)
 
 
-def describe_variant(manifest: dict[str, Any], precision: str) -> dict[str, str]:
+def describe_variant(manifest: dict[str, Any], precision: str, int8_image: str = "int8") -> dict[str, str]:
     """How each graph of ``precision`` was made, in words: ``static int8 (QDQ, minmax; 2
-    layer groups in FP32: ...)``, ``dynamic int8``, or the precision whose file it shares."""
+    layer groups in FP32: ...)``, ``dynamic int8``, or the precision whose file it shares.
+    ``int8_image``: the graphs key of the int8 image encoder this CPU reads
+    (``runtime.backends.int8_variant``)."""
     if precision == RECHECKED:
-        below = (manifest.get("defaults") or {}).get("int8_recheck", {}).get("below_confidence")
-        return {"all": f"the static int8 image encoder, the other graphs fp32; crops whose int8 CTC "
-                       f"confidence is below {below} (or empty) encoded again in fp32"}
+        key = RECHECK_KEYS[int8_image]
+        below = (manifest.get("defaults") or {}).get(key, {}).get("below_confidence")
+        return {"all": f"the static int8 image encoder ({manifest['graphs'][int8_image]['image_encoder']['file']}), "
+                       f"the other graphs fp32; crops whose int8 CTC confidence is below {below} (or empty) "
+                       "encoded again in fp32"}
+    graphs = dict(manifest["graphs"].get(precision, {}))
+    if precision == "int8" and int8_image != "int8":
+        graphs["image_encoder"] = manifest["graphs"][int8_image]["image_encoder"]
     out = {}
-    for name, entry in manifest["graphs"].get(precision, {}).items():
+    for name, entry in graphs.items():
         record = entry.get("quantization")
         folder = str(entry["file"]).split("/")[0]
         if record and record.get("mode") == "static":
@@ -347,10 +354,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(max(1, args.threads))
     model = reference_model(args.ckpt)
     recognizers = make_recognizers(args.bundle, args.precision, args.threads)
-    manifest = next(iter(recognizers.values())).bundle.manifest
+    bundle = next(iter(recognizers.values())).bundle
+    manifest, int8_image = bundle.manifest, int8_variant(bundle)
     _check_same_model(manifest, args.ckpt)
     report: dict[str, Any] = {"bundle": str(args.bundle), "ckpt": str(args.ckpt), "sets": {},
-                              "variants": {p: describe_variant(manifest, p) for p in recognizers}}
+                              "variants": {p: describe_variant(manifest, p, int8_image) for p in recognizers}}
     for precision, graphs in report["variants"].items():
         print(f"{precision}: " + "; ".join(f"{g}: {how}" for g, how in graphs.items()))
     cfg = model.cfg

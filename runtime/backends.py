@@ -48,6 +48,11 @@ PRECISIONS = ("fp32", "fp16", "int8")
 RECHECKED = "int8+fp32"
 #: what ``--precision`` takes: a precision, ``int8+fp32`` or ``auto`` (:func:`default_precision`)
 PRECISION_CHOICES = ("auto", *PRECISIONS, RECHECKED)
+#: the manifest's graphs key of a second int8 image encoder, made and validated on an x86 CPU
+#: without VNNI (``export.onnx --no-vnni``); such CPUs read it instead of ``int8``'s
+INT8_NO_VNNI = "int8_no_vnni"
+#: the manifest's ``defaults`` key of the ``int8+fp32`` threshold fitted to each int8 image encoder
+RECHECK_KEYS = {"int8": "int8_recheck", INT8_NO_VNNI: "int8_no_vnni_recheck"}
 
 _ORT_PROVIDERS = {
     "ort-cpu": ["CPUExecutionProvider"],
@@ -213,7 +218,12 @@ class OrtBackend:
         self.providers = self.requested
         self.precision = precision
         options = session_options(threads)
-        self.specs = {name: bundle.graph(precision, name) for name in graphs}
+        cpu = self.requested[0] == "CPUExecutionProvider"
+        self.specs = {name: bundle.graph(int8_variant(bundle) if cpu and precision == "int8" and
+                                         name == "image_encoder" else precision, name) for name in graphs}
+        if self.specs.get("image_encoder") and self.specs["image_encoder"].precision == INT8_NO_VNNI:
+            self.notes.append(f"this CPU has no VNNI: reading with the int8 image encoder made for such CPUs "
+                              f"({self.specs['image_encoder'].file})")
         self.sessions: dict[str, Any] = {}
         # onnxruntime 1.31's CPU NchwcTransformer segfaults on the fp16 graphs (level ALL)
         disabled = ["NchwcTransformer"] if precision == "fp16" else None
@@ -462,7 +472,8 @@ class RecheckedBackend:
 
 
 def recheck_threshold(bundle: Bundle) -> float:
-    """The bundle's ``defaults.int8_recheck.below_confidence`` (chosen on validation data by
+    """The bundle's ``defaults.int8_recheck.below_confidence`` (``int8_no_vnni_recheck`` where
+    this CPU reads the no-VNNI image encoder: :func:`int8_variant`; chosen on validation data by
     ``python -m export.recheck``); ``BundleError`` when it has none or no int8 and fp32 graphs."""
     missing = [p for p in ("int8", "fp32") if p not in bundle.precisions]
     if missing:
@@ -471,12 +482,14 @@ def recheck_threshold(bundle: Bundle) -> float:
     if not bundle.decode.ctc_rescoring:
         raise BundleError(f"{bundle.root}: --precision {RECHECKED} needs an image encoder with a CTC head "
                           "(its confidence decides which crops are read again)")
+    key = RECHECK_KEYS[int8_variant(bundle)]
     defaults = bundle.manifest.get("defaults")
-    recheck = defaults.get("int8_recheck") if isinstance(defaults, dict) else None
+    recheck = defaults.get(key) if isinstance(defaults, dict) else None
     value = recheck.get("below_confidence") if isinstance(recheck, dict) else None
     if not isinstance(value, int | float) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
-        raise BundleError(f"{bundle.root}: --precision {RECHECKED} needs defaults.int8_recheck.below_confidence "
-                          f"in its manifest (python -m export.recheck {bundle.root} chooses it)")
+        raise BundleError(f"{bundle.root}: --precision {RECHECKED} needs defaults.{key}.below_confidence "
+                          f"in its manifest (python -m export.recheck {bundle.root}, run on this kind of CPU, "
+                          "chooses it)")
     return float(value)
 
 
@@ -581,11 +594,19 @@ def int8_dot_saturates() -> bool:
     return int(np.asarray(out).reshape(-1)[0]) != 255 * 127 * 64
 
 
+def int8_variant(bundle: Bundle) -> str:
+    """Which int8 image encoder this CPU reads: :data:`INT8_NO_VNNI` where its int8 products
+    saturate and the bundle has one made for such CPUs, else ``int8``."""
+    if "image_encoder" in bundle.graphs.get(INT8_NO_VNNI, {}) and int8_dot_saturates():
+        return INT8_NO_VNNI
+    return "int8"
+
+
 def int8_saturation_problem(bundle: Bundle) -> str | None:
-    """Why the bundle's int8 image encoder reads worse on this CPU than where it was chosen
-    (8-bit weights on a CPU whose int8 products saturate, unless the export validated it on
-    such a CPU: ``quantization.saturation.cpu_saturates``), or None."""
-    entry = bundle.manifest.get("graphs", {}).get("int8", {}).get("image_encoder")
+    """Why the int8 image encoder this CPU reads (:func:`int8_variant`) reads worse here than
+    where it was chosen (8-bit weights on a CPU whose int8 products saturate, unless the
+    export validated it on such a CPU: ``quantization.saturation.cpu_saturates``), or None."""
+    entry = bundle.manifest.get("graphs", {}).get(int8_variant(bundle), {}).get("image_encoder")
     record = entry.get("quantization") if isinstance(entry, dict) else None
     if not isinstance(record, dict) or record.get("mode") != "static":
         return None
@@ -594,8 +615,8 @@ def int8_saturation_problem(bundle: Bundle) -> str | None:
     if checked or record.get("weights") == WEIGHTS_7BIT or not int8_dot_saturates():
         return None
     return ("this CPU has no VNNI, so its 8-bit integer products saturate, and the bundle's int8 image encoder "
-            "has 8-bit weights validated on a CPU where they do not (export.onnx --precision int8 --weights-7bit "
-            "... run on a CPU like this one makes one for it: docs/int8.md)")
+            "has 8-bit weights validated on a CPU where they do not (export.onnx BUNDLE --precision int8 "
+            "--no-vnni --calibration ... run on a CPU like this one adds one for it: docs/int8.md)")
 
 
 def cpu_precision(bundle: Bundle, notes: list[str] | None = None) -> str:
@@ -616,8 +637,9 @@ def cpu_precision(bundle: Bundle, notes: list[str] | None = None) -> str:
     if wanted == RECHECKED:
         try:
             recheck_threshold(bundle)
-        except BundleError:
-            pass
+        except BundleError as exc:
+            if notes is not None:
+                notes.append(f"reading in fp32, not the bundle's {RECHECKED}: {exc}")
         else:
             return RECHECKED
     return "fp32" if "fp32" in bundle.precisions else bundle.precisions[0]

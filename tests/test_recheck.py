@@ -116,6 +116,7 @@ def test_command_line_writes_the_manifest(tmp_path: Path) -> None:
     shutil.copytree(DEFAULT_BUNDLE, bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["defaults"].pop("int8_recheck")
+    manifest["defaults"].pop("int8_no_vnni_recheck")
     manifest["defaults"].pop("cpu_precision")
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     words = tmp_path / "val"
@@ -127,6 +128,27 @@ def test_command_line_writes_the_manifest(tmp_path: Path) -> None:
     written = load_bundle(bundle)  # the files' hashes still match
     defaults = written.manifest["defaults"]
     assert defaults["cpu_precision"] == RECHECKED
-    assert defaults["int8_recheck"]["below_confidence"] in recheck.GRID
-    assert defaults["int8_recheck"]["sets"]["val"]["int8+fp32"] == 100.0
+    key = backends.RECHECK_KEYS[backends.int8_variant(written)]  # the int8 graph this CPU reads
+    assert defaults[key]["below_confidence"] in recheck.GRID
+    assert defaults[key]["sets"]["val"]["int8+fp32"] == 100.0
+    assert defaults[key]["cpu_saturates"] is backends.int8_dot_saturates()
     assert recheck.main([str(bundle), "--validation", str(tmp_path / "missing")]) == 2
+
+
+def test_the_threshold_goes_to_the_graph_this_cpu_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU whose int8 products saturate, with an int8 encoder made for such CPUs in the
+    bundle, the threshold is that graph's (``int8_no_vnni_recheck``); the other one stays."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(DEFAULT_BUNDLE, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["graphs"][backends.INT8_NO_VNNI] = {"image_encoder": manifest["graphs"]["int8"]["image_encoder"]}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    kept = manifest["defaults"]["int8_recheck"]
+    choice = {"below_confidence": 0.8, "tolerance": 0.2, "sets": {"val": {"n": 1}}}
+    for saturates, key in ((True, "int8_no_vnni_recheck"), (False, "int8_recheck")):
+        monkeypatch.setattr(backends, "int8_dot_saturates", lambda saturates=saturates: saturates)
+        written = recheck.write_recheck(bundle, choice, ["val"], default=False)["defaults"]
+        assert written[key]["below_confidence"] == 0.8 and written[key]["cpu_saturates"] is saturates
+        if saturates:
+            assert written["int8_recheck"] == kept
+            assert recheck_threshold(load_bundle(bundle)) == 0.8

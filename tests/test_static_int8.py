@@ -202,6 +202,15 @@ def test_quantize_options_reach_the_quantizer(tiny_bundle: Path, tmp_path: Path)
     seven = weights(quantized("r7.onnx", {"reduce_range": True}))  # no overflow on CPUs without VNNI
     assert seven and all(w.dtype == np.int8 for w in seven) and max(int(np.abs(w).max()) for w in seven) <= 64
     assert all(w.dtype == np.uint8 for w in weights(quantized("u8.onnx", {"weights": "uint8"})))
+    # one named weight in 7 bits keeps its per-channel scales (an override without an axis
+    # would make onnxruntime quantize it per tensor)
+    first = next(n.input[1] for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv")
+    assert static_int8.weight_axes(onnx.load(str(prepared)))[first] == 0
+    stem = {i.name: onnx.numpy_helper.to_array(i) for i in quantized("stem7.onnx", {"weights_7bit": [first]})
+            .graph.initializer}
+    assert stem[f"{first}_scale"].size > 1 and int(np.abs(stem[f"{first}_quantized"].astype(np.int32)).max()) <= 64
+    others = [v for k, v in stem.items() if k.endswith("weight_quantized") and k != f"{first}_quantized"]
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in others) == 127
 
 
 def test_the_exact_probe_reads_qdq_graphs_unfused(static_bundle: tuple[Path, Path]) -> None:
@@ -234,3 +243,36 @@ def test_the_saturation_record(static_bundle: tuple[Path, Path], monkeypatch: py
     assert record == {"cpu_saturates": backends.int8_dot_saturates()}
     monkeypatch.setattr(backends, "int8_dot_saturates", lambda: True)
     assert static_int8.saturation_record() == {"cpu_saturates": True}
+
+
+def test_a_second_int8_encoder_for_cpus_without_vnni(static_bundle: tuple[Path, Path], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--no-vnni`` writes ``graphs.int8_no_vnni`` beside the int8 graphs, which stay as
+    they were; the runtime reads it where int8 products saturate; a CPU where they do not
+    is refused (its validation would not show what such CPUs read)."""
+    from runtime import backends
+
+    source, words = static_bundle
+    bundle = tmp_path / "bundle"
+    shutil.copytree(source, bundle)
+    before = json.loads((bundle / "manifest.json").read_text())["graphs"]["int8"]
+    args = [str(bundle), "--precision", "int8", "--no-vnni", "--calibration", str(words), "--validation",
+            str(words), "--calibration-method", "minmax", "--calibration-crops", "12", "--no-sensitivity"]
+    monkeypatch.setattr(backends, "int8_dot_saturates", lambda: False)
+    assert export_main(args) == 1
+    monkeypatch.setattr(backends, "int8_dot_saturates", lambda: True)
+    assert export_main(args) == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["graphs"]["int8"] == before
+    entry = manifest["graphs"][backends.INT8_NO_VNNI]["image_encoder"]
+    assert entry["file"] == "int8/image_encoder_no_vnni.onnx"
+    assert entry["quantization"]["saturation"] == {"cpu_saturates": True}
+    loaded = load_bundle(bundle)  # listed in 'files' with its hash
+    assert loaded.precisions == ["fp32", "int8"]  # not a precision of its own
+    chosen = backends.select_backend(loaded, "ort-cpu", "int8", threads=1)
+    assert chosen.specs["image_encoder"].file == entry["file"]
+    with Recognizer(loaded, chosen) as recognizer:
+        assert all(r.ok for r in recognizer.read(sorted((words / "images").glob("*.png")), batch_size=4))
+    assert "image_encoder_no_vnni" in describe_variant(manifest, backends.RECHECKED, backends.INT8_NO_VNNI)["all"]
+    with pytest.raises(SystemExit):
+        export_main([str(bundle), "--precision", "int8", "--no-vnni", "--calibration", str(words)])
