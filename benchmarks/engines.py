@@ -110,6 +110,11 @@ class BundleEngine:
             chosen = select_backend(loaded, backend, precision, threads)
         self.recognizer = Recognizer(loaded, chosen, corrector, llm_mode=llm_mode)
         self.backend, self.precision = chosen.name, precision
+        #: what a user must hear about this engine (an int8 graph this CPU computes worse)
+        self.warnings: list[str] = list(getattr(chosen, "warnings", []))
+        spec = getattr(getattr(chosen, "fast", chosen), "specs", {}).get("image_encoder")
+        #: the image encoder graph file timed (which int8 graph this CPU reads); None for engines
+        self.image_encoder: str | None = spec.file if spec is not None else None
         self.key = f"{chosen.name}/{precision}"
         self.label = f"{chosen.name} {precision}"
         self.threshold = self.recognizer.threshold

@@ -143,6 +143,8 @@ def summarise(engines: Sequence[Engine], timings: dict[tuple[str, int], list[Bat
                 "stages_p50_ms": {s: median([t.stages_ms.get(s, 0.0) / b for t in runs])
                                   for s in ALL_STAGES if any(s in t.stages_ms for t in runs)},
                 "errors": sum(t.errors for t in runs),
+                "image_encoder": getattr(engine, "image_encoder", None),
+                "warnings": list(getattr(engine, "warnings", [])),
             }
             if baseline is not None:
                 row["ratio_to_baseline"] = paired_ratio([t.wall_ms for t in runs],
@@ -375,6 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not engines:
         print("error: no engine could run", file=sys.stderr)
         return 2
+    for engine in engines:
+        for warning in getattr(engine, "warnings", []):
+            print(f"warning: {engine.label}: {warning}", file=sys.stderr)
     baseline = "pytorch" if any(e.key == "pytorch" for e in engines) else None
     print(f"timing {len(engines)} engines x batches {batches} x {args.repeats} repeats", file=sys.stderr)
     try:
@@ -394,6 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = f"{data.name} ({len(data)} crops)" if data is not None else "synthetic crops"
     print(machine_line(info))
     print(f"Bundle: {bundle}; crops: {source}; repeats: {args.repeats}; interleaved in one process")
+    graphs = [f"{e.label}: {e.image_encoder}" for e in engines if getattr(e, "image_encoder", None)]
+    if graphs:
+        print("Image encoder graphs: " + "; ".join(graphs))
     print()
     print(tables(rows, llm, baseline))
     if missing:

@@ -44,6 +44,9 @@ def test_latency_tiny_bundle_against_pytorch(tiny_bundle: Path, tiny_checkpoint:
     assert document["baseline"] == "pytorch" and document["batches"] == [1, 2]
     rows = {(r["engine"], r["batch"]): r for r in document["rows"]}
     assert set(rows) == {("pytorch", 1), ("pytorch", 2), ("ort-cpu/fp32", 1), ("ort-cpu/fp32", 2)}
+    assert rows[("ort-cpu/fp32", 1)]["image_encoder"] == "fp32/image_encoder.onnx"
+    assert rows[("pytorch", 1)]["image_encoder"] is None and rows[("pytorch", 1)]["warnings"] == []
+    assert "Image encoder graphs: ort-cpu fp32: fp32/image_encoder.onnx" in out
     for (engine, _batch), row in rows.items():
         assert row["repeats"] == 2 and row["errors"] == 0
         assert 0 < row["p50_ms"] <= row["p95_ms"] and row["throughput"] > 0
