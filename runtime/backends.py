@@ -218,10 +218,10 @@ class OrtBackend:
         self.providers = self.requested
         self.precision = precision
         options = session_options(threads)
-        cpu = self.requested[0] == "CPUExecutionProvider"
-        self.specs = {name: bundle.graph(int8_variant(bundle) if cpu and precision == "int8" and
-                                         name == "image_encoder" else precision, name) for name in graphs}
-        if self.specs.get("image_encoder") and self.specs["image_encoder"].precision == INT8_NO_VNNI:
+        on_cpu = self.requested[0] == "CPUExecutionProvider"
+        image = int8_variant(bundle) if on_cpu and precision == "int8" else precision  # the graph this CPU reads
+        self.specs = {name: bundle.graph(image if name == "image_encoder" else precision, name) for name in graphs}
+        if image == INT8_NO_VNNI and "image_encoder" in self.specs:
             self.notes.append(f"this CPU has no VNNI: reading with the int8 image encoder made for such CPUs "
                               f"({self.specs['image_encoder'].file})")
         self.sessions: dict[str, Any] = {}
