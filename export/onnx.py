@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="7-bit weights: exact on x86 CPUs without VNNI, whose 8-bit dot products saturate")
     quant.add_argument("--weights-7bit", nargs="+", default=[], metavar="INITIALIZER",
                        help="only these weights in 7 bits (the layers whose 8-bit products saturate without VNNI; "
-                            "benchmarks.int8_screen finds them)")
+                            "'first-conv': the first convolution's, where they saturate for PP-OCRv6)")
     quant.add_argument("--no-vnni", action="store_true",
                        help="write a second int8 image encoder for x86 CPUs without VNNI (validated here, which "
                             "must be such a CPU), keeping the bundle's int8 graphs; such CPUs then read it")

@@ -564,6 +564,29 @@ def choose_method(prepared: Path, work: Path, reader: CropBatches, evaluator: Ev
     return best, {m: s.as_dict(evaluator.reference) for m, s in scores.items()}
 
 
+#: ``--weights-7bit`` name of the graph's first convolution's weight, whatever it is called
+#: (where 8-bit products saturate first: it sees the whole uint8 range of the image)
+FIRST_CONV = "first-conv"
+
+
+def named_weights(model: Any, names: Sequence[str]) -> list[str]:
+    """``names`` as weight initializers of ``model`` (:data:`FIRST_CONV` resolved);
+    ``QuantizeError`` for a name the graph does not have (a typo would change nothing)."""
+    initializers = {i.name for i in model.graph.initializer}
+    convs = [n.input[1] for n in model.graph.node if n.op_type == "Conv" and n.input[1] in initializers]
+    out = []
+    for name in names:
+        if name == FIRST_CONV:
+            if not convs:
+                raise QuantizeError(f"{FIRST_CONV}: the graph has no convolution with a weight initializer")
+            name = convs[0]
+        elif name not in initializers:
+            raise QuantizeError(f"no weight initializer {name!r} in the graph (e.g. {convs[0] if convs else '...'}; "
+                                f"or {FIRST_CONV})")
+        out.append(name)
+    return out
+
+
 def saturation_record() -> dict[str, Any]:
     """The manifest's ``saturation`` record of an int8 graph validated on this CPU: whether
     its uint8 x int8 kernels saturate (``runtime.backends.int8_dot_saturates``). Figures
@@ -584,7 +607,8 @@ def static_int8_encoder(bundle_dir: Path, fp32_file: str, out_file: str, calibra
     ``keep_fp32``: layer groups (scope prefixes) kept in FP32 whatever the sensitivity pass
     says; the pass ranks the others. ``reduce_range``: 7-bit weights (``runtime.backends.WEIGHTS_7BIT``);
     ``weights_7bit``: only these weight initializers in 7 bits (the layers whose 8-bit
-    products saturate on x86 CPUs without VNNI). With validation sets the record says whether
+    products saturate on x86 CPUs without VNNI; :data:`FIRST_CONV`: the first convolution's).
+    With validation sets the record says whether
     they were read with saturating kernels (:func:`saturation_record`)."""
     from runtime.bundle import load_bundle
 
@@ -598,6 +622,8 @@ def static_int8_encoder(bundle_dir: Path, fp32_file: str, out_file: str, calibra
         work = Path(tmp)
         prepared = work / "prepared.onnx"
         model = prepare(bundle.path(fp32_file), prepared)
+        weights_7bit = named_weights(model, weights_7bit)
+        options["weights_7bit"] = list(weights_7bit)
         all_groups = layer_groups(model)
         kept = {g: nodes for g, nodes in all_groups.items() if any(g.startswith(p) for p in keep_fp32)}
         unknown = [p for p in keep_fp32 if not any(g.startswith(p) for g in all_groups)]

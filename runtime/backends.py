@@ -616,7 +616,8 @@ def int8_saturation_problem(bundle: Bundle) -> str | None:
         return None
     return ("this CPU has no VNNI, so its 8-bit integer products saturate, and the bundle's int8 image encoder "
             "has 8-bit weights validated on a CPU where they do not (export.onnx BUNDLE --precision int8 "
-            "--no-vnni --calibration ... run on a CPU like this one adds one for it: docs/int8.md)")
+            "--no-vnni --weights-7bit first-conv --calibration ... --validation ..., run on a CPU like this one, "
+            "adds one for it: docs/int8.md)")
 
 
 def cpu_precision(bundle: Bundle, notes: list[str] | None = None) -> str:

@@ -206,6 +206,9 @@ def test_quantize_options_reach_the_quantizer(tiny_bundle: Path, tmp_path: Path)
     # would make onnxruntime quantize it per tensor)
     first = next(n.input[1] for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv")
     assert static_int8.weight_axes(onnx.load(str(prepared)))[first] == 0
+    assert static_int8.named_weights(onnx.load(str(prepared)), [static_int8.FIRST_CONV, first]) == [first, first]
+    with pytest.raises(static_int8.QuantizeError, match="no weight initializer"):
+        static_int8.named_weights(onnx.load(str(prepared)), ["conv1.weigth"])  # a typo would change nothing
     stem = {i.name: onnx.numpy_helper.to_array(i) for i in quantized("stem7.onnx", {"weights_7bit": [first]})
             .graph.initializer}
     assert stem[f"{first}_scale"].size > 1 and int(np.abs(stem[f"{first}_quantized"].astype(np.int32)).max()) <= 64
@@ -257,7 +260,8 @@ def test_a_second_int8_encoder_for_cpus_without_vnni(static_bundle: tuple[Path, 
     shutil.copytree(source, bundle)
     before = json.loads((bundle / "manifest.json").read_text())["graphs"]["int8"]
     args = [str(bundle), "--precision", "int8", "--no-vnni", "--calibration", str(words), "--validation",
-            str(words), "--calibration-method", "minmax", "--calibration-crops", "12", "--no-sensitivity"]
+            str(words), "--calibration-method", "minmax", "--calibration-crops", "12", "--no-sensitivity",
+            "--weights-7bit", "first-conv"]
     monkeypatch.setattr(backends, "int8_dot_saturates", lambda: False)
     assert export_main(args) == 1
     monkeypatch.setattr(backends, "int8_dot_saturates", lambda: True)
@@ -267,6 +271,8 @@ def test_a_second_int8_encoder_for_cpus_without_vnni(static_bundle: tuple[Path, 
     entry = manifest["graphs"][backends.INT8_NO_VNNI]["image_encoder"]
     assert entry["file"] == "int8/image_encoder_no_vnni.onnx"
     assert entry["quantization"]["saturation"] == {"cpu_saturates": True}
+    (stem,) = entry["quantization"]["weights_7bit"]  # the first convolution's weight, by its name
+    assert stem != "first-conv" and stem.endswith("weight")
     loaded = load_bundle(bundle)  # listed in 'files' with its hash
     assert loaded.precisions == ["fp32", "int8"]  # not a precision of its own
     chosen = backends.select_backend(loaded, "ort-cpu", "int8", threads=1)
