@@ -608,12 +608,11 @@ def static_int8_encoder(bundle_dir: Path, fp32_file: str, out_file: str, calibra
     says; the pass ranks the others. ``reduce_range``: 7-bit weights (``runtime.backends.WEIGHTS_7BIT``);
     ``weights_7bit``: only these weight initializers in 7 bits (the layers whose 8-bit
     products saturate on x86 CPUs without VNNI; :data:`FIRST_CONV`: the first convolution's).
-    With validation sets the record says whether
-    they were read with saturating kernels (:func:`saturation_record`)."""
+    With validation sets the record says whether they were read with saturating kernels
+    (:func:`saturation_record`)."""
     from runtime.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir, verify=False)
-    options: dict[str, Any] = {"reduce_range": reduce_range, "weights_7bit": list(weights_7bit)}
     images, _ = load_crops(calibration, limit)
     batches = crop_batches(images, bundle.preprocessing)
     reader = CropBatches(batches, bundle.graph("fp32", "image_encoder").inputs[0].name)
@@ -623,7 +622,7 @@ def static_int8_encoder(bundle_dir: Path, fp32_file: str, out_file: str, calibra
         prepared = work / "prepared.onnx"
         model = prepare(bundle.path(fp32_file), prepared)
         weights_7bit = named_weights(model, weights_7bit)
-        options["weights_7bit"] = list(weights_7bit)
+        options: dict[str, Any] = {"reduce_range": reduce_range, "weights_7bit": weights_7bit}
         all_groups = layer_groups(model)
         kept = {g: nodes for g, nodes in all_groups.items() if any(g.startswith(p) for p in keep_fp32)}
         unknown = [p for p in keep_fp32 if not any(g.startswith(p) for g in all_groups)]
@@ -673,7 +672,7 @@ def static_int8_encoder(bundle_dir: Path, fp32_file: str, out_file: str, calibra
             target.parent.mkdir(parents=True, exist_ok=True)
             quantize(prepared, target, method, cache, exclude=nodes, options=options)
             if weights_7bit:
-                record["weights_7bit"] = list(weights_7bit)
+                record["weights_7bit"] = weights_7bit
             if evaluator is not None:
                 record["validation"]["int8"] = evaluator.score(target).as_dict(evaluator.reference)
                 record["saturation"] = saturation_record()
