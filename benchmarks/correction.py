@@ -378,22 +378,24 @@ def evaluate(corrector: Any, words: Sequence[Word], charset: str) -> dict[str, A
             "llm_ms_p95": percentile(ms, 95) if ms else 0.0, "llm_ms_total": sum(ms)}
 
 
-#: the variants of the per-set table: (column, mode, lexicon, extra settings)
+#: the variants of the per-set table: (column, model (None: the --llm one), mode, lexicon, extra settings)
 VARIANTS = (
-    ("rescore top-k", "rescore", "none", {"inserts": 0}),
-    ("rescore + lexicon", "rescore", "default", {}),
-    ("fill", "fill", "none", {}),
+    ("rescore top-k", None, "rescore", "none", {"inserts": 0}),
+    ("rescore + lexicon", None, "rescore", "default", {}),
+    ("lexicon, no LLM", "lexicon", "rescore", "default", {}),
+    ("fill", None, "fill", "none", {}),
 )
 
 
 def make_corrector(llm: str, mode: str, lexicon: str, settings: dict[str, Any], memo: MemoBackend | None = None):
-    """A corrector (``memo``: reuse that backend's remembered scores)."""
+    """A corrector (``llm``: a GGUF, "default" or "lexicon"; ``memo``: reuse that backend's
+    remembered scores)."""
     from runtime.llm import Corrector
 
     corrector = Corrector.from_spec(llm, mode=mode, lexicon=lexicon, **settings)
-    if not corrector.enabled:
+    if not corrector.corrects:
         raise SystemExit(f"error: the LLM cannot be used: {corrector.unavailable}")
-    if memo is not None:
+    if memo is not None and corrector.enabled:
         corrector.backend = memo
     return corrector
 
@@ -569,8 +571,8 @@ def table(work: Path, llm: str = "default", sets: Sequence[str] | None = None) -
     words, meta = load_words(work)
     names = list(sets or (*TEST_SETS, *OCC_SETS))
     out: dict[str, Any] = {"machine": machine(), "sets": {}}
-    for column, mode, lexicon, settings in VARIANTS:
-        corrector = make_corrector(llm, mode, lexicon, {"cache_size": 0, **settings})
+    for column, model, mode, lexicon, settings in VARIANTS:
+        corrector = make_corrector(model or llm, mode, lexicon, {"cache_size": 0, **settings})
         for name in names:
             result = evaluate(corrector, words[name], meta["charset"])
             out["sets"].setdefault(name, {})[column] = result

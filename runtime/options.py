@@ -45,7 +45,9 @@ class RecognizerConfig:
     engine: str | None = None
     backend: str = "auto"
     precision: str | None = None
-    #: GGUF path, "default" (the embedded model), "none", or None (the embedded model when it can run)
+    #: GGUF path, "default" (the embedded model), "lexicon" (no language model: candidates ranked
+    #: by CTC likelihood and word frequency), "none", or None (the embedded model when it can
+    #: run, else "lexicon")
     llm: str | None = None
     llm_mode: str = "rescore"
     #: the confidence gate's threshold (None: the bundle's)
@@ -132,7 +134,7 @@ class RecognizerConfig:
             check_decode(bundle, self.decode)
         except ValueError as exc:
             raise OptionError(str(exc)) from None
-        problem = llm_problem(self.llm)
+        problem = llm_problem(self.llm) or self.lexicon_only_problem()
         if problem:
             raise OptionError(problem)
         self.correction(bundle)
@@ -144,6 +146,17 @@ class RecognizerConfig:
             except (ValueError, OSError) as exc:
                 raise OptionError(str(exc).splitlines()[0]) from None
         return bundle
+
+    def lexicon_only_problem(self) -> str | None:
+        """Why ``--llm lexicon`` cannot work with the other options (None: it can, or it is not asked for)."""
+        if self.llm is None or str(self.llm).strip().lower() != "lexicon":
+            return None
+        if self.llm_mode != "rescore":
+            return (f"--llm lexicon ranks candidates without a language model; --llm-mode {self.llm_mode} needs "
+                    "one (leave --llm-mode out)")
+        if self.lexicon is not None and str(self.lexicon).strip().lower() == "none":
+            return "--llm lexicon needs a lexicon; --lexicon none turns them off (--llm none reads without correction)"
+        return None
 
     def correction(self, bundle: Bundle) -> CorrectionSettings:
         """The bundle's correction settings with ``--correction-config``'s put over them;
@@ -182,7 +195,7 @@ def llm_problem(llm: str | None) -> str | None:
     An LLM left unset (None) is used when it can run and is otherwise off with a warning, so
     only an LLM asked for explicitly is checked: llama-cpp-python present, the file there and
     a GGUF file (its first bytes). Loading it is left to :meth:`RecognizerConfig.build`."""
-    if llm is None or _is_none(llm):
+    if llm is None or _is_none(llm) or str(llm).strip().lower() == "lexicon":
         return None
     if importlib.util.find_spec("llama_cpp") is None:
         return (f"--llm {llm}: llama-cpp-python is not installed (pip install 'clipllama[llm]'); "
@@ -229,9 +242,11 @@ def add_recognizer_options(parser: argparse.ArgumentParser, backend_note: str = 
     group.add_argument("--precision", choices=PRECISION_CHOICES,
                        help="graph variant; int8+fp32: int8, with the crops its CTC head is unsure of read "
                             "again in fp32 (default: auto: fp16 on a GPU, else the bundle's CPU precision)")
-    group.add_argument("--llm", default=None, metavar="PATH|default|none",
-                       help="GGUF model for the correction, 'default' (embedded model) or 'none' "
-                            "(default: the embedded model when llama-cpp-python is installed)")
+    group.add_argument("--llm", default=None, metavar="PATH|default|lexicon|none",
+                       help="GGUF model for the correction, 'default' (embedded model), 'lexicon' (no language "
+                            "model: candidates ranked by the image and word frequencies; no llama-cpp-python "
+                            "needed) or 'none' (no correction; default: the embedded model when "
+                            "llama-cpp-python is installed, else 'lexicon')")
     group.add_argument("--threshold", type=probability, metavar="P",
                        help="confidence gate threshold in [0, 1] (default: the bundle's)")
     group.add_argument("--llm-mode", choices=LLM_MODES, default="rescore",

@@ -126,8 +126,10 @@ def _load(item: Source | Sample, name: str | None = None) -> Image.Image:
 
 def make_corrector(llm: str | None, mode: str, threshold: float, lexicon: str | None = "default",
                    settings: CorrectionSettings | None = None) -> Corrector | None:
-    """The LLM corrector for ``llm``: ``None`` uses the embedded default model when it can run
-    (else none, with a warning); ``"default"`` the embedded model; ``"none"`` no LLM; else a
+    """The corrector for ``llm``: ``None`` uses the embedded default model when it can run,
+    else ranks candidates without a language model (``"lexicon"``), with a warning;
+    ``"default"`` the embedded model; ``"lexicon"`` no language model (the rescore mode's
+    candidates ranked by CTC likelihood and word frequency); ``"none"`` no correction; else a
     GGUF path. An LLM asked for explicitly that cannot be loaded raises ``RuntimeError``.
     ``lexicon``: a user's word list (searched before the shipped English one), ``"default"``
     or ``"none"``; an unreadable list raises ``ValueError``. ``settings``: the bundle's
@@ -136,26 +138,44 @@ def make_corrector(llm: str | None, mode: str, threshold: float, lexicon: str | 
         raise ValueError(f"unknown LLM mode {mode!r} (choose from {', '.join(LLM_MODES)})")
     if llm is not None and str(llm).strip().lower() == "none":
         return None
-    if llm is None and importlib.util.find_spec("llama_cpp") is None:
-        warnings.warn("LLM correction is off: the llm extra is not installed (pip install 'clipllama[llm]'); "
-                      "--llm none reads without it and without this warning", RuntimeWarning, stacklevel=3)
-        return None
     try:
-        from runtime.correction.corrector import LLMCorrector
-    except ImportError as exc:  # a broken install of the LLM side
+        from runtime.correction.corrector import LEXICON_ONLY, LLMCorrector, is_lexicon_only
+    except ImportError as exc:  # a broken install of the correction side
         if llm is None:
             warnings.warn(f"LLM correction is off: {exc}", RuntimeWarning, stacklevel=3)
             return None
         raise RuntimeError(f"LLM correction is not available ({exc})") from exc
+    if is_lexicon_only(llm):
+        return LLMCorrector.from_spec(LEXICON_ONLY, mode=mode, threshold=threshold, lexicon=lexicon,
+                                      settings=settings)
+    if llm is None and importlib.util.find_spec("llama_cpp") is None:
+        return _without_llm("the llm extra is not installed (pip install 'clipllama[llm]')", mode, threshold,
+                            lexicon, settings)
     corrector = LLMCorrector.from_spec("default" if llm is None else str(llm), mode=mode, threshold=threshold,
                                        lexicon=lexicon, settings=settings)
     if not corrector.enabled:
         if llm is None:
-            warnings.warn(f"LLM correction is off: {corrector.unavailable}", RuntimeWarning, stacklevel=3)
-            return None
+            return _without_llm(str(corrector.unavailable), mode, threshold, lexicon, settings)
         raise RuntimeError(f"--llm {llm}: cannot be used ({corrector.unavailable}); "
                            "--llm none reads without the LLM")
     return corrector
+
+
+def _without_llm(reason: str, mode: str, threshold: float, lexicon: str | None,
+                 settings: CorrectionSettings | None) -> Corrector | None:
+    """The default corrector when the default LLM cannot run: candidates ranked without a
+    language model where the rescore mode and a lexicon allow it (else none), with a warning."""
+    from runtime.correction.corrector import LEXICON_ONLY, LLMCorrector
+
+    if mode == "rescore" and not (lexicon is not None and str(lexicon).strip().lower() == "none"):
+        warnings.warn(f"the LLM is off: {reason}; doubtful words are corrected without it (--llm {LEXICON_ONLY}); "
+                      "--llm none reads without any correction and without this warning", RuntimeWarning,
+                      stacklevel=4)
+        return LLMCorrector.from_spec(LEXICON_ONLY, mode=mode, threshold=threshold, lexicon=lexicon,
+                                      settings=settings)
+    warnings.warn(f"LLM correction is off: {reason}; --llm none reads without it and without this warning",
+                  RuntimeWarning, stacklevel=4)
+    return None
 
 
 def bundle_decode(bundle: Bundle) -> str:
@@ -234,7 +254,16 @@ class Recognizer:
 
     @property
     def llm_enabled(self) -> bool:
-        return self.corrector is not None
+        """Whether a language model corrects doubtful words."""
+        return self.correction_kind == "llm"
+
+    @property
+    def correction_kind(self) -> str:
+        """What corrects doubtful words: ``"llm"``, ``"lexicon"`` (candidates ranked without
+        a language model, ``--llm lexicon``) or ``"none"``."""
+        if self.corrector is None:
+            return "none"
+        return "lexicon" if getattr(self.corrector, "without_llm", False) else "llm"
 
     def close(self) -> None:
         self.backend.close()

