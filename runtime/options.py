@@ -90,10 +90,18 @@ class RecognizerConfig:
         return Path(self.engine) if self.engine else DEFAULT_BUNDLE
 
     def warnings(self, bundle: Bundle) -> list[str]:
-        """Lines a user must see before anything starts (``runtime.backends.precision_warnings``)."""
+        """Lines a user must see before anything starts (``runtime.backends.precision_warnings``;
+        the default LLM that cannot run, so that the correction runs without it)."""
         from runtime.backends import precision_warnings
 
-        return precision_warnings(bundle, self.backend, self.precision)
+        out = precision_warnings(bundle, self.backend, self.precision)
+        reason = llm_problem("default") if self.llm is None else None
+        if reason:
+            cause = reason.split(": ", 1)[-1].split(";")[0]
+            fallback = ("doubtful words are corrected without it (--llm lexicon)"
+                        if self.llm_mode == "rescore" and not _is_none(self.lexicon) else "no correction")
+            out.append(f"the default LLM cannot run ({cause}): {fallback}; --llm none reads without any correction")
+        return out
 
     def check(self, verify: bool = False) -> Bundle:
         """The bundle, once every option is known to work; else :class:`OptionError` (one line).

@@ -34,10 +34,17 @@ import numpy as np
 
 from runtime.cli import EXIT_CANNOT_RUN, EXIT_OK, EXIT_SOME_FAILED
 from runtime.inputs import InputError, InputSet, LmdbSamples, Sample, collect_inputs
-from runtime.options import OptionError, RecognizerConfig
+from runtime.options import RecognizerConfig
 from runtime.recognizer import DEFAULT_BATCH_SIZE, LLMInfo, ReadResult
 from runtime.records import SetScore, json_record, merge_loose, unique_names
-from serving.common import add_recognizer_options, missing_serve_extra, one_line, settings_from_args, stop_on_signals
+from serving.common import (
+    add_recognizer_options,
+    check_recognizer,
+    missing_serve_extra,
+    one_line,
+    settings_from_args,
+    stop_on_signals,
+)
 from serving.parts import FORMATS, PartWriter, done_ids, read_records
 
 PATH_LIST_SUFFIXES = (".txt", ".lst")
@@ -349,14 +356,7 @@ def check(args: argparse.Namespace) -> str | None:
         return "--batch, --part-size and --concurrency must be at least 1"
     if args.num_cpus <= 0 or args.num_gpus < 0 or args.decode_cpus <= 0:
         return "--num-cpus and --decode-cpus must be above 0 and --num-gpus at least 0"
-    try:
-        settings = settings_from_args(args)
-        bundle = settings.check(verify=True)
-    except OptionError as exc:
-        return str(exc)
-    for warning in settings.warnings(bundle):
-        print(f"warning: {warning}", file=sys.stderr)
-    return None
+    return check_recognizer(args)
 
 
 def quiet_ray() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -12,7 +13,7 @@ from runtime.options import RecognizerConfig
 from runtime.options import add_recognizer_options as shared_options
 from runtime.records import json_record
 
-__all__ = ["RecognizerConfig", "RecognizerSettings", "add_recognizer_options", "json_record",
+__all__ = ["RecognizerConfig", "RecognizerSettings", "add_recognizer_options", "check_recognizer", "json_record",
            "missing_serve_extra", "one_line", "settings_from_args", "stop_on_signals"]
 
 #: Modules of the ``serve`` extra, with the PyPI package that provides each.
@@ -54,6 +55,21 @@ def add_recognizer_options(parser: Any) -> None:
 
 def settings_from_args(args: Any) -> RecognizerConfig:
     return RecognizerConfig.from_args(args)
+
+
+def check_recognizer(args: Any) -> str | None:
+    """What is wrong with the recognizer's options, in one line, before Ray starts (None:
+    nothing); the lines a user must see (:meth:`RecognizerConfig.warnings`) go to stderr."""
+    from runtime.options import OptionError
+
+    try:
+        settings = settings_from_args(args)
+        bundle = settings.check(verify=True)
+    except OptionError as exc:
+        return str(exc)
+    for warning in settings.warnings(bundle):
+        print(f"warning: {warning}", file=sys.stderr)
+    return None
 
 
 def one_line(exc: BaseException) -> str:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from runtime.cli import EXIT_CANNOT_RUN, EXIT_OK
 from serving.common import (
     add_recognizer_options,
+    check_recognizer,
     missing_serve_extra,
     one_line,
     settings_from_args,
@@ -58,8 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check(args: argparse.Namespace) -> str | None:
     """What is wrong with the arguments, the bundle or the LLM, before Ray starts (None: nothing)."""
-    from runtime.options import OptionError
-
     if args.replicas < 1 or args.num_cpus <= 0 or args.num_gpus < 0:
         return "--replicas must be at least 1, --num-cpus above 0 and --num-gpus at least 0"
     if args.max_images < 1 or args.max_pixels < 1 or args.max_request_mb <= 0:
@@ -68,13 +67,9 @@ def check(args: argparse.Namespace) -> str | None:
         return "--max-batch-size must be at least 1 and --batch-wait-ms at least 0"
     if not 0 < args.port < 65536:
         return f"--port {args.port}: must be within 1-65535"
-    try:
-        settings = settings_from_args(args)
-        bundle = settings.check(verify=True)
-    except OptionError as exc:
-        return str(exc)
-    for warning in settings.warnings(bundle):
-        print(f"warning: {warning}", file=sys.stderr)
+    problem = check_recognizer(args)
+    if problem:
+        return problem
     if args.detect:
         from runtime.detect.settings import DetectUnavailable, check_available
 

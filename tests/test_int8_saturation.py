@@ -176,10 +176,11 @@ def test_serving_options_carry_the_same_warning(eight_bit_only, embedded, monkey
     from runtime.options import RecognizerConfig
 
     monkeypatch.setattr(backends, "int8_dot_saturates", lambda: True)
-    config = RecognizerConfig(engine=str(eight_bit_only), precision="int8+fp32")
+    config = RecognizerConfig(engine=str(eight_bit_only), precision="int8+fp32", llm="none")
     assert len(config.warnings(config.check())) == 1
-    assert RecognizerConfig(precision="fp32").warnings(embedded) == []
-    assert RecognizerConfig(precision="int8+fp32").warnings(embedded) == []  # it has a graph for this CPU
+    assert RecognizerConfig(precision="fp32", llm="none").warnings(embedded) == []
+    # it has a graph for this CPU
+    assert RecognizerConfig(precision="int8+fp32", llm="none").warnings(embedded) == []
 
 
 def _with_no_vnni_graph(bundle, threshold: float | None = 0.5):

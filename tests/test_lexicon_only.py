@@ -73,3 +73,12 @@ def test_options_refuse_lexicon_with_what_it_cannot_do(fake_bundle: Path, no_lla
         with pytest.raises(OptionError, match=message) as info:
             RecognizerConfig(**{**good.to_dict(), **change}).check()
         assert "\n" not in str(info.value)
+
+
+def test_serving_says_before_ray_starts_that_the_llm_cannot_run(fake_bundle: Path, no_llama_cpp: None) -> None:
+    config = RecognizerConfig(engine=str(fake_bundle))
+    bundle = config.check()
+    (line,) = [w for w in config.warnings(bundle) if "LLM" in w]
+    assert "llama-cpp-python is not installed" in line and "--llm lexicon" in line
+    assert not [w for w in RecognizerConfig(engine=str(fake_bundle), llm="none").warnings(bundle) if "LLM" in w]
+    assert not [w for w in RecognizerConfig(engine=str(fake_bundle), llm="lexicon").warnings(bundle) if "LLM" in w]
