@@ -1,7 +1,7 @@
 """Choose the bundle's ``int8+fp32`` threshold on validation sets and write it to the manifest.
 
     python -m export.recheck BUNDLE --validation SET... [--tolerance 0.2] [--no-default]
-                             [--threads N] [--json]
+                             [--max-time 1.0] [--threads N] [--json]
 
 ``--precision int8+fp32`` reads every crop with the int8 graphs and encodes again in fp32
 the crops whose int8 CTC reading is empty or less confident than a threshold
@@ -12,8 +12,13 @@ again goes through exactly the fp32 path, the accuracy at every threshold of a g
 from those readings. Chosen: the smallest threshold at which every set reads within
 ``--tolerance`` points of fp32 (the fewest crops read twice). Written to the manifest:
 ``defaults.int8_recheck`` (the threshold, the figures per set, the sets, whether this CPU's
-int8 products saturate) and, unless ``--no-default``, ``defaults.cpu_precision = "int8+fp32"``
-(``--precision auto`` on a CPU). A later ``export.onnx --precision int8`` removes the threshold
+int8 products saturate, the expected cost) and, unless ``--no-default``,
+``defaults.cpu_precision = "int8+fp32"`` (``--precision auto`` on a CPU) when it pays: a crop
+read again costs a second, fp32, encoding, so the int8 image encoder's time against fp32's
+(measured here, interleaved) plus the share of validation crops read again must stay below
+``--max-time`` (default 1.0: expected faster than fp32); otherwise the CPU default stays as it
+was, or fp32 (on a hard domain most crops are unsure, and int8+fp32 would read most of them
+twice: slower than fp32). A later ``export.onnx --precision int8`` removes the threshold
 (it belongs to that graph). On an x86 CPU without VNNI, where the bundle has an int8 image
 encoder made for such CPUs (``export.onnx --no-vnni``), that graph is the one read and its
 threshold goes to ``defaults.int8_no_vnni_recheck``.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -40,6 +46,9 @@ from runtime.recognizer import Recognizer
 
 #: thresholds tried, in order (the first that holds is chosen)
 GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
+#: crops of the first validation set timed for the encoders' time ratio, and rounds (median)
+TIMED_CROPS = 64
+TIMING_ROUNDS = 3
 
 
 class RecheckError(RuntimeError):
@@ -83,8 +92,9 @@ def labelled_samples(path: str) -> tuple[str, list[Sample]]:
 
 
 def read_three_ways(bundle_dir: Path, sets: Sequence[str], threads: int | None = None,
-                    batch_size: int = 32) -> list[SetReadings]:
-    """Each set read in fp32 and int8 (the bundle's decode mode, no LLM) and by the int8 CTC head."""
+                    batch_size: int = 32) -> tuple[list[SetReadings], float]:
+    """Each set read in fp32 and int8 (the bundle's decode mode, no LLM) and by the int8 CTC
+    head; and the int8 image encoder's time against fp32's (:func:`encoder_time_ratio`)."""
     opened = [labelled_samples(s) for s in sets]
     readers = {
         "fp32": Recognizer.from_bundle(bundle_dir, backend="ort-cpu", llm="none", precision="fp32", threads=threads),
@@ -103,10 +113,37 @@ def read_three_ways(bundle_dir: Path, sets: Sequence[str], threads: int | None =
                                    [r.text for r in results["fp32"]], [r.text for r in results["int8"]],
                                    [float(r.confidence) for r in results["ctc"]],
                                    [not r.text for r in results["ctc"]]))
+        ratio = encoder_time_ratio(readers["fp32"], readers["int8"], opened[0][1][:TIMED_CROPS], batch_size)
     finally:
         for reader in readers.values():
             reader.close()
-    return out
+    return out, ratio
+
+
+def encoder_time_ratio(fp32: Recognizer, int8: Recognizer, samples: Sequence[Sample], batch_size: int = 32,
+                       rounds: int = TIMING_ROUNDS) -> float:
+    """The int8 image encoder's time over fp32's on ``samples`` (the recognizers' own stage
+    timings; the two read in turn, after a warm-up; the median of ``rounds``)."""
+    def encoder_ms(reader: Recognizer) -> float:
+        return sum(r.timings_ms.get("image_encoder", 0.0) for r in reader.read(samples, batch_size=batch_size))
+
+    encoder_ms(fp32), encoder_ms(int8)
+    ratios = []
+    for _ in range(rounds):
+        base = encoder_ms(fp32)
+        ratios.append(encoder_ms(int8) / base if base > 0 else 1.0)
+    return float(statistics.median(ratios))
+
+
+def expected_cost(choice: dict[str, Any], ratio: float) -> dict[str, float]:
+    """What ``int8+fp32`` at ``choice``'s threshold is expected to cost: the int8 image
+    encoder's time against fp32's (``ratio``) plus the share of the validation crops read
+    again (each a second, fp32, encoding), pooled over the sets."""
+    sets = choice["sets"].values()
+    crops = sum(s["n"] for s in sets)
+    again = sum(s["n"] * s["read_again_pct"] for s in sets) / (100.0 * crops) if crops else 0.0
+    return {"int8_encoder_vs_fp32": round(ratio, 3), "read_again": round(again, 4),
+            "int8+fp32_encoding_vs_fp32": round(ratio + again, 3)}
 
 
 def choose_threshold(readings: Sequence[SetReadings], tolerance: float,
@@ -130,20 +167,33 @@ def choose_threshold(readings: Sequence[SetReadings], tolerance: float,
                                                      for k, v in tried[-1]["sets"].items()) + ")")
 
 
-def write_recheck(bundle_dir: Path, choice: dict[str, Any], validation: Sequence[str], default: bool) -> dict[str, Any]:
-    """Record ``choice`` in the manifest's ``defaults`` (and make it the CPU default), under the
-    key of the int8 image encoder this CPU reads (``runtime.backends.int8_variant``)."""
+def write_recheck(bundle_dir: Path, choice: dict[str, Any], validation: Sequence[str], default: bool,
+                  cost: dict[str, float] | None = None, max_time: float = 1.0) -> dict[str, Any]:
+    """Record ``choice`` (and its expected ``cost``, :func:`expected_cost`) in the manifest's
+    ``defaults``, under the key of the int8 image encoder this CPU reads
+    (``runtime.backends.int8_variant``); with ``default``, make ``int8+fp32`` the CPU default
+    when the cost is below ``max_time``, else drop a CPU default of ``int8+fp32``."""
     key = RECHECK_KEYS[int8_variant(load_bundle(bundle_dir, verify=False))]
     manifest = read_manifest(bundle_dir)
     defaults = manifest.setdefault("defaults", {})
     defaults[key] = {
         "below_confidence": choice["below_confidence"], "tolerance": choice["tolerance"],
         "validation": list(validation), "sets": choice["sets"], "cpu_saturates": backends.int8_dot_saturates(),
+        **({"expected_cost": cost} if cost is not None else {}),
         "chosen_by": "python -m export.recheck", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if default:
-        defaults["cpu_precision"] = RECHECKED
+        if pays(cost, max_time):
+            defaults["cpu_precision"] = RECHECKED
+        elif defaults.get("cpu_precision") == RECHECKED:
+            del defaults["cpu_precision"]
     return write_manifest(bundle_dir, manifest)
+
+
+def pays(cost: dict[str, float] | None, max_time: float) -> bool:
+    """Whether ``int8+fp32`` is expected to encode in less than ``max_time`` times fp32's
+    time (no cost known: assumed to)."""
+    return cost is None or cost["int8+fp32_encoding_vs_fp32"] < max_time
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="accuracy points int8+fp32 may lose against fp32 on each set (default 0.2)")
     parser.add_argument("--no-default", action="store_true",
                         help="record the threshold but keep the bundle's CPU precision")
+    parser.add_argument("--max-time", type=float, default=1.0, metavar="RATIO",
+                        help="int8+fp32 becomes the CPU default only when its expected image encoding time "
+                             "(int8's, plus fp32's for the crops read again) is below RATIO times fp32's "
+                             "(default 1.0)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
     parser.add_argument("--json", action="store_true", help="print the choice as one JSON line")
     return parser
@@ -171,17 +225,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                                "(python -m export.onnx BUNDLE --precision int8 writes int8)")
         if args.tolerance < 0:
             raise RecheckError(f"--tolerance {args.tolerance}: must be at least 0")
-        choice = choose_threshold(read_three_ways(bundle_dir, args.validation, args.threads), args.tolerance)
+        if not args.max_time > 0:
+            raise RecheckError(f"--max-time {args.max_time}: must be above 0")
+        readings, ratio = read_three_ways(bundle_dir, args.validation, args.threads)
+        choice = choose_threshold(readings, args.tolerance)
     except (RecheckError, OSError, ValueError) as exc:
         print(f"export.recheck: {exc}", file=sys.stderr)
         return 2
-    write_recheck(bundle_dir, choice, args.validation, not args.no_default)
+    cost = expected_cost(choice, ratio)
+    write_recheck(bundle_dir, choice, args.validation, not args.no_default, cost, args.max_time)
     for below_entry in choice["tried"]:
         sets = ", ".join(f"{k} {v['int8+fp32']:.2f} (fp32 {v['fp32']:.2f}, again {v['read_again_pct']:.1f}%)"
                          for k, v in below_entry["sets"].items())
         print(f"below {below_entry['below_confidence']}: {sets}", file=sys.stderr)
-    summary = {k: v for k, v in choice.items() if k != "tried"}
+    summary = {**{k: v for k, v in choice.items() if k != "tried"}, "expected_cost": cost,
+               "cpu_default": not args.no_default and pays(cost, args.max_time)}
     key = RECHECK_KEYS[int8_variant(bundle)]
+    if not pays(cost, args.max_time):
+        print(f"export.recheck: int8+fp32 would read {100 * cost['read_again']:.1f}% of the validation crops twice: "
+              f"its image encoding is expected to take {cost['int8+fp32_encoding_vs_fp32']:.2f}x fp32's (int8 alone "
+              f"{cost['int8_encoder_vs_fp32']:.2f}x, measured here), so it is not made the CPU default; "
+              "--precision int8+fp32 reads with this threshold", file=sys.stderr)
     print(json.dumps(summary) if args.json else f"int8+fp32: crops below CTC confidence "
           f"{choice['below_confidence']} read again in fp32 (defaults.{key} in {bundle_dir / 'manifest.json'})")
     return 0

@@ -111,7 +111,28 @@ def test_the_smallest_threshold_that_holds_is_chosen() -> None:
         recheck.choose_threshold([a], tolerance=0.0, grid=(0.5, 0.6))
 
 
-def test_command_line_writes_the_manifest(tmp_path: Path) -> None:
+def test_int8_fp32_becomes_the_default_only_when_it_is_expected_to_be_faster(tmp_path: Path) -> None:
+    sets = {"a": {"n": 300, "read_again_pct": 60.0}, "b": {"n": 100, "read_again_pct": 20.0}}
+    choice = {"below_confidence": 0.97, "tolerance": 0.2, "sets": sets}
+    cost = recheck.expected_cost(choice, 0.69)
+    assert cost["read_again"] == 0.5 and cost["int8+fp32_encoding_vs_fp32"] == 1.19  # pooled over the crops
+    assert not recheck.pays(cost, 1.0) and recheck.pays(recheck.expected_cost(choice, 0.4), 1.0)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(DEFAULT_BUNDLE, bundle)
+    assert json.loads((bundle / "manifest.json").read_text())["defaults"]["cpu_precision"] == RECHECKED
+    written = recheck.write_recheck(bundle, choice, ["a", "b"], default=True, cost=cost)["defaults"]
+    assert "cpu_precision" not in written  # an int8+fp32 that does not pay is no longer the CPU default
+    assert backends.cpu_precision(load_bundle(bundle)) == "fp32"
+    key = backends.RECHECK_KEYS[backends.int8_variant(load_bundle(bundle))]
+    assert written[key]["expected_cost"] == cost and written[key]["below_confidence"] == 0.97
+    cheap = recheck.expected_cost(choice, 0.3)
+    assert recheck.write_recheck(bundle, choice, ["a", "b"], default=True, cost=cheap)["defaults"]["cpu_precision"] \
+        == RECHECKED
+
+
+def test_command_line_writes_the_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(recheck, "encoder_time_ratio", lambda *a, **k: 0.6)  # timings are not asserted
     bundle = tmp_path / "bundle"
     shutil.copytree(DEFAULT_BUNDLE, bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -132,7 +153,15 @@ def test_command_line_writes_the_manifest(tmp_path: Path) -> None:
     assert defaults[key]["below_confidence"] in recheck.GRID
     assert defaults[key]["sets"]["val"]["int8+fp32"] == 100.0
     assert defaults[key]["cpu_saturates"] is backends.int8_dot_saturates()
+    assert defaults[key]["expected_cost"]["int8_encoder_vs_fp32"] == 0.6
     assert recheck.main([str(bundle), "--validation", str(tmp_path / "missing")]) == 2
+    capsys.readouterr()
+    # the same threshold, but int8+fp32 must be expected to encode in half fp32's time: it is not
+    assert recheck.main([str(bundle), "--validation", str(words), "--threads", "1", "--json", "--max-time", "0.5"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["cpu_default"] is False and "not made the CPU default" in captured.err
+    assert "cpu_precision" not in load_bundle(bundle).manifest["defaults"]
+    assert recheck.main([str(bundle), "--validation", str(words), "--max-time", "0"]) == 2
 
 
 def test_the_threshold_goes_to_the_graph_this_cpu_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
