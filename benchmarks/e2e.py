@@ -40,8 +40,9 @@ from benchmarks.common import clean_nan, machine, machine_line, markdown_table, 
 STRIP = "!?.:,*\"()·[]/'"
 READERS = ("project", "project+llm", "rapidocr3")
 #: also accepted: the LLM prompted with the other words of the line (the measurement of
-#: runtime.detect.settings.DetectorSettings.llm_context)
-EXTRA_READERS = ("project+llm+context",)
+#: runtime.detect.settings.DetectorSettings.llm_context), and the correction without a
+#: language model (``--llm lexicon``)
+EXTRA_READERS = ("project+llm+context", "project+lexicon")
 IOU = 0.5
 DONT_CARE_AREA = 0.5
 MIN_CHARS = 3
@@ -184,13 +185,14 @@ def spot(predicted: Sequence[Word], lexicon: Sequence[str]) -> list[Word]:
 ReadPhoto = Callable[[Path], list[Word]]
 
 
-def project_reader(llm: bool, engine: str | None, threads: int | None,
+def project_reader(llm: str, engine: str | None, threads: int | None,
                    context: bool | None = None) -> tuple[ReadPhoto, Any]:
+    """This project's photo reader (``llm``: an ``--llm`` value: none, default, lexicon)."""
     from runtime.detect.photo import read_photos
     from runtime.detect.settings import detector_settings
     from runtime.recognizer import Recognizer
 
-    recognizer = Recognizer.from_bundle(engine, llm="default" if llm else "none", threads=threads)
+    recognizer = Recognizer.from_bundle(engine, llm=llm, threads=threads)
     settings = detector_settings(recognizer.bundle.manifest)
     if context is not None:
         settings = settings.with_changes(llm_context=context)
@@ -231,11 +233,13 @@ def rapidocr3_reader(threads: int | None) -> tuple[ReadPhoto, Any]:
 
 def make_reader(name: str, engine: str | None, threads: int | None) -> ReadPhoto:
     if name == "project":
-        return project_reader(False, engine, threads)[0]
+        return project_reader("none", engine, threads)[0]
     if name == "project+llm":
-        return project_reader(True, engine, threads)[0]
+        return project_reader("default", engine, threads)[0]
+    if name == "project+lexicon":
+        return project_reader("lexicon", engine, threads)[0]
     if name == "project+llm+context":
-        return project_reader(True, engine, threads, context=True)[0]
+        return project_reader("default", engine, threads, context=True)[0]
     if name == "rapidocr3":
         return rapidocr3_reader(threads)[0]
     raise SystemExit(f"error: unknown reader {name!r} (choose from {', '.join(READERS)})")

