@@ -261,7 +261,7 @@ def _decode_model(model: CLIP4STR) -> CLIP4STR:
 
 def export_bundle(ckpt_dir: str | Path, out_dir: str | Path, precisions: Sequence[str] = ("fp32",), *,
                   include_checkpoint: bool = False, opset: int = DEFAULT_OPSET, exporter: str = "torchscript",
-                  slim: bool = True, lint: bool = True, threads: int = 1) -> Path:
+                  slim: bool = True, lint: bool = True, threads: int = 1, static_int8: Sequence[str] = ()) -> Path:
     """Export the checkpoint at ``ckpt_dir`` to a bundle at ``out_dir``; returns ``out_dir``.
 
     ``precisions``: any of fp32, fp16, int8 (fp32 is always written: the others derive from
@@ -292,7 +292,7 @@ def export_bundle(ckpt_dir: str | Path, out_dir: str | Path, precisions: Sequenc
         with _staging(out) as stage:
             graphs, report = _write_graphs(model, stage, opset, exporter, slim, lint, threads)
             minimum = {name: info["min_layernorms"] for name, info in report.items()}
-            derive_precisions(stage, graphs, wanted, lint, minimum)
+            derive_precisions(stage, graphs, wanted, lint, minimum, static_int8)
             _store_exact_half(stage, graphs)
             shutil.copyfile(default_bpe_path(), stage / BPE_NAME)
             if include_checkpoint:
@@ -341,9 +341,11 @@ def _write_graphs(model: CLIP4STR, stage: Path, opset: int, exporter: str, slim:
 
 
 def derive_precisions(bundle_dir: Path, graphs: dict[str, Any], precisions: Sequence[str], lint: bool = True,
-                      min_layernorms: dict[str, int] | None = None) -> dict[str, Any]:
+                      min_layernorms: dict[str, int] | None = None,
+                      static_int8: Sequence[str] = ()) -> dict[str, Any]:
     """Write the fp16/int8 variants of the fp32 graphs listed in ``graphs`` (the manifest's
-    ``graphs`` section, updated in place and returned)."""
+    ``graphs`` section, updated in place and returned). ``static_int8``: graphs quantized
+    statically afterwards (:func:`add_static_int8`), whose int8 entry is the fp32 file until then."""
     bundle_dir = Path(bundle_dir)
     fp32 = graphs["fp32"]
     for precision in [p for p in PRECISIONS[1:] if p in precisions]:
@@ -356,6 +358,8 @@ def derive_precisions(bundle_dir: Path, graphs: dict[str, Any], precisions: Sequ
                 log.info("fp16 %s: %s kept in fp32", name, to_fp16(src, bundle_dir / rel))
                 if lint:
                     lint_or_raise(bundle_dir / rel, (min_layernorms or {}).get(name, 1))
+            elif name in static_int8:
+                rel = entry["file"]
             elif name in INT8_GRAPHS:
                 to_int8(src, bundle_dir / rel)
                 ratio = (bundle_dir / rel).stat().st_size / src.stat().st_size
@@ -395,7 +399,8 @@ def add_precisions(bundle_dir: str | Path, precisions: Sequence[str], lint: bool
     manifest = read_manifest(bundle_dir)
     report = manifest.get("created", {}).get("graphs", {})
     minimum = {name: int(info.get("min_layernorms", 1)) for name, info in report.items()}
-    derive_precisions(bundle_dir, manifest["graphs"], precisions, lint, minimum)
+    later = ("image_encoder",) if static is not None and "int8" in precisions else ()
+    derive_precisions(bundle_dir, manifest["graphs"], precisions, lint, minimum, later)
     _drop_unlisted(bundle_dir, manifest)
     manifest = write_manifest(bundle_dir, manifest)
     if static is not None and "int8" in precisions:
@@ -564,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ExportError("-o BUNDLE_DIR is required when exporting a checkpoint")
             out = export_bundle(args.ckpt, args.output, args.precision, include_checkpoint=args.with_checkpoint,
                                 opset=args.opset, exporter=args.exporter, slim=not args.no_slim,
-                                lint=not args.no_lint, threads=args.threads)
+                                lint=not args.no_lint, threads=args.threads,
+                                static_int8=("image_encoder",) if static is not None else ())
             if static is not None:
                 add_static_int8(out, static)
     except ExportError as exc:

@@ -282,3 +282,21 @@ def test_a_second_int8_encoder_for_cpus_without_vnni(static_bundle: tuple[Path, 
     assert "image_encoder_no_vnni" in describe_variant(manifest, backends.RECHECKED, backends.INT8_NO_VNNI)["all"]
     with pytest.raises(SystemExit):
         export_main([str(bundle), "--precision", "int8", "--no-vnni", "--calibration", str(words)])
+
+
+def test_a_statically_quantized_encoder_skips_the_dynamic_pass(tiny_bundle: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --calibration the image encoder is quantized once (statically); the dynamic pass
+    still quantizes the text encoder."""
+    import export.onnx as export_onnx
+
+    dynamic: list[str] = []
+    real = export_onnx.to_int8
+    monkeypatch.setattr(export_onnx, "to_int8", lambda src, dst, *a, **k: (dynamic.append(Path(dst).stem),
+                                                                           real(src, dst, *a, **k))[1])
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    add_precisions(bundle, ["int8"], static=StaticInt8(str(_word_set(tmp_path / "words")), [], method="minmax",
+                                                       crops=6, sensitivity=False, threads=1))
+    assert "image_encoder" not in dynamic and "text_encoder" in dynamic
+    assert load_bundle(bundle).graph("int8", "image_encoder").file == "int8/image_encoder.onnx"
