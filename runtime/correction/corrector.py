@@ -47,19 +47,10 @@ from runtime.correction.gate import DEFAULT_THRESHOLD, GateDecision, core_span
 from runtime.correction.lexicon import Lexicon, load_lexicons
 from runtime.correction.review import Review, prior, review
 from runtime.correction.score import ScoreTerms, ctc_terms, rescore
-from runtime.correction.settings import CorrectionSettings
+from runtime.correction.settings import LEXICON_ONLY, CorrectionSettings, is_lexicon_only, lexicon_only_problem
 from runtime.decoding import Prediction
 
-__all__ = ["LEXICON_ONLY", "LLMCorrector", "keeps_trusted"]
-
-#: The ``spec`` of a corrector without a language model (:meth:`LLMCorrector.from_spec`).
-LEXICON_ONLY = "lexicon"
-
-
-def is_lexicon_only(spec: object) -> bool:
-    """Whether ``spec`` (an ``--llm`` value) asks for the correction without a language model."""
-    return isinstance(spec, str) and spec.strip().lower() == LEXICON_ONLY
-
+__all__ = ["LLMCorrector", "keeps_trusted"]
 
 class LLMCorrector:
     """Confidence gate + LLM correction of decoded words (a :class:`Corrector`).
@@ -116,13 +107,10 @@ class LLMCorrector:
         if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none")):
             return cls(None, config)
         if is_lexicon_only(spec):
-            if config.mode != "rescore":
-                raise ValueError(f"--llm {LEXICON_ONLY} ranks candidates without a language model; "
-                                 f"the {config.mode} mode needs one (use --llm-mode rescore)")
-            lexicons = load_lexicons(lexicon)
-            if not lexicons:
-                raise ValueError(f"--llm {LEXICON_ONLY} needs a lexicon (--lexicon none turns them off)")
-            return cls(None, config, lexicons=lexicons, without_llm=True)
+            problem = lexicon_only_problem(config.mode, lexicon)
+            if problem:
+                raise ValueError(problem)
+            return cls(None, config, lexicons=load_lexicons(lexicon), without_llm=True)
         lexicons = load_lexicons(lexicon) if mode == "rescore" else []
         path: str | os.PathLike | None = spec
         if isinstance(spec, str) and spec.strip().lower() == "default":

@@ -21,12 +21,44 @@ from typing import Any, Literal, get_args
 Mode = Literal["rescore", "fill"]
 #: The modes, as a tuple (the CLI's choices).
 MODES: tuple[str, ...] = get_args(Mode)
+
 #: How a candidate's visual term is measured: the tower's CTC likelihood or the decoder's top-k.
 Visual = Literal["ctc", "decoder"]
 #: Where extra characters may go: between any two characters, or only at CTC gaps.
 InsertAt = Literal["anywhere", "gaps"]
 #: What a masked position may hold in the fill mode.
 FillSlots = Literal["alnum", "charset", "topk"]
+
+#: The ``--llm`` value (``LLMCorrector.from_spec`` spec) of the correction without a language
+#: model: the rescore mode's candidates ranked without the LLM's term.
+LEXICON_ONLY = "lexicon"
+
+
+def is_lexicon_only(spec: object) -> bool:
+    """Whether ``spec`` (an ``--llm`` value) asks for the correction without a language model."""
+    return isinstance(spec, str) and spec.strip().lower() == LEXICON_ONLY
+
+
+def lexicon_only_problem(mode: str, lexicon: object) -> str | None:
+    """Why the correction without a language model cannot run with the LLM mode ``mode`` and
+    the ``--lexicon`` value ``lexicon``, in one line (None: it can)."""
+    if mode != "rescore":
+        return (f"--llm {LEXICON_ONLY} ranks candidates without a language model; --llm-mode {mode} needs one "
+                "(leave --llm-mode out)")
+    if lexicon is not None and str(lexicon).strip().lower() == "none":
+        return (f"--llm {LEXICON_ONLY} needs a lexicon; --lexicon none turns them off (--llm none reads without "
+                "correction)")
+    return None
+
+
+def without_llm_note(cause: str, mode: str, lexicon: object) -> str:
+    """The line saying that the default LLM cannot run (``cause``) and what corrects instead:
+    the correction without a language model where ``mode`` and ``lexicon`` allow it."""
+    instead = (f"doubtful words are corrected without it (--llm {LEXICON_ONLY})"
+               if lexicon_only_problem(mode, lexicon) is None else "no correction")
+    return f"the default LLM cannot run ({cause}): {instead}; --llm none reads without any correction"
+
+
 #: The relative character widths shipped with the package (the default of :class:`GapRule`).
 CHAR_WIDTHS_FILE = Path(__file__).resolve().parents[1] / "assets" / "char_widths.json"
 #: The default gate threshold (docs/DESIGN.md section 7); a bundle's ``threshold`` overrides it.
