@@ -38,18 +38,19 @@ from benchmarks.common import (
     print_json,
     rotate,
 )
-from benchmarks.readers import LOADERS, PEERS, PROJECT, Missing, Reader, load_project
+from benchmarks.readers import LOADERS, ONE_VIEW, PEERS, PROJECT, Missing, Reader, load_project
 from runtime.backends import PRECISION_CHOICES
 from runtime.charset import WordAccuracy, weighted_total
 from runtime.inputs import InputError
 
 #: another bundle of this project (``--other-engine``), e.g. the previous default model
 OTHER = "other-bundle"
-ALL_READERS = PROJECT + PEERS + (OTHER,)
+ALL_READERS = PROJECT + (ONE_VIEW,) + PEERS + (OTHER,)
 DEFAULT_READERS = PROJECT + PEERS
 #: Row names of readers that did not load.
 NAMES = {"project": "this project (no LLM)", "project+llm": "this project + LLM",
-         "project+lexicon": "this project + lexicon (no LLM)", "rapidocr": "RapidOCR PP-OCRv4 rec",
+         "project+lexicon": "this project + lexicon (no LLM)",
+         ONE_VIEW: "this project, one view (no LLM)", "rapidocr": "RapidOCR PP-OCRv4 rec",
          "rapidocr3": "RapidOCR 3 PP-OCRv6 rec", OTHER: "another bundle (no LLM)",
          "tesseract": "Tesseract LSTM, PSM 7", "easyocr": "EasyOCR english_g2"}
 
@@ -64,6 +65,9 @@ def load_readers(keys: Sequence[str], args: argparse.Namespace) -> tuple[list[Re
                 reader = load_project(args.engine, llm=llm,
                                       llm_mode=args.llm_mode, threads=args.threads, backend=args.backend,
                                       precision=getattr(args, "precision", None))
+            elif key == ONE_VIEW:
+                reader = load_project(args.engine, threads=args.threads, backend=args.backend,
+                                      precision=getattr(args, "precision", None), views="off")
             elif key == OTHER:
                 if not args.other_engine:
                     raise Missing("no --other-engine given")

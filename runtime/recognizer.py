@@ -32,16 +32,17 @@ from runtime.correction.settings import (
     lexicon_only_problem,
     without_llm_note,
 )
-from runtime.ctc_reading import DECODE_MODES, ctc_predictions
+from runtime.ctc_reading import DECODE_MODES, ctc_prediction, ctc_predictions
 from runtime.decoding import CharCodec, Prediction, ctc_rescored, softmax
 from runtime.inputs import Sample, Source, array_to_image, source_name
 from runtime.options import LLM_MODES, WITHOUT_LLM, RecognizerConfig, default_llm_missing
 from runtime.preprocess import ImageError, load_image, pad_batch, preprocess, width_groups
 from runtime.tokenizer import BPETokenizer, TextBridge
+from runtime.views import VIEW_CHOICES, ViewSettings, best_of_views, stretched
 
 #: Stage names of :attr:`ReadResult.timings_ms`, in the order they run.
 STAGES = ("preprocess", "image_encoder", "image_encoder_recheck", "visual_decoder", "tokenize", "text_encoder",
-          "cross_decoder", "decode_gate", "llm")
+          "cross_decoder", "image_encoder_views", "decode_gate", "llm")
 DEFAULT_BATCH_SIZE = 32
 #: :meth:`Recognizer.read` groups images of equal padded width within windows of this many
 #: batches (a window's images are loaded at once)
@@ -200,13 +201,26 @@ def check_decode(bundle: Bundle, decode: str | None) -> str:
     return decode
 
 
+def check_views(bundle: Bundle, views: str | ViewSettings | None) -> ViewSettings | None:
+    """The view settings ``views`` (None or ``auto``: the bundle's ``defaults.views``; ``off``:
+    none; or settings given) reads with; ``ValueError`` for an unknown choice or a malformed
+    manifest section. Only a bundle with a CTC head reads views."""
+    if isinstance(views, ViewSettings):
+        return views if bundle.decode.ctc_rescoring else None
+    if views is not None and views not in VIEW_CHOICES:
+        raise ValueError(f"unknown --views {views!r} (choose from {', '.join(VIEW_CHOICES)})")
+    if views == "off" or not bundle.decode.ctc_rescoring:
+        return None
+    return ViewSettings.from_manifest(bundle.manifest)
+
+
 class Recognizer:
     """Reads word images with a bundle's graphs, the gate and an optional LLM corrector."""
 
     def __init__(self, bundle: Bundle, backend: Backend, corrector: Corrector | None = None,
                  threshold: float | None = None, llm_mode: str = "rescore",
                  min_confidence: float | None = None, correction: CorrectionSettings | None = None,
-                 decode: str | None = None) -> None:
+                 decode: str | None = None, views: str | ViewSettings | None = None) -> None:
         self.bundle = bundle
         self.backend = backend
         self.corrector = corrector
@@ -224,26 +238,31 @@ class Recognizer:
             raise ValueError(f"min_confidence must be within [0, 1], not {min_confidence}")
         self.min_confidence = min_confidence
         self.decode = check_decode(bundle, decode)
+        #: how doubtful crops are read again (:mod:`runtime.views`; None: one view)
+        self.views = check_views(bundle, views)
 
     @classmethod
     def from_bundle(cls, path: str | Path | None = None, backend: str = "auto", llm: str | None = None,
                     threshold: float | None = None, llm_mode: str = "rescore", precision: str | None = None,
                     threads: int | None = None, verify: bool = True, lexicon: str | None = "default",
                     min_confidence: float | None = None,
-                    correction: CorrectionSettings | None = None, decode: str | None = None) -> Recognizer:
+                    correction: CorrectionSettings | None = None, decode: str | None = None,
+                    views: str | ViewSettings | None = None) -> Recognizer:
         """Load and check the bundle at ``path`` (None: the embedded default bundle), pick the
         backend (see :func:`~runtime.backends.select_backend`), set up the LLM (see
         :func:`make_corrector`). ``min_confidence``: words below it read as empty text, flagged
         :attr:`ReadResult.low_confidence` (None: off). ``correction``: correction settings
         (default: the bundle's manifest section). ``decode``: one of
-        :data:`~runtime.ctc_reading.DECODE_MODES` (None: the bundle's, :func:`bundle_decode`)."""
+        :data:`~runtime.ctc_reading.DECODE_MODES` (None: the bundle's, :func:`bundle_decode`).
+        ``views``: ``auto`` (None) or ``off``, see :func:`check_views`."""
         bundle = load_bundle(path, verify=verify)
         value = check_threshold(bundle.threshold if threshold is None else threshold)
         check_decode(bundle, decode)
+        check_views(bundle, views)
         settings = correction or bundle.correction
         corrector = make_corrector(llm, llm_mode, value, lexicon, settings)
         return cls(bundle, select_backend(bundle, backend, precision, threads), corrector, value, llm_mode,
-                   min_confidence, settings, decode)
+                   min_confidence, settings, decode, views)
 
     @classmethod
     def from_config(cls, config: RecognizerConfig, num_cpus: float | None = None,
@@ -331,11 +350,14 @@ class Recognizer:
         """Read ``pictures`` as one batch into ``results[good[k]]``."""
         timer = _Timer()
         with timer("preprocess"):
-            batch, good = self._preprocess(pictures, good, results)
+            kept, (batch, good) = dict(zip(good, pictures)), self._preprocess(pictures, good, results)
         if batch is None:
             return
+        pictures = [kept[i] for i in good]  # without any that failed to preprocess
         try:
             predictions = self._decode(batch, timer)
+            if self.views is not None:
+                predictions = self._read_views(pictures, predictions, self.views, timer)
         except Exception as exc:  # backend failure: every image of this batch reports it
             for i in good:
                 results[i].error = f"inference failed ({type(exc).__name__}: {exc})"
@@ -416,6 +438,34 @@ class Recognizer:
                                     gap_rule=self.correction.gaps)
         for i, prediction in zip(again, fresh):
             predictions[i] = prediction
+        return predictions
+
+    def _read_views(self, pictures: list[Image.Image], predictions: list[Prediction], settings: ViewSettings,
+                    timer: _Timer) -> list[Prediction]:
+        """The crops whose reading is doubtful (:meth:`ViewSettings.wants`) are encoded again,
+        stretched by each factor (in fp32 where the backend has a reference); the word with
+        the highest CTC likelihood over all views replaces the reading when it differs."""
+        again = [i for i, p in enumerate(predictions)
+                 if p.ctc_log_probs is not None and settings.wants(p.text, p.confidence)]
+        if not again:
+            return predictions
+        spec = self.bundle.preprocessing
+        run = getattr(self.backend, "run_reference", self.backend.run)
+        seen: dict[int, list[np.ndarray]] = {i: [predictions[i].ctc_log_probs] for i in again}
+        with timer("image_encoder_views"):
+            for factor in settings.stretches:
+                views = [stretched(pictures[i], factor) for i in again]
+                for group in width_groups([view.size for view in views], spec, len(views)):
+                    out = run("image_encoder", {"images": preprocess([views[k] for k in group], spec)})
+                    for k, row in zip(group, out["ctc_log_probs"]):
+                        seen[again[k]].append(row)
+        with timer("decode_gate"):
+            for i in again:
+                read = self.codec.ids(predictions[i].text)
+                word, view = best_of_views(seen[i], first=read)
+                if view >= 0 and not np.array_equal(word, read):
+                    predictions[i] = ctc_prediction(self.codec, seen[i][view], topk=self.topk,
+                                                    gap_rule=self.correction.gaps)
         return predictions
 
     def _decoders(self, encoded: dict[str, np.ndarray], timer: _Timer) -> list[Prediction]:

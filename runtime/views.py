@@ -1,0 +1,93 @@
+"""Reading a doubtful crop again under other views (``--views``).
+
+A crop whose CTC reading is not confident (or empty) is encoded again, stretched
+horizontally by each of the bundle's factors (a wider input gives the tower's CTC head more
+frames per character); every view's best path is a candidate, and the candidate with the
+highest CTC log-likelihood summed over all views, the first reading included, is the word.
+The settings are fitted to a model on its validation split (``python -m export.views``) and
+travel in its manifest as ``defaults.views``; a bundle without them reads one view.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from runtime.decoding import ctc_greedy, ctc_log_likelihoods
+
+#: ``--views``: ``auto`` reads again with the bundle's ``defaults.views`` (none: one view), ``off`` never
+VIEW_CHOICES = ("auto", "off")
+#: the manifest key (under ``defaults``)
+MANIFEST_KEY = "views"
+
+
+@dataclass(frozen=True)
+class ViewSettings:
+    """Which crops are read again (CTC confidence below ``below_confidence``, or nothing read)
+    and the horizontal stretch of each extra view."""
+
+    stretches: tuple[float, ...]
+    below_confidence: float
+
+    def __post_init__(self) -> None:
+        if not self.stretches or any(not (math.isfinite(s) and 0.25 <= s <= 4.0) for s in self.stretches):
+            raise ValueError(f"views: stretches must be factors within [0.25, 4], not {list(self.stretches)}")
+        if not 0.0 <= self.below_confidence <= 1.0:
+            raise ValueError(f"views: below_confidence must be within [0, 1], not {self.below_confidence}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stretches": list(self.stretches), "below_confidence": self.below_confidence}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ViewSettings:
+        return cls(tuple(float(s) for s in data["stretches"]), float(data["below_confidence"]))
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> ViewSettings | None:
+        """The manifest's ``defaults.views`` (None when absent); ``ValueError`` when malformed."""
+        defaults = manifest.get("defaults")
+        section = defaults.get(MANIFEST_KEY) if isinstance(defaults, dict) else None
+        if section is None:
+            return None
+        try:
+            return cls.from_dict(section)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"defaults.{MANIFEST_KEY}: {exc} (it needs 'stretches', factors, and "
+                             "'below_confidence')") from None
+
+    def wants(self, text: str, confidence: float) -> bool:
+        """Whether a crop read as ``text`` with ``confidence`` is read again."""
+        return not text or confidence < self.below_confidence
+
+
+def stretched(image: Image.Image, factor: float) -> Image.Image:
+    """``image`` made ``factor`` times as wide (bilinear; the height is kept)."""
+    width = max(1, round(image.width * factor))
+    return image.resize((width, image.height), Image.Resampling.BILINEAR)
+
+
+def best_of_views(log_probs: Sequence[np.ndarray], first: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """The word (CTC class ids) with the highest CTC log-likelihood summed over the views'
+    ``(T_v, C+1)`` log-probabilities, among each view's best path and ``first`` (the word
+    already read, when given), and the index of a view whose best path it is (-1: only
+    ``first``). Ties go to ``first``, then to the earlier view."""
+    candidates: list[tuple[int, ...]] = []
+    if first is not None:
+        candidates.append(tuple(int(c) for c in first))
+    paths = [tuple(int(c) for c in ctc_greedy(lp)) for lp in log_probs]
+    for path in paths:
+        if path not in candidates:
+            candidates.append(path)
+    if len(candidates) == 1:
+        word = candidates[0]
+    else:
+        words = [np.asarray(c, dtype=np.int64) for c in candidates]
+        total = sum(ctc_log_likelihoods(lp, words) for lp in log_probs)
+        word = candidates[int(np.argmax(total))]
+    view = paths.index(word) if word in paths else -1
+    return np.asarray(word, dtype=np.int64), view
