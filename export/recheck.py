@@ -97,10 +97,12 @@ def read_three_ways(bundle_dir: Path, sets: Sequence[str], threads: int | None =
     head; and the int8 image encoder's time against fp32's (:func:`encoder_time_ratio`)."""
     opened = [labelled_samples(s) for s in sets]
     readers = {
-        "fp32": Recognizer.from_bundle(bundle_dir, backend="ort-cpu", llm="none", precision="fp32", threads=threads),
-        "int8": Recognizer.from_bundle(bundle_dir, backend="ort-cpu", llm="none", precision="int8", threads=threads),
+        "fp32": Recognizer.from_bundle(bundle_dir, backend="ort-cpu", llm="none", precision="fp32", threads=threads,
+                                       views="off"),
+        "int8": Recognizer.from_bundle(bundle_dir, backend="ort-cpu", llm="none", precision="int8", threads=threads,
+                                       views="off"),
         "ctc": Recognizer.from_bundle(bundle_dir, backend="ort-cpu", llm="none", precision="int8", threads=threads,
-                                      decode="ctc"),
+                                      decode="ctc", views="off"),
     }
     out = []
     try:

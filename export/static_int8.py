@@ -371,7 +371,7 @@ class Evaluator:
 
         self.bundle = load_bundle(bundle_dir, verify=False)
         self.backend = OrtBackend(self.bundle, "fp32", threads=threads)
-        self.recognizer = Recognizer(self.bundle, self.backend)
+        self.recognizer = Recognizer(self.bundle, self.backend, views="off")  # the graph, not the views
         self.sets, self.threads, self.batch = list(sets), threads, batch
         self._reference_outputs: list[np.ndarray] = []
         self.reference = self._score(None)

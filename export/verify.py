@@ -284,9 +284,10 @@ def make_recognizers(bundle_dir: str, precisions: Sequence[str], threads: int) -
     if missing:
         raise VerifyError(f"{bundle_dir}: no {', '.join(missing)} graphs (has {', '.join(bundle.precisions)})")
     # decode "full": every graph runs on every crop, as in PyTorch (the bundle's cascade would
-    # run the decoders on the gated crops only, and their outputs could not be compared)
+    # run the decoders on the gated crops only, and their outputs could not be compared); one
+    # view: the graphs are compared, not the runtime's re-reading of doubtful crops
     return {p: Recognizer(bundle, RecordingBackend(select_backend(bundle, "ort-cpu", p, threads)), None,
-                          decode="full")
+                          decode="full", views="off")
             for p in precisions}
 
 
