@@ -7,7 +7,9 @@ samples, the chunks ``clipllama-run --batch`` reads, so every record equals its
 ``clipllama-run --json`` record (timings aside). Then, on Ray:
 
 1. ``map`` tasks load, decode and resize each chunk's images (``runtime.preprocess``; an
-   image that fails there is handed on as it is, so the recognizer reports it as it would);
+   image that fails there is handed on as it is, so the recognizer reports it as it would;
+   when the recognizer reads doubtful crops again under stretched views, ``--views``, the
+   images keep their size: a view is made from the image as it came);
 2. an actor pool (``map_batches``) of recognizers, each loading the bundle and the LLM once,
    reads each chunk with :meth:`Recognizer.read`;
 3. the driver writes the records to part files in OUT (:mod:`serving.parts`).
@@ -134,9 +136,10 @@ def _raw(path: str, lmdb_index: int) -> Any:
     return LmdbSamples(path)[lmdb_index].data
 
 
-def decode_chunk(row: dict[str, Any], preprocessing: dict[str, Any]) -> dict[str, Any]:
-    """Ray Data ``map``: each image loaded, decoded and resized to the model input
-    (uint8 pixels); an image that fails is passed on undecoded (``raw``) for the recognizer."""
+def decode_chunk(row: dict[str, Any], preprocessing: dict[str, Any], resize_images: bool = True) -> dict[str, Any]:
+    """Ray Data ``map``: each image loaded, decoded and (``resize_images``) resized to the
+    model input (uint8 pixels); an image that fails is passed on undecoded (``raw``) for the
+    recognizer."""
     from runtime.preprocess import Preprocessing, load_image, resize
 
     spec = Preprocessing.from_dict(preprocessing)
@@ -144,7 +147,8 @@ def decode_chunk(row: dict[str, Any], preprocessing: dict[str, Any]) -> dict[str
     for path, index in zip(row["path"], row["lmdb_index"]):
         raw = _raw(path, index)
         try:
-            array = np.asarray(resize(load_image(raw), spec))
+            image = load_image(raw)
+            array = np.asarray(resize(image, spec) if resize_images else image)
             pixels.append(array.tobytes())
             heights.append(array.shape[0])
             widths.append(array.shape[1])
@@ -222,10 +226,14 @@ def read_chunks(chunks: list[dict[str, Any]], settings: RecognizerConfig, batch:
 
     if not chunks:
         return
-    preprocessing = load_bundle(settings.engine, verify=False).preprocessing.to_dict()
+    from runtime.recognizer import check_views
+
+    bundle = load_bundle(settings.engine, verify=False)
+    one_view = check_views(bundle, settings.views) is None  # views are made from the image as it came
     ds = ray.data.from_items(chunks, override_num_blocks=min(len(chunks), 1000))
     if not detect:  # photos are read whole, not resized to the recognizer's input
-        ds = ds.map(decode_chunk, fn_kwargs={"preprocessing": preprocessing}, num_cpus=resources.decode_cpus)
+        ds = ds.map(decode_chunk, fn_kwargs={"preprocessing": bundle.preprocessing.to_dict(),
+                                             "resize_images": one_view}, num_cpus=resources.decode_cpus)
     with warnings.catch_warnings():  # max_restarts has no named parameter in Ray 2.60 (pinned)
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
         ds = ds.map_batches(ChunkReader, batch_size=1, batch_format="pyarrow",
