@@ -75,7 +75,8 @@ def best_of_views(log_probs: Sequence[np.ndarray], first: np.ndarray | None = No
     """The word (CTC class ids) with the highest CTC log-likelihood summed over the views'
     ``(T_v, C+1)`` log-probabilities, among each view's best path and ``first`` (the word
     already read, when given), and the index of a view whose best path it is (-1: only
-    ``first``). Ties go to ``first``, then to the earlier view."""
+    ``first``). Ties go to ``first``, then to the earlier view. An empty word is a candidate
+    only when every one is empty: a view that reads nothing does not erase a word read."""
     candidates: list[tuple[int, ...]] = []
     if first is not None:
         candidates.append(tuple(int(c) for c in first))
@@ -83,6 +84,8 @@ def best_of_views(log_probs: Sequence[np.ndarray], first: np.ndarray | None = No
     for path in paths:
         if path not in candidates:
             candidates.append(path)
+    if any(candidates):
+        candidates = [c for c in candidates if c]
     if len(candidates) == 1:
         word = candidates[0]
     else:

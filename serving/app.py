@@ -213,7 +213,8 @@ class Reader:
         return {"status": "ok", "pid": os.getpid(), "model": model,
                 "backend": self.recognizer.backend.name, "precision": self.recognizer.backend.precision,
                 "llm": self.recognizer.llm_enabled, "correction": self.recognizer.correction_kind,
-                "threshold": self.recognizer.threshold}
+                "threshold": self.recognizer.threshold,
+                "views": self.recognizer.views.to_dict() if self.recognizer.views else None}
 
 
 def build_app(settings: RecognizerConfig, limits: Limits, batching: Batching, replicas: int = 1,

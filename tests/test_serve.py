@@ -112,6 +112,7 @@ def _clients(url: str, count: int, requests: int, on_answer: Any = None) -> tupl
 def test_health(url: str) -> None:
     health = ReadClient(url).health()
     assert health["status"] == "ok" and health["llm"] is False and health["backend"].startswith("ort")
+    assert health["views"]["stretches"] == [1.1, 1.2]  # the embedded bundle's (defaults.views)
 
 
 @pytest.mark.parametrize("merge", ["width", "request"])

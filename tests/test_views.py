@@ -42,6 +42,12 @@ def test_the_views_outvote_a_doubtful_first_reading() -> None:
 
     word, view = best_of_views([split(2, 3, 4), split(4, 3, 2)], first=np.array([1, 3]))
     assert word.tolist() == [1, 3] and view == -1
+    # a view that reads nothing does not erase a word read, however sure it is
+    blank = np.log(np.full((4, 4), 0.01) + np.eye(4, 4)[:, :1] * 0.97)
+    word, view = best_of_views([_frames([1, 0, 2, 0], 0.3), blank, blank], first=np.array([1, 2]))
+    assert word.tolist() == [1, 2] and view == 0
+    word, view = best_of_views([blank, blank], first=np.array([], dtype=np.int64))
+    assert word.tolist() == [] and view == 0
 
 
 def test_settings_round_trip_and_refuse_nonsense() -> None:
