@@ -27,6 +27,7 @@ from typing import Any
 
 from export.manifest import read_manifest, write_manifest
 from export.recheck import RecheckError, labelled_samples
+from runtime.backends import PRECISION_CHOICES
 from runtime.bundle import load_bundle
 from runtime.charset import eval_normalize
 from runtime.recognizer import Recognizer
@@ -129,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stretches", nargs="+", type=float, default=list(DEFAULT_STRETCHES), metavar="F",
                         help="horizontal stretch of each extra view (default: "
                              f"{' '.join(map(str, DEFAULT_STRETCHES))})")
-    parser.add_argument("--precision", default=None, help="graph variant read (default: the bundle's CPU default)")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+                        help="graph variant read (default: the bundle's CPU default)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
     parser.add_argument("--json", action="store_true", help="print the choice as one JSON line")
     return parser
