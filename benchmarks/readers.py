@@ -241,9 +241,10 @@ def load_project(engine: str | Path | None, llm: str | None = None, llm_mode: st
     backend_name = f"{recognizer.backend.name} {recognizer.backend.precision}"
     lexicon_only = is_lexicon_only(llm)
     key = "project+lexicon" if lexicon_only else "project+llm" if llm else ONE_VIEW if views == "off" else "project"
-    kind = ", lexicon, no LLM)" if lexicon_only else f", LLM {llm_mode})" if llm else ", no LLM)"
-    kind = kind.replace(")", ", one view)") if views == "off" else kind
-    name = f"this project ({backend_name}{kind}"
+    kind = ", lexicon, no LLM" if lexicon_only else f", LLM {llm_mode}" if llm else ", no LLM"
+    if views == "off":
+        kind += ", one view"
+    name = f"this project ({backend_name}{kind})"
     info = {"bundle": str(bundle), "model": recognizer.bundle.manifest.get("model", {}).get("name"),
             "backend": backend_name}
     if llm and not lexicon_only:

@@ -2,7 +2,7 @@
 write it to the manifest (``defaults.views``, :mod:`runtime.views`).
 
     python -m export.views BUNDLE --validation SET... [--stretches 1.1 1.2] [--precision P]
-                           [--remove] [--threads N] [--json]
+                           [--threads N] [--json]
 
 Each validation SET (labelled crops carved from the training data, never an eval set) is read
 twice through the runtime, without an LLM, in the bundle's decode mode and CPU precision: with

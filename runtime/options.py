@@ -276,7 +276,7 @@ def add_recognizer_options(parser: argparse.ArgumentParser, backend_note: str = 
                             "(default: the bundle's; the embedded bundle's is cascade)")
     group.add_argument("--views", choices=VIEW_CHOICES, default=None,
                        help="auto: crops the CTC head is unsure of are read again, stretched, as the bundle says "
-                            "(defaults.views; the embedded bundle: about 1 crop in 8); off: one view "
+                            "(defaults.views; the embedded bundle: about 1 crop in 9); off: one view "
                             "(default: auto)")
     group.add_argument("--correction-config", metavar="FILE",
                        help="JSON file of correction settings over the bundle's (any subset of its manifest's "

@@ -349,11 +349,12 @@ class Recognizer:
                     load_ms: dict[int, float]) -> None:
         """Read ``pictures`` as one batch into ``results[good[k]]``."""
         timer = _Timer()
+        by_index = dict(zip(good, pictures))
         with timer("preprocess"):
-            kept, (batch, good) = dict(zip(good, pictures)), self._preprocess(pictures, good, results)
+            batch, good = self._preprocess(pictures, good, results)
         if batch is None:
             return
-        pictures = [kept[i] for i in good]  # without any that failed to preprocess
+        pictures = [by_index[i] for i in good]  # without any that failed to preprocess
         try:
             predictions = self._decode(batch, timer)
             if self.views is not None:
