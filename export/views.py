@@ -1,8 +1,8 @@
 """Choose which crops the bundle reads again under extra views, on validation sets, and
 write it to the manifest (``defaults.views``, :mod:`runtime.views`).
 
-    python -m export.views BUNDLE --validation SET... [--stretches 1.1 1.2] [--precision P]
-                           [--threads N] [--json]
+    python -m export.views BUNDLE --validation SET... [--stretches 1.1 1.2] [--turns]
+                           [--precision P] [--threads N] [--json]
 
 Each validation SET (labelled crops carved from the training data, never an eval set) is read
 twice through the runtime, without an LLM, in the bundle's decode mode and CPU precision: with
@@ -12,6 +12,11 @@ threshold, so the accuracy at every threshold of a grid follows from those two r
 Chosen: the threshold with the most words gained over all sets together (fixed minus broken;
 a tie goes to the lower threshold: fewer crops read again), provided no set reads worse than
 with one view. When no threshold gains a word, ``defaults.views`` is removed (one view).
+
+``--turns`` first fits which crops are also read turned a quarter each way (a grid of aspect
+ratios, thresholds and margins; the same rule: most words gained, no set worse, ties to the
+setting that turns fewest crops); the stretches are then measured on top of the turns. Without
+it the bundle's turns, if any, are kept and read in both readings.
 """
 
 from __future__ import annotations
@@ -30,14 +35,19 @@ from export.recheck import RecheckError, labelled_samples
 from runtime.backends import PRECISION_CHOICES
 from runtime.bundle import load_bundle
 from runtime.charset import eval_normalize
+from runtime.preprocess import load_image
 from runtime.recognizer import Recognizer
-from runtime.views import MANIFEST_KEY, ViewSettings
+from runtime.views import MANIFEST_KEY, TurnSettings, ViewSettings, surety, turned
 
 #: thresholds tried (a crop whose first reading is less confident is read again)
 GRID = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
 #: the extra views' horizontal stretches when none are given (measured on the default model's
 #: validation crops: docs/views.md)
 DEFAULT_STRETCHES = (1.1, 1.2)
+#: turns tried: the least height/width ratio, the threshold and the margin
+TURN_ASPECTS = (0.8, 1.0, 1.25, 1.5)
+TURN_GRID = (0.5, 0.7, 0.9, 1.0)
+TURN_MARGINS = (0.0, 0.1, 0.2, 0.3)
 
 
 @dataclass
@@ -67,13 +77,16 @@ class ViewReadings:
 
 
 def read_with_views(bundle_dir: Path, sets: Sequence[str], stretches: Sequence[float], precision: str | None = None,
-                    threads: int | None = None, batch_size: int = 32) -> list[ViewReadings]:
-    """Each set read with one view and with every crop read again under ``stretches``."""
+                    threads: int | None = None, batch_size: int = 32,
+                    turns: TurnSettings | None = None) -> list[ViewReadings]:
+    """Each set read with one view and with every crop read again under ``stretches``
+    (both readings with ``turns`` first, when given)."""
     opened = [labelled_samples(s) for s in sets]
-    every = ViewSettings(tuple(stretches), 1.0)
+    every = ViewSettings(tuple(stretches), 1.0, turns)
+    one = ViewSettings((), 1.0, turns) if turns is not None else "off"
     readers = {key: Recognizer.from_bundle(bundle_dir, backend="ort-cpu", llm="none", precision=precision,
                                            threads=threads, views=views)
-               for key, views in (("one", "off"), ("all", every))}
+               for key, views in (("one", one), ("all", every))}
     out = []
     try:
         for name, samples in opened:
@@ -87,6 +100,90 @@ def read_with_views(bundle_dir: Path, sets: Sequence[str], stretches: Sequence[f
         for reader in readers.values():
             reader.close()
     return out
+
+
+@dataclass
+class TurnReadings:
+    """One validation set: each crop's upright reading, its height/width and, for crops at
+    least as tall as the grid's least ratio, its reading turned each way."""
+
+    name: str
+    labels: list[str]
+    upright: list[tuple[str, float]]
+    aspect: list[float]
+    turned: dict[int, list[tuple[str, float]]]
+
+    def figures(self, turns: TurnSettings) -> dict[str, Any]:
+        """Words fixed and broken by ``turns``, accuracies and the share of crops turned."""
+        fixed = broken = again = 0
+        for i, turned_readings in self.turned.items():
+            text, confidence = self.upright[i]
+            if self.aspect[i] < turns.min_aspect or not (not text or confidence < turns.below_confidence):
+                continue
+            again += 1
+            best = max(turned_readings, key=lambda r: surety(*r))
+            if turns.prefers(self.upright[i], best):
+                was = eval_normalize(text) == eval_normalize(self.labels[i])
+                now = eval_normalize(best[0]) == eval_normalize(self.labels[i])
+                fixed, broken = fixed + (now and not was), broken + (was and not now)
+        n = len(self.labels)
+        right = sum(eval_normalize(t) == eval_normalize(label) for (t, _), label in zip(self.upright, self.labels))
+        return {"n": n, "upright": round(100.0 * right / n, 3), "turns": round(100.0 * (right + fixed - broken) / n, 3),
+                "fixed": fixed, "broken": broken, "turned_pct": round(100.0 * again / n, 2)}
+
+
+def read_turned(bundle_dir: Path, sets: Sequence[str], precision: str | None = None, threads: int | None = None,
+                batch_size: int = 32) -> list[TurnReadings]:
+    """Each set read upright (one view, the bundle's decode) and its tall crops turned each way
+    (the CTC head's reading, in fp32 where the precision has a reference, as the runtime does)."""
+    opened = [labelled_samples(s) for s in sets]
+    upright = Recognizer.from_bundle(bundle_dir, backend="ort-cpu", llm="none", precision=precision,
+                                     threads=threads, views="off")
+    reference = "fp32" if hasattr(upright.backend, "run_reference") else precision
+    sideways = Recognizer.from_bundle(bundle_dir, backend="ort-cpu", llm="none", precision=reference,
+                                      threads=threads, views="off", decode="ctc")
+    out = []
+    try:
+        for name, samples in opened:
+            results = upright.read(samples, batch_size=batch_size)
+            failed = [r.error for r in results if not r.ok]
+            if failed:
+                raise RecheckError(f"{name}: {len(failed)} crop(s) could not be read ({failed[0]})")
+            pictures = [load_image(s.data, name=s.source) for s in samples]
+            aspect = [p.height / max(1, p.width) for p in pictures]
+            tall = [i for i, a in enumerate(aspect) if a >= min(TURN_ASPECTS)]
+            turned_readings: dict[int, list[tuple[str, float]]] = {i: [] for i in tall}
+            for clockwise in (False, True):
+                for i, r in zip(tall, sideways.read([turned(pictures[i], clockwise) for i in tall],
+                                                    batch_size=batch_size)):
+                    turned_readings[i].append((r.text or "", float(r.confidence or 0.0)))
+            out.append(TurnReadings(name, [str(s.label) for s in samples],
+                                    [(r.text or "", float(r.confidence)) for r in results], aspect, turned_readings))
+    finally:
+        upright.close()
+        sideways.close()
+    return out
+
+
+def choose_turns(readings: Sequence[TurnReadings]) -> dict[str, Any]:
+    """The turn settings of the grid with the most words gained over all sets (none worse;
+    ties: the fewest crops turned); ``turns`` is None when none gains."""
+    tried, best, best_key = [], None, None
+    for aspect in TURN_ASPECTS:
+        for below in TURN_GRID:
+            for margin in TURN_MARGINS:
+                turns = TurnSettings(aspect, below, margin)
+                sets = {r.name: r.figures(turns) for r in readings}
+                gain = sum(s["fixed"] - s["broken"] for s in sets.values())
+                holds = all(s["fixed"] >= s["broken"] for s in sets.values())
+                turned_n = sum(s["turned_pct"] * s["n"] for s in sets.values())
+                tried.append({**turns.to_dict(), "gain": gain, "holds": holds, "sets": sets})
+                key = (gain, -turned_n, margin)
+                if holds and gain > 0 and (best_key is None or key > best_key):
+                    best, best_key = (turns, tried[-1]), key
+    if best is None:
+        return {"turns": None, "gain": 0, "sets": {}, "tried": tried}
+    return {"turns": best[0], "gain": best[1]["gain"], "sets": best[1]["sets"], "tried": tried}
 
 
 def choose(readings: Sequence[ViewReadings], grid: Sequence[float] = GRID) -> dict[str, Any]:
@@ -106,19 +203,24 @@ def choose(readings: Sequence[ViewReadings], grid: Sequence[float] = GRID) -> di
 
 
 def write_views(bundle_dir: Path, choice: dict[str, Any], stretches: Sequence[float], validation: Sequence[str],
-                precision: str | None) -> dict[str, Any]:
-    """Record ``choice`` as ``defaults.views`` (removed when it chose nothing)."""
+                precision: str | None, turns: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Record ``choice`` as ``defaults.views`` with ``turns`` (a :func:`choose_turns` result
+    with its figures); removed when neither chose anything."""
     manifest = read_manifest(bundle_dir)
     defaults = manifest.setdefault("defaults", {})
-    if choice["below_confidence"] is None:
+    turn_settings = turns["turns"] if turns else None
+    if choice["below_confidence"] is None and turn_settings is None:
         defaults.pop(MANIFEST_KEY, None)
-    else:
-        settings = ViewSettings(tuple(stretches), choice["below_confidence"])
-        defaults[MANIFEST_KEY] = {
-            **settings.to_dict(), "validation": list(validation), "precision": precision or "auto",
-            "gain": choice["gain"], "sets": choice["sets"],
-            "chosen_by": "python -m export.views", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+        return write_manifest(bundle_dir, manifest)
+    chose_stretches = choice["below_confidence"] is not None
+    settings = ViewSettings(tuple(stretches) if chose_stretches else (), choice["below_confidence"] or 1.0,
+                            turn_settings)
+    section = {**settings.to_dict(), "validation": list(validation), "precision": precision or "auto",
+               "gain": choice["gain"], "sets": choice["sets"],
+               "chosen_by": "python -m export.views", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if turn_settings is not None and turns is not None:
+        section["turns"] = {**turn_settings.to_dict(), "gain": turns["gain"], "sets": turns["sets"]}
+    defaults[MANIFEST_KEY] = section
     return write_manifest(bundle_dir, manifest)
 
 
@@ -130,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stretches", nargs="+", type=float, default=list(DEFAULT_STRETCHES), metavar="F",
                         help="horizontal stretch of each extra view (default: "
                              f"{' '.join(map(str, DEFAULT_STRETCHES))})")
+    parser.add_argument("--turns", action="store_true",
+                        help="also fit which tall crops are read turned a quarter each way (default: keep the "
+                             "bundle's)")
     parser.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
                         help="graph variant read (default: the bundle's CPU default)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
@@ -145,22 +250,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not bundle.decode.ctc_rescoring:
             raise RecheckError(f"{bundle_dir}: extra views need an image encoder with a CTC head (ctc_log_probs)")
         ViewSettings(tuple(args.stretches), 1.0)  # the factors' check, before anything is read
-        readings = read_with_views(bundle_dir, args.validation, args.stretches, args.precision, args.threads)
+        current = ViewSettings.from_manifest(read_manifest(bundle_dir))
+        turns: dict[str, Any] | None = None
+        if args.turns:
+            turns = choose_turns(read_turned(bundle_dir, args.validation, args.precision, args.threads))
+            for entry in turns["tried"]:
+                if entry["holds"] and entry["gain"] > 0:
+                    print(f"turns {entry['min_aspect']} / {entry['below_confidence']} / {entry['margin']}: "
+                          f"+{entry['gain']}", file=sys.stderr)
+        elif current is not None and current.turns is not None:
+            old = read_manifest(bundle_dir)["defaults"][MANIFEST_KEY]["turns"]
+            turns = {"turns": current.turns, "gain": old.get("gain"), "sets": old.get("sets", {})}
+        readings = read_with_views(bundle_dir, args.validation, args.stretches, args.precision, args.threads,
+                                   turns=turns["turns"] if turns else None)
     except (RecheckError, OSError, ValueError) as exc:
         print(f"export.views: {exc}", file=sys.stderr)
         return 2
     choice = choose(readings)
-    write_views(bundle_dir, choice, args.stretches, args.validation, args.precision)
+    write_views(bundle_dir, choice, args.stretches, args.validation, args.precision, turns)
     for entry in choice["tried"]:
         sets = ", ".join(f"{k} {v['views']:.2f} (one view {v['one_view']:.2f}, +{v['fixed']} -{v['broken']}, "
                          f"again {v['read_again_pct']:.1f}%)" for k, v in entry["sets"].items())
         print(f"below {entry['below_confidence']}: {sets}", file=sys.stderr)
     summary = {k: v for k, v in choice.items() if k != "tried"}
+    if turns is not None:
+        summary["turns"] = {**(turns["turns"].to_dict() if turns["turns"] else {}), "gain": turns["gain"],
+                            "sets": turns["sets"]}
     if args.json:
         print(json.dumps(summary))
-    elif choice["below_confidence"] is None:
+    elif choice["below_confidence"] is None and not (turns and turns["turns"]):
         print(f"no threshold gains a word: one view (defaults.{MANIFEST_KEY} removed from {bundle_dir})")
+    elif choice["below_confidence"] is None:
+        print(f"views: tall crops read turned ({turns['turns'].to_dict()}, +{turns['gain']} words); no stretch "
+              f"gains a word")
     else:
+        if turns and turns["turns"]:
+            print(f"turns: {turns['turns'].to_dict()} (+{turns['gain']} words)")
         print(f"views: crops below confidence {choice['below_confidence']} read again stretched by "
               f"{', '.join(map(str, args.stretches))} (+{choice['gain']} words; defaults.{MANIFEST_KEY} in "
               f"{bundle_dir / 'manifest.json'})")

@@ -38,7 +38,7 @@ from runtime.inputs import Sample, Source, array_to_image, source_name
 from runtime.options import LLM_MODES, WITHOUT_LLM, RecognizerConfig, default_llm_missing
 from runtime.preprocess import ImageError, load_image, pad_batch, preprocess, width_groups
 from runtime.tokenizer import BPETokenizer, TextBridge
-from runtime.views import VIEW_CHOICES, ViewSettings, best_of_views, stretched
+from runtime.views import VIEW_CHOICES, TurnSettings, ViewSettings, best_of_views, stretched, turned
 
 #: Stage names of :attr:`ReadResult.timings_ms`, in the order they run.
 STAGES = ("preprocess", "image_encoder", "image_encoder_recheck", "visual_decoder", "tokenize", "text_encoder",
@@ -443,9 +443,12 @@ class Recognizer:
 
     def _read_views(self, pictures: list[Image.Image], predictions: list[Prediction], settings: ViewSettings,
                     timer: _Timer) -> list[Prediction]:
-        """The crops whose reading is doubtful (:meth:`ViewSettings.wants`) are encoded again,
-        stretched by each factor (in fp32 where the backend has a reference); the word with
-        the highest CTC likelihood over all views replaces the reading when it differs."""
+        """Doubtful tall crops are read turned first (:meth:`_read_turned`). Then the crops whose
+        reading is doubtful (:meth:`ViewSettings.wants`) are encoded again, stretched by each
+        factor (in fp32 where the backend has a reference); the word with the highest CTC
+        likelihood over all views replaces the reading when it differs."""
+        if settings.turns is not None:
+            pictures = self._read_turned(pictures, predictions, settings.turns, timer)
         again = [i for i, p in enumerate(predictions)
                  if p.ctc_log_probs is not None and settings.wants(p.text, p.confidence)]
         if not again:
@@ -468,6 +471,36 @@ class Recognizer:
                     predictions[i] = ctc_prediction(self.codec, seen[i][view], topk=self.topk,
                                                     gap_rule=self.correction.gaps)
         return predictions
+
+    def _read_turned(self, pictures: list[Image.Image], predictions: list[Prediction], turns: TurnSettings,
+                     timer: _Timer) -> list[Image.Image]:
+        """The doubtful crops at least ``turns.min_aspect`` times as tall as wide are encoded
+        turned a quarter each way; the surer turned reading replaces the upright one
+        (:meth:`TurnSettings.prefers`, ``predictions`` in place). Returns the pictures with
+        each such crop turned, for the stretched views."""
+        again = [i for i, p in enumerate(predictions)
+                 if p.ctc_log_probs is not None and turns.wants(pictures[i].size, p.text, p.confidence)]
+        if not again:
+            return pictures
+        spec = self.bundle.preprocessing
+        run = getattr(self.backend, "run_reference", self.backend.run)
+        read: dict[int, list[tuple[Image.Image, np.ndarray]]] = {i: [] for i in again}
+        with timer("image_encoder_views"):
+            for clockwise in (False, True):
+                views = [turned(pictures[i], clockwise) for i in again]
+                for group in width_groups([view.size for view in views], spec, len(views)):
+                    out = run("image_encoder", {"images": preprocess([views[k] for k in group], spec)})
+                    for k, row in zip(group, out["ctc_log_probs"]):
+                        read[again[k]].append((views[k], row))
+        pictures = list(pictures)
+        with timer("decode_gate"):
+            for i in again:
+                options = [(view, ctc_prediction(self.codec, row, topk=self.topk, gap_rule=self.correction.gaps))
+                           for view, row in read[i]]
+                view, best = max(options, key=lambda o: o[1].confidence if o[1].text else 0.0)
+                if turns.prefers((predictions[i].text, predictions[i].confidence), (best.text, best.confidence)):
+                    predictions[i], pictures[i] = best, view
+        return pictures
 
     def _decoders(self, encoded: dict[str, np.ndarray], timer: _Timer) -> list[Prediction]:
         """The method's words from the image encoder's outputs: both decoders, CTC rescoring."""

@@ -4,6 +4,9 @@ A crop whose CTC reading is not confident (or empty) is encoded again, stretched
 horizontally by each of the bundle's factors (a wider input gives the tower's CTC head more
 frames per character); every view's best path is a candidate, and the candidate with the
 highest CTC log-likelihood summed over all views, the first reading included, is the word.
+Before that, a crop at least as tall as wide whose reading is doubtful is also read turned a
+quarter each way (words written down or up a pole); the more confident turned reading replaces
+the upright one when it is surer by a margin, and the stretched views then read the turned crop.
 The settings are fitted to a model on its validation split (``python -m export.views``) and
 travel in its manifest as ``defaults.views``; a bundle without them reads one view.
 """
@@ -27,25 +30,82 @@ MANIFEST_KEY = "views"
 
 
 @dataclass(frozen=True)
+class TurnSettings:
+    """Which crops are also read turned a quarter each way: at least ``min_aspect`` times as
+    tall as wide, and read as nothing or less confidently than ``below_confidence``. The more
+    confident turned reading replaces the upright one when it is surer by more than ``margin``."""
+
+    min_aspect: float
+    below_confidence: float
+    margin: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.min_aspect) and self.min_aspect > 0.0):
+            raise ValueError(f"views.turns: min_aspect must be a positive height/width ratio, not {self.min_aspect}")
+        if not 0.0 <= self.below_confidence <= 1.0:
+            raise ValueError(f"views.turns: below_confidence must be within [0, 1], not {self.below_confidence}")
+        if not 0.0 <= self.margin < 1.0:
+            raise ValueError(f"views.turns: margin must be within [0, 1), not {self.margin}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min_aspect": self.min_aspect, "below_confidence": self.below_confidence, "margin": self.margin}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TurnSettings:
+        return cls(float(data["min_aspect"]), float(data["below_confidence"]), float(data["margin"]))
+
+    def wants(self, size: tuple[int, int], text: str, confidence: float) -> bool:
+        """Whether a crop of ``size`` (width, height) read as ``text`` is also read turned."""
+        width, height = size
+        return height >= self.min_aspect * width and (not text or confidence < self.below_confidence)
+
+    def prefers(self, upright: tuple[str, float], turned: tuple[str, float]) -> bool:
+        """Whether the ``turned`` reading (text, confidence) replaces the ``upright`` one."""
+        return bool(turned[0]) and turned[1] > surety(*upright) + self.margin
+
+
+def surety(text: str, confidence: float) -> float:
+    """A reading's confidence for comparing readings: 0 when it read nothing."""
+    return confidence if text else 0.0
+
+
+def turned(image: Image.Image, clockwise: bool) -> Image.Image:
+    """``image`` turned a quarter clockwise (a word written downwards comes upright) or
+    anticlockwise (a word written upwards)."""
+    return image.transpose(Image.Transpose.ROTATE_270 if clockwise else Image.Transpose.ROTATE_90)
+
+
+@dataclass(frozen=True)
 class ViewSettings:
     """Which crops are read again (CTC confidence below ``below_confidence``, or nothing read)
-    and the horizontal stretch of each extra view."""
+    and the horizontal stretch of each extra view; ``turns``: which crops are also read turned
+    (none when None). Without turns there must be stretches."""
 
     stretches: tuple[float, ...]
     below_confidence: float
+    turns: TurnSettings | None = None
 
     def __post_init__(self) -> None:
-        if not self.stretches or any(not (math.isfinite(s) and 0.25 <= s <= 4.0) for s in self.stretches):
+        if (not self.stretches and self.turns is None) or any(
+                not (math.isfinite(s) and 0.25 <= s <= 4.0) for s in self.stretches):
             raise ValueError(f"views: stretches must be factors within [0.25, 4], not {list(self.stretches)}")
         if not 0.0 <= self.below_confidence <= 1.0:
             raise ValueError(f"views: below_confidence must be within [0, 1], not {self.below_confidence}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stretches": list(self.stretches), "below_confidence": self.below_confidence}
+        out: dict[str, Any] = {"stretches": list(self.stretches), "below_confidence": self.below_confidence}
+        if self.turns is not None:
+            out["turns"] = self.turns.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ViewSettings:
-        return cls(tuple(float(s) for s in data["stretches"]), float(data["below_confidence"]))
+        turns = data.get("turns")
+        return cls(tuple(float(s) for s in data["stretches"]), float(data["below_confidence"]),
+                   TurnSettings.from_dict(turns) if turns is not None else None)
+
+    def with_turns(self, turns: TurnSettings | None) -> ViewSettings:
+        return ViewSettings(self.stretches, self.below_confidence, turns)
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> ViewSettings | None:
@@ -58,11 +118,12 @@ class ViewSettings:
             return cls.from_dict(section)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"defaults.{MANIFEST_KEY}: {exc} (it needs 'stretches', factors, and "
-                             "'below_confidence')") from None
+                             "'below_confidence'; 'turns' needs 'min_aspect', 'below_confidence' and "
+                             "'margin')") from None
 
     def wants(self, text: str, confidence: float) -> bool:
-        """Whether a crop read as ``text`` with ``confidence`` is read again."""
-        return not text or confidence < self.below_confidence
+        """Whether a crop read as ``text`` with ``confidence`` is read again stretched."""
+        return bool(self.stretches) and (not text or confidence < self.below_confidence)
 
 
 def stretched(image: Image.Image, factor: float) -> Image.Image:

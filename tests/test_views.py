@@ -1,4 +1,5 @@
-"""--views: doubtful crops read again, stretched, and the word the views agree on best."""
+"""--views: doubtful crops read again, stretched, and the word the views agree on best; doubtful
+tall crops read turned a quarter each way."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from PIL import Image, ImageFilter
 from runtime import cli
 from runtime.options import OptionError, RecognizerConfig
 from runtime.recognizer import Recognizer
-from runtime.views import ViewSettings, best_of_views, stretched
+from runtime.views import TurnSettings, ViewSettings, best_of_views, stretched, turned
 
 SAMPLES = Path(cli.DEFAULT_BUNDLE).parent / "samples"
 
@@ -159,3 +160,58 @@ def test_export_views_writes_what_it_chose(tmp_path: Path) -> None:
         assert reader.views == ViewSettings((1.5,), section["below_confidence"])
         assert section["gain"] == sum(s["fixed"] - s["broken"] for s in section["sets"].values()) > 0
     assert export_views.main([str(bundle), "--validation", str(folder), "--stretches", "9"]) == 2
+
+
+def test_turn_settings_round_trip_and_rules() -> None:
+    turns = TurnSettings(1.0, 0.9, 0.2)
+    settings = ViewSettings((), 1.0, turns)  # turns alone: no stretched view
+    assert ViewSettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
+    assert not settings.wants("", 0.0)
+    assert ViewSettings((1.1,), 0.7).with_turns(turns).to_dict()["turns"] == turns.to_dict()
+    assert turns.wants((20, 60), "ab", 0.5) and turns.wants((20, 20), "", 1.0)
+    assert not turns.wants((60, 20), "", 0.0)  # wide crops are never turned
+    assert not turns.wants((20, 60), "ab", 0.95)  # a sure reading stands
+    assert turns.prefers(("ab", 0.5), ("cd", 0.75)) and not turns.prefers(("ab", 0.5), ("cd", 0.65))
+    assert turns.prefers(("", 1.0), ("cd", 0.3))  # nothing read counts as no confidence
+    assert not turns.prefers(("", 1.0), ("", 1.0))  # a turned reading of nothing never wins
+    for bad in ({"min_aspect": 0, "below_confidence": 0.5, "margin": 0.1},
+                {"min_aspect": 1, "below_confidence": 1.5, "margin": 0.1},
+                {"min_aspect": 1, "below_confidence": 0.5, "margin": 1.0}):
+        with pytest.raises(ValueError, match="turns"):
+            ViewSettings.from_dict({"stretches": [], "below_confidence": 1.0, "turns": bad})
+    image = Image.new("RGB", (40, 10))
+    assert turned(image, clockwise=True).size == turned(image, clockwise=False).size == (10, 40)
+
+
+def test_a_word_written_up_or_down_a_pole_is_read_turned(tmp_path: Path) -> None:
+    views = {"stretches": [], "below_confidence": 1.0, "turns": {"min_aspect": 1.0, "below_confidence": 0.9,
+                                                                  "margin": 0.2}}
+    bundle = _bundle_with_views(tmp_path, views)
+    reader = Recognizer.from_bundle(bundle, llm="none", precision="fp32", threads=1)
+    upright = Recognizer.from_bundle(bundle, llm="none", precision="fp32", threads=1, views="off")
+    calls: list[int] = []
+    run = reader.backend.run
+    reader.backend.run = lambda graph, feeds: calls.append(len(feeds.get("images", ()))) or run(graph, feeds)
+    word = Image.open(SAMPLES / "open.png").convert("RGB")
+    up, down = word.transpose(Image.Transpose.ROTATE_90), word.transpose(Image.Transpose.ROTATE_270)
+    results = reader.read([up, down, word], batch_size=1)
+    assert [r.text.lower() for r in results] == ["open", "open", "open"]
+    assert [r.text.lower() for r in upright.read([up, down], batch_size=1)] != ["open", "open"]
+    assert results[2].timings_ms["image_encoder_views"] == 0  # a wide crop is never turned
+    assert results[0].timings_ms["image_encoder_views"] > 0
+
+
+def test_the_turns_that_gain_most_are_chosen() -> None:
+    from export.views import TurnReadings, choose_turns
+
+    labels = ["pole", "sign", "6", "exit"]
+    upright = [("", 1.0), ("s1gn", 0.5), ("6", 0.99), ("exit", 0.95)]
+    aspect = [3.0, 1.2, 1.4, 0.3]
+    sideways = {0: [("pole", 0.9), ("elop", 0.1)], 1: [("sign", 0.8), ("ugis", 0.2)], 2: [("9", 0.99), ("6", 0.2)]}
+    choice = choose_turns([TurnReadings("a", labels, upright, aspect, sideways)])
+    assert choice["gain"] == 2 and choice["sets"]["a"]["broken"] == 0
+    assert choice["turns"].min_aspect <= 1.2  # "sign" is only 1.2 times as tall as wide
+    # a set read worse vetoes: turning "6" (aspect 1.4, sure) would break it, so it is never chosen
+    assert all(t["sets"]["a"]["broken"] == 0 for t in choice["tried"] if t["holds"] and t["gain"] > 0)
+    nothing = TurnReadings("b", ["6"], [("6", 0.99)], [1.4], {0: [("9", 0.999), ("6", 0.1)]})
+    assert choose_turns([nothing])["turns"] is None
