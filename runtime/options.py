@@ -275,9 +275,9 @@ def add_recognizer_options(parser: argparse.ArgumentParser, backend_note: str = 
                             "cascade: CTC first, the decoders for words the gate does not trust "
                             "(default: the bundle's; the embedded bundle's is cascade)")
     group.add_argument("--views", choices=VIEW_CHOICES, default=None,
-                       help="auto: crops the CTC head is unsure of are read again, stretched, as the bundle says "
-                            "(defaults.views; the embedded bundle: about 1 crop in 9); off: one view "
-                            "(default: auto)")
+                       help="auto: crops the CTC head is unsure of are read again, turned when taller than wide "
+                            "and stretched, as the bundle says (defaults.views; the embedded bundle: about 1 crop "
+                            "in 9); off: one view (default: auto)")
     group.add_argument("--correction-config", metavar="FILE",
                        help="JSON file of correction settings over the bundle's (any subset of its manifest's "
                             "'correction' section, e.g. {\"llm\": {\"time_budget_s\": 5}}; docs/correction.md)")

@@ -113,6 +113,7 @@ def test_health(url: str) -> None:
     health = ReadClient(url).health()
     assert health["status"] == "ok" and health["llm"] is False and health["backend"].startswith("ort")
     assert health["views"]["stretches"] == [1.1, 1.2]  # the embedded bundle's (defaults.views)
+    assert health["views"]["turns"]["min_aspect"] == 1.25  # tall doubtful crops read turned
 
 
 @pytest.mark.parametrize("merge", ["width", "request"])
