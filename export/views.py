@@ -242,6 +242,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def fitted_turns(bundle_dir: Path, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The turns the stretches are measured with: fitted now (``--turns``, a
+    :func:`choose_turns` result), else the bundle's own with their recorded figures, else None."""
+    if args.turns:
+        turns = choose_turns(read_turned(bundle_dir, args.validation, args.precision, args.threads))
+        for entry in turns["tried"]:
+            if entry["holds"] and entry["gain"] > 0:
+                print(f"turns {entry['min_aspect']} / {entry['below_confidence']} / {entry['margin']}: "
+                      f"+{entry['gain']}", file=sys.stderr)
+        return turns
+    manifest = read_manifest(bundle_dir)
+    current = ViewSettings.from_manifest(manifest)
+    if current is None or current.turns is None:
+        return None
+    recorded = manifest["defaults"][MANIFEST_KEY]["turns"]
+    return {"turns": current.turns, "gain": recorded.get("gain"), "sets": recorded.get("sets", {})}
+
+
+def report(choice: dict[str, Any], turns: dict[str, Any] | None, args: argparse.Namespace, bundle_dir: Path) -> None:
+    """Every threshold's figures on stderr, then the choice: one line, or JSON with ``--json``."""
+    for entry in choice["tried"]:
+        sets = ", ".join(f"{k} {v['views']:.2f} (one view {v['one_view']:.2f}, +{v['fixed']} -{v['broken']}, "
+                         f"again {v['read_again_pct']:.1f}%)" for k, v in entry["sets"].items())
+        print(f"below {entry['below_confidence']}: {sets}", file=sys.stderr)
+    turned = turns["turns"] if turns else None
+    if args.json:
+        summary = {k: v for k, v in choice.items() if k != "tried"}
+        if turns is not None:
+            summary["turns"] = {**(turned.to_dict() if turned else {}), "gain": turns["gain"], "sets": turns["sets"]}
+        print(json.dumps(summary))
+        return
+    if turned is not None:
+        print(f"turns: {turned.to_dict()} (+{turns['gain']} words)")
+    if choice["below_confidence"] is not None:
+        print(f"views: crops below confidence {choice['below_confidence']} read again stretched by "
+              f"{', '.join(map(str, args.stretches))} (+{choice['gain']} words; defaults.{MANIFEST_KEY} in "
+              f"{bundle_dir / 'manifest.json'})")
+    elif turned is not None:
+        print("views: no stretch gains a word: the turns alone")
+    else:
+        print(f"no threshold gains a word: one view (defaults.{MANIFEST_KEY} removed from {bundle_dir})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     bundle_dir = Path(args.bundle)
@@ -250,17 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not bundle.decode.ctc_rescoring:
             raise RecheckError(f"{bundle_dir}: extra views need an image encoder with a CTC head (ctc_log_probs)")
         ViewSettings(tuple(args.stretches), 1.0)  # the factors' check, before anything is read
-        current = ViewSettings.from_manifest(read_manifest(bundle_dir))
-        turns: dict[str, Any] | None = None
-        if args.turns:
-            turns = choose_turns(read_turned(bundle_dir, args.validation, args.precision, args.threads))
-            for entry in turns["tried"]:
-                if entry["holds"] and entry["gain"] > 0:
-                    print(f"turns {entry['min_aspect']} / {entry['below_confidence']} / {entry['margin']}: "
-                          f"+{entry['gain']}", file=sys.stderr)
-        elif current is not None and current.turns is not None:
-            old = read_manifest(bundle_dir)["defaults"][MANIFEST_KEY]["turns"]
-            turns = {"turns": current.turns, "gain": old.get("gain"), "sets": old.get("sets", {})}
+        turns = fitted_turns(bundle_dir, args)
         readings = read_with_views(bundle_dir, args.validation, args.stretches, args.precision, args.threads,
                                    turns=turns["turns"] if turns else None)
     except (RecheckError, OSError, ValueError) as exc:
@@ -268,27 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     choice = choose(readings)
     write_views(bundle_dir, choice, args.stretches, args.validation, args.precision, turns)
-    for entry in choice["tried"]:
-        sets = ", ".join(f"{k} {v['views']:.2f} (one view {v['one_view']:.2f}, +{v['fixed']} -{v['broken']}, "
-                         f"again {v['read_again_pct']:.1f}%)" for k, v in entry["sets"].items())
-        print(f"below {entry['below_confidence']}: {sets}", file=sys.stderr)
-    summary = {k: v for k, v in choice.items() if k != "tried"}
-    if turns is not None:
-        summary["turns"] = {**(turns["turns"].to_dict() if turns["turns"] else {}), "gain": turns["gain"],
-                            "sets": turns["sets"]}
-    if args.json:
-        print(json.dumps(summary))
-    elif choice["below_confidence"] is None and not (turns and turns["turns"]):
-        print(f"no threshold gains a word: one view (defaults.{MANIFEST_KEY} removed from {bundle_dir})")
-    elif choice["below_confidence"] is None:
-        print(f"views: tall crops read turned ({turns['turns'].to_dict()}, +{turns['gain']} words); no stretch "
-              f"gains a word")
-    else:
-        if turns and turns["turns"]:
-            print(f"turns: {turns['turns'].to_dict()} (+{turns['gain']} words)")
-        print(f"views: crops below confidence {choice['below_confidence']} read again stretched by "
-              f"{', '.join(map(str, args.stretches))} (+{choice['gain']} words; defaults.{MANIFEST_KEY} in "
-              f"{bundle_dir / 'manifest.json'})")
+    report(choice, turns, args, bundle_dir)
     return 0
 
 

@@ -215,3 +215,27 @@ def test_the_turns_that_gain_most_are_chosen() -> None:
     assert all(t["sets"]["a"]["broken"] == 0 for t in choice["tried"] if t["holds"] and t["gain"] > 0)
     nothing = TurnReadings("b", ["6"], [("6", 0.99)], [1.4], {0: [("9", 0.999), ("6", 0.1)]})
     assert choose_turns([nothing])["turns"] is None
+
+
+def test_export_views_fits_turns_and_keeps_them(tmp_path: Path) -> None:
+    import export.views as export_views
+
+    bundle = _bundle_with_views(tmp_path, None)
+    folder = tmp_path / "val"
+    (folder / "images").mkdir(parents=True)
+    lines = []
+    for k, path in enumerate(sorted(SAMPLES.glob("*.png"))):
+        word = Image.open(path).convert("RGB")
+        for j, image in enumerate((word, word.transpose(Image.Transpose.ROTATE_90))):  # upright and written upwards
+            image.save(folder / "images" / f"{k}_{j}.png")
+            lines.append(f"{k}_{j}.png\t{path.stem}\n")
+    (folder / "labels.tsv").write_text("".join(lines))
+    common = [str(bundle), "--validation", str(folder), "--stretches", "1.5", "--precision", "fp32", "--threads", "1"]
+    assert export_views.main([*common, "--turns"]) == 0
+    section = json.loads((bundle / "manifest.json").read_text())["defaults"]["views"]
+    assert section["turns"]["gain"] > 0 and section["turns"]["sets"]
+    turns = TurnSettings.from_dict(section["turns"])
+    assert Recognizer.from_bundle(bundle, llm="none", threads=1).views.turns == turns
+    assert export_views.main(common) == 0  # refitting the stretches keeps the turns
+    again = json.loads((bundle / "manifest.json").read_text())["defaults"]["views"]
+    assert TurnSettings.from_dict(again["turns"]) == turns and again["turns"]["gain"] == section["turns"]["gain"]
