@@ -35,6 +35,7 @@ from export.recheck import RecheckError, labelled_samples
 from runtime.backends import PRECISION_CHOICES
 from runtime.bundle import load_bundle
 from runtime.charset import eval_normalize
+from runtime.inputs import Sample
 from runtime.preprocess import load_image
 from runtime.recognizer import Recognizer
 from runtime.views import MANIFEST_KEY, TurnSettings, ViewSettings, surety, turned
@@ -76,12 +77,21 @@ class ViewReadings:
                 "read_again_pct": round(100.0 * sum(again) / n, 2)}
 
 
-def read_with_views(bundle_dir: Path, sets: Sequence[str], stretches: Sequence[float], precision: str | None = None,
-                    threads: int | None = None, batch_size: int = 32,
+#: a validation set: a labelled set's path, or its name and samples
+LabelledSet = str | tuple[str, list[Sample]]
+
+
+def opened(sets: Sequence[LabelledSet]) -> list[tuple[str, list[Sample]]]:
+    """Each set's name and labelled samples (paths opened with the evaluation label policy)."""
+    return [labelled_samples(str(s)) if isinstance(s, str | Path) else s for s in sets]
+
+
+def read_with_views(bundle_dir: Path, sets: Sequence[LabelledSet], stretches: Sequence[float],
+                    precision: str | None = None, threads: int | None = None, batch_size: int = 32,
                     turns: TurnSettings | None = None) -> list[ViewReadings]:
     """Each set read with one view and with every crop read again under ``stretches``
     (both readings with ``turns`` first, when given)."""
-    opened = [labelled_samples(s) for s in sets]
+    sets = opened(sets)
     every = ViewSettings(tuple(stretches), 1.0, turns)
     one = ViewSettings((), 1.0, turns) if turns is not None else "off"
     readers = {key: Recognizer.from_bundle(bundle_dir, backend="ort-cpu", llm="none", precision=precision,
@@ -89,7 +99,7 @@ def read_with_views(bundle_dir: Path, sets: Sequence[str], stretches: Sequence[f
                for key, views in (("one", one), ("all", every))}
     out = []
     try:
-        for name, samples in opened:
+        for name, samples in sets:
             results = {key: reader.read(samples, batch_size=batch_size) for key, reader in readers.items()}
             failed = [r.error for rs in results.values() for r in rs if not r.ok]
             if failed:
@@ -132,11 +142,11 @@ class TurnReadings:
                 "fixed": fixed, "broken": broken, "turned_pct": round(100.0 * again / n, 2)}
 
 
-def read_turned(bundle_dir: Path, sets: Sequence[str], precision: str | None = None, threads: int | None = None,
-                batch_size: int = 32) -> list[TurnReadings]:
+def read_turned(bundle_dir: Path, sets: Sequence[LabelledSet], precision: str | None = None,
+                threads: int | None = None, batch_size: int = 32) -> list[TurnReadings]:
     """Each set read upright (one view, the bundle's decode) and its tall crops turned each way
     (the CTC head's reading, in fp32 where the precision has a reference, as the runtime does)."""
-    opened = [labelled_samples(s) for s in sets]
+    sets = opened(sets)
     upright = Recognizer.from_bundle(bundle_dir, backend="ort-cpu", llm="none", precision=precision,
                                      threads=threads, views="off")
     reference = "fp32" if hasattr(upright.backend, "run_reference") else precision
@@ -144,7 +154,7 @@ def read_turned(bundle_dir: Path, sets: Sequence[str], precision: str | None = N
                                       threads=threads, views="off", decode="ctc")
     out = []
     try:
-        for name, samples in opened:
+        for name, samples in sets:
             results = upright.read(samples, batch_size=batch_size)
             failed = [r.error for r in results if not r.ok]
             if failed:
@@ -222,6 +232,20 @@ def write_views(bundle_dir: Path, choice: dict[str, Any], stretches: Sequence[fl
         section["turns"] = {**turn_settings.to_dict(), "gain": turns["gain"], "sets": turns["sets"]}
     defaults[MANIFEST_KEY] = section
     return write_manifest(bundle_dir, manifest)
+
+
+def fit_views(bundle_dir: Path, sets: Sequence[LabelledSet], stretches: Sequence[float] = DEFAULT_STRETCHES,
+              turns: bool = True, precision: str | None = None, threads: int | None = None) -> dict[str, Any] | None:
+    """Fit the turns (with ``turns``) and then the stretches of the bundle at ``bundle_dir`` on
+    ``sets`` and write them (:func:`write_views`); returns the settings written (None: one view)."""
+    names = [s if isinstance(s, str | Path) else s[0] for s in sets]
+    sets = opened(sets)
+    fitted = choose_turns(read_turned(bundle_dir, sets, precision, threads)) if turns else None
+    readings = read_with_views(bundle_dir, sets, stretches, precision, threads,
+                               turns=fitted["turns"] if fitted else None)
+    write_views(bundle_dir, choose(readings), stretches, [str(n) for n in names], precision, fitted)
+    settings = ViewSettings.from_manifest(read_manifest(bundle_dir))
+    return settings.to_dict() if settings is not None else None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -118,6 +118,10 @@ def test_a_short_finetune_writes_a_bundle_the_runtime_reads(tmp_path: Path, caps
     assert meta["steps"] == summary["steps"] and meta["settings"]["batch"] == 4
     manifest = json.loads((out / "bundle" / "manifest.json").read_text())
     assert summary["decode"] in ("cascade", "ctc", "full") and manifest["defaults"]["decode"] == summary["decode"]
+    from runtime.views import ViewSettings
+
+    written = ViewSettings.from_manifest(manifest)  # fitted on VAL and the keep sets; None: one view
+    assert "views" in summary and summary["views"] == (written.to_dict() if written else None)
     assert meta["keep_crops"] == {str(val): 4, "synthetic": 4} and meta["settings"]["augment"]
     assert meta["mixes"][0]["alpha"] == 0.0 and summary["mix"] == meta["mix"]
     assert set(summary["keep_ctc_after"]) == {str(val), "synthetic"}

@@ -18,13 +18,15 @@ kept is the one that reads VAL best (the tower's CTC reading, the runtime's prot
 every keep set (``--keep`` sets of general crops, and held-out synthetic words) loses at most
 ``--keep-tolerance`` points against the original. Such mixes often read the new domain better
 than either end (weight-space ensembling of fine-tuned models, WiSE-FT: Wortsman et al., CVPR
-2022). Then the exported bundle's decode mode is chosen on VAL and the keep sets.
+2022). Then the exported bundle's decode mode is chosen on VAL and the keep sets, and whether
+it reads doubtful crops again under extra views (``export.views``' turns and stretches).
 
 OUT gets ``checkpoint/`` (``model.json`` + ``model.safetensors``, with the fine-tune's
 settings and figures in its meta) and ``bundle/`` (exported as the default's is; ``clipllama-run
 --engine OUT/bundle`` reads with it), and ``trained_tower.safetensors`` (the tower at the end
 of the schedule, before the mix). The last line on stdout is one JSON object: validation
-accuracy before and after (with the runtime's recognizer on the bundles, each with its decode mode).
+accuracy before and after (with the runtime's recognizer on the bundles, each with its decode mode
+and views).
 """
 
 from __future__ import annotations
@@ -451,8 +453,9 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
 
     bundle = export_bundle(checkpoint, out / "bundle", ("fp32",), include_checkpoint=True)
     decode, decode_scores = choose_decode(bundle, val, [pair for pairs in keep.values() for pair in pairs])
+    views = choose_views(bundle, val, keep)
     summary = {"val_before": round(runtime_accuracy(source, val)[0], 2),
-               "val_after": round(decode_scores[decode]["val"], 2), "decode": decode,
+               "val_after": round(runtime_accuracy(bundle, val)[0], 2), "decode": decode, "views": views,
                "val_ctc_before": round(before, 2), "val_ctc_after": round(chosen["val_ctc"], 2),
                "keep_ctc_before": {k: round(v, 2) for k, v in mixes[0]["keep_ctc"].items()},
                "keep_ctc_after": {k: round(v, 2) for k, v in chosen["keep_ctc"].items()},
@@ -480,6 +483,22 @@ def choose_decode(bundle: Path, val: list[tuple[Any, str]], keep: list[tuple[Any
     manifest.setdefault("defaults", {})["decode"] = mode
     write_manifest(bundle, manifest)
     return mode, scores
+
+
+def choose_views(bundle: Path, val: list[tuple[Any, str]], keep: dict[str, list[tuple[Any, str]]]) -> dict | None:
+    """Whether the fine-tuned bundle reads doubtful crops again (turned when taller than wide,
+    stretched), fitted on VAL and the keep sets by ``export.views``' rule (most words gained,
+    no set worse) and written to its manifest; the settings (None: one view). Both "before"
+    and "after" are then what ``clipllama-run`` reads with each bundle."""
+    from export.views import fit_views
+    from runtime.inputs import Sample
+
+    def samples(name: str, pairs: list[tuple[Any, str]]) -> tuple[str, list[Sample]]:
+        kept = [(x, y) for x, y in pairs if keep_for_eval(y)]
+        return name, [Sample(f"{name}/{i}", x, y) for i, (x, y) in enumerate(kept)]
+
+    sets = [samples("val", val), *(samples(f"keep:{name}", pairs) for name, pairs in keep.items())]
+    return fit_views(bundle, [s for s in sets if s[1]], threads=1)
 
 
 def progress_bar(total: float, enabled: bool) -> Any:
