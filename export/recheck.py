@@ -42,7 +42,7 @@ from runtime.backends import RECHECK_KEYS, RECHECKED, int8_variant
 from runtime.bundle import load_bundle
 from runtime.charset import WordAccuracy, keep_for_eval
 from runtime.inputs import InputError, Sample, open_labelled
-from runtime.recognizer import Recognizer
+from runtime.recognizer import ReadResult, Recognizer
 
 #: thresholds tried, in order (the first that holds is chosen)
 GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
@@ -91,6 +91,17 @@ def labelled_samples(path: str) -> tuple[str, list[Sample]]:
     return str(opened.name or path), samples
 
 
+def read_every_way(readers: dict[str, Recognizer], name: str, samples: list[Sample],
+                   batch_size: int = 32) -> dict[str, list[ReadResult]]:
+    """``samples`` read by each of ``readers``; :class:`RecheckError` when a crop could not be read
+    (a validation set must be read whole, or its figures mean nothing)."""
+    results = {key: reader.read(samples, batch_size=batch_size) for key, reader in readers.items()}
+    failed = [r.error for rs in results.values() for r in rs if not r.ok]
+    if failed:
+        raise RecheckError(f"{name}: {len(failed)} crop(s) could not be read ({failed[0]})")
+    return results
+
+
 def read_three_ways(bundle_dir: Path, sets: Sequence[str], threads: int | None = None,
                     batch_size: int = 32) -> tuple[list[SetReadings], float]:
     """Each set read in fp32 and int8 (the bundle's decode mode, no LLM) and by the int8 CTC
@@ -107,10 +118,7 @@ def read_three_ways(bundle_dir: Path, sets: Sequence[str], threads: int | None =
     out = []
     try:
         for name, samples in opened:
-            results = {key: r.read(samples, batch_size=batch_size) for key, r in readers.items()}
-            failed = [r.error for rs in results.values() for r in rs if not r.ok]
-            if failed:
-                raise RecheckError(f"{name}: {len(failed)} crop(s) could not be read ({failed[0]})")
+            results = read_every_way(readers, name, samples, batch_size)
             out.append(SetReadings(name, [str(s.label) for s in samples],
                                    [r.text for r in results["fp32"]], [r.text for r in results["int8"]],
                                    [float(r.confidence) for r in results["ctc"]],

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from export.manifest import read_manifest, write_manifest
-from export.recheck import RecheckError, labelled_samples
+from export.recheck import RecheckError, labelled_samples, read_every_way
 from runtime.backends import PRECISION_CHOICES
 from runtime.bundle import load_bundle
 from runtime.charset import eval_normalize
@@ -100,10 +100,7 @@ def read_with_views(bundle_dir: Path, sets: Sequence[LabelledSet], stretches: Se
     out = []
     try:
         for name, samples in sets:
-            results = {key: reader.read(samples, batch_size=batch_size) for key, reader in readers.items()}
-            failed = [r.error for rs in results.values() for r in rs if not r.ok]
-            if failed:
-                raise RecheckError(f"{name}: {len(failed)} crop(s) could not be read ({failed[0]})")
+            results = read_every_way(readers, name, samples, batch_size)
             out.append(ViewReadings(name, [str(s.label) for s in samples], [r.text for r in results["one"]],
                                     [float(r.confidence) for r in results["one"]], [r.text for r in results["all"]]))
     finally:
@@ -155,10 +152,7 @@ def read_turned(bundle_dir: Path, sets: Sequence[LabelledSet], precision: str | 
     out = []
     try:
         for name, samples in sets:
-            results = upright.read(samples, batch_size=batch_size)
-            failed = [r.error for r in results if not r.ok]
-            if failed:
-                raise RecheckError(f"{name}: {len(failed)} crop(s) could not be read ({failed[0]})")
+            results = read_every_way({"upright": upright}, name, samples, batch_size)["upright"]
             pictures = [load_image(s.data, name=s.source) for s in samples]
             aspect = [p.height / max(1, p.width) for p in pictures]
             tall = [i for i, a in enumerate(aspect) if a >= min(TURN_ASPECTS)]

@@ -38,7 +38,7 @@ from runtime.inputs import Sample, Source, array_to_image, source_name
 from runtime.options import LLM_MODES, WITHOUT_LLM, RecognizerConfig, default_llm_missing
 from runtime.preprocess import ImageError, load_image, pad_batch, preprocess, width_groups
 from runtime.tokenizer import BPETokenizer, TextBridge
-from runtime.views import VIEW_CHOICES, TurnSettings, ViewSettings, best_of_views, stretched, turned
+from runtime.views import VIEW_CHOICES, TurnSettings, ViewSettings, best_of_views, stretched, surety, turned
 
 #: Stage names of :attr:`ReadResult.timings_ms`, in the order they run.
 STAGES = ("preprocess", "image_encoder", "image_encoder_recheck", "visual_decoder", "tokenize", "text_encoder",
@@ -453,16 +453,11 @@ class Recognizer:
                  if p.ctc_log_probs is not None and settings.wants(p.text, p.confidence)]
         if not again:
             return predictions
-        spec = self.bundle.preprocessing
-        run = getattr(self.backend, "run_reference", self.backend.run)
         seen: dict[int, list[np.ndarray]] = {i: [predictions[i].ctc_log_probs] for i in again}
         with timer("image_encoder_views"):
             for factor in settings.stretches:
-                views = [stretched(pictures[i], factor) for i in again]
-                for group in width_groups([view.size for view in views], spec, len(views)):
-                    out = run("image_encoder", {"images": preprocess([views[k] for k in group], spec)})
-                    for k, row in zip(group, out["ctc_log_probs"]):
-                        seen[again[k]].append(row)
+                for i, row in zip(again, self._view_log_probs([stretched(pictures[i], factor) for i in again])):
+                    seen[i].append(row)
         with timer("decode_gate"):
             for i in again:
                 read = self.codec.ids(predictions[i].text)
@@ -471,6 +466,18 @@ class Recognizer:
                     predictions[i] = ctc_prediction(self.codec, seen[i][view], topk=self.topk,
                                                     gap_rule=self.correction.gaps)
         return predictions
+
+    def _view_log_probs(self, views: list[Image.Image]) -> list[np.ndarray]:
+        """The CTC log-probabilities of each extra view, in order, encoded in batches of equal
+        padded width (in fp32 where the backend has a reference, as the rechecked crops are)."""
+        spec = self.bundle.preprocessing
+        run = getattr(self.backend, "run_reference", self.backend.run)
+        out: list[np.ndarray] = [np.empty(0)] * len(views)
+        for group in width_groups([view.size for view in views], spec, len(views)):
+            rows = run("image_encoder", {"images": preprocess([views[k] for k in group], spec)})["ctc_log_probs"]
+            for k, row in zip(group, rows):
+                out[k] = row
+        return out
 
     def _read_turned(self, pictures: list[Image.Image], predictions: list[Prediction], turns: TurnSettings,
                      timer: _Timer) -> list[Image.Image]:
@@ -482,22 +489,18 @@ class Recognizer:
                  if p.ctc_log_probs is not None and turns.wants(pictures[i].size, p.text, p.confidence)]
         if not again:
             return pictures
-        spec = self.bundle.preprocessing
-        run = getattr(self.backend, "run_reference", self.backend.run)
         read: dict[int, list[tuple[Image.Image, np.ndarray]]] = {i: [] for i in again}
         with timer("image_encoder_views"):
             for clockwise in (False, True):
                 views = [turned(pictures[i], clockwise) for i in again]
-                for group in width_groups([view.size for view in views], spec, len(views)):
-                    out = run("image_encoder", {"images": preprocess([views[k] for k in group], spec)})
-                    for k, row in zip(group, out["ctc_log_probs"]):
-                        read[again[k]].append((views[k], row))
+                for i, view, row in zip(again, views, self._view_log_probs(views)):
+                    read[i].append((view, row))
         pictures = list(pictures)
         with timer("decode_gate"):
             for i in again:
                 options = [(view, ctc_prediction(self.codec, row, topk=self.topk, gap_rule=self.correction.gaps))
                            for view, row in read[i]]
-                view, best = max(options, key=lambda o: o[1].confidence if o[1].text else 0.0)
+                view, best = max(options, key=lambda o: surety(o[1].text, o[1].confidence))
                 if turns.prefers((predictions[i].text, predictions[i].confidence), (best.text, best.confidence)):
                     predictions[i], pictures[i] = best, view
         return pictures

@@ -104,9 +104,6 @@ class ViewSettings:
         return cls(tuple(float(s) for s in data["stretches"]), float(data["below_confidence"]),
                    TurnSettings.from_dict(turns) if turns is not None else None)
 
-    def with_turns(self, turns: TurnSettings | None) -> ViewSettings:
-        return ViewSettings(self.stretches, self.below_confidence, turns)
-
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> ViewSettings | None:
         """The manifest's ``defaults.views`` (None when absent); ``ValueError`` when malformed."""
