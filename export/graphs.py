@@ -133,6 +133,31 @@ def graph_defs(model: CLIP4STR, batch: int = TRACE_BATCH, seed: int = 0) -> list
     ]
 
 
+class CTCTowerGraph(nn.Module):
+    """``images (B,3,H,W)`` -> ``ctc_log_probs (B,P,C+1)``: a PP-OCR tower and its CTC head
+    alone (a fine-tuned bundle's specialist, :mod:`runtime.specialist`)."""
+
+    def __init__(self, model: CLIP4STR) -> None:
+        super().__init__()
+        self.encoder = model.image_encoder
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.encoder.ctc_log_probs(self.encoder.features(images))
+
+
+@torch.no_grad()
+def ctc_tower_graph(model: CLIP4STR, name: str, batch: int = TRACE_BATCH, seed: int = 0) -> GraphDef:
+    """The :class:`CTCTowerGraph` of ``model`` (a PP-OCR tower with a CTC head), named ``name``."""
+    model.eval()
+    cfg = model.cfg
+    if not cfg.ctc_rescoring or not cfg.image.keep_aspect:
+        raise ValueError("a CTC tower graph needs a model with a PP-OCR tower and its CTC head")
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, cfg.image.height, cfg.image.typical_width, generator=generator)
+    return GraphDef(name, CTCTowerGraph(model).eval(), (images,), ("images",), ("ctc_log_probs",),
+                    {"images": {3: WIDTH_AXIS}, "ctc_log_probs": {1: TOKENS_AXIS}})
+
+
 def count_layernorms(module: nn.Module) -> int:
     """LayerNorm modules in ``module`` (each call becomes one LayerNormalization node)."""
     return sum(isinstance(m, nn.LayerNorm) for m in module.modules())

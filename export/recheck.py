@@ -109,11 +109,11 @@ def read_three_ways(bundle_dir: Path, sets: Sequence[str], threads: int | None =
     opened = [labelled_samples(s) for s in sets]
     readers = {
         "fp32": Recognizer.from_bundle(bundle_dir, backend="ort-cpu", llm="none", precision="fp32", threads=threads,
-                                       views="off"),
+                                       views="off", specialist="off"),
         "int8": Recognizer.from_bundle(bundle_dir, backend="ort-cpu", llm="none", precision="int8", threads=threads,
-                                       views="off"),
+                                       views="off", specialist="off"),
         "ctc": Recognizer.from_bundle(bundle_dir, backend="ort-cpu", llm="none", precision="int8", threads=threads,
-                                      decode="ctc", views="off"),
+                                      decode="ctc", views="off", specialist="off"),
     }
     out = []
     try:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from runtime.backends import BACKENDS, PRECISION_CHOICES
 from runtime.correction.settings import MODES, is_lexicon_only, lexicon_only_problem, without_llm_note
 from runtime.ctc_reading import DECODE_MODES
+from runtime.specialist import SPECIALIST_CHOICES
 from runtime.views import VIEW_CHOICES
 
 if TYPE_CHECKING:
@@ -74,6 +75,9 @@ class RecognizerConfig:
     #: "auto" (None): doubtful crops are read again under the bundle's extra views
     #: (``defaults.views``, :mod:`runtime.views`); "off": one view
     views: str | None = None
+    #: "auto" (None): a fine-tuned bundle's specialist reads the crops its general tower doubts
+    #: (``defaults.specialist``, :mod:`runtime.specialist`); "off": the general tower alone
+    specialist: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RecognizerConfig:
@@ -142,10 +146,12 @@ class RecognizerConfig:
         except ValueError as exc:
             raise OptionError(f"--threshold {self.threshold}: {exc}") from None
         from runtime.recognizer import check_decode, check_views
+        from runtime.specialist import check_specialist
 
         try:
             check_decode(bundle, self.decode)
             check_views(bundle, self.views)
+            check_specialist(bundle, self.specialist)
         except ValueError as exc:
             raise OptionError(str(exc)) from None
         problem = llm_problem(self.llm) or self.lexicon_only_problem()
@@ -189,7 +195,7 @@ class RecognizerConfig:
                                       threshold=self.threshold, llm_mode=self.llm_mode, precision=self.precision,
                                       threads=threads, verify=verify, lexicon=self.lexicon,
                                       min_confidence=self.min_confidence, decode=self.decode,
-                                      correction=correction, views=self.views)
+                                      correction=correction, views=self.views, specialist=self.specialist)
 
 
 def default_llm_missing() -> str | None:
@@ -278,6 +284,10 @@ def add_recognizer_options(parser: argparse.ArgumentParser, backend_note: str = 
                        help="auto: crops the CTC head is unsure of are read again, turned when taller than wide "
                             "and stretched, as the bundle says (defaults.views; the embedded bundle: about 1 crop "
                             "in 9); off: one view (default: auto)")
+    group.add_argument("--specialist", choices=SPECIALIST_CHOICES, default=None,
+                       help="auto: a fine-tuned bundle's specialist (its trained tower) also reads the crops the "
+                            "general tower is unsure of, as the bundle says (defaults.specialist); off: the general "
+                            "tower alone (default: auto; the embedded bundle has none)")
     group.add_argument("--correction-config", metavar="FILE",
                        help="JSON file of correction settings over the bundle's (any subset of its manifest's "
                             "'correction' section, e.g. {\"llm\": {\"time_budget_s\": 5}}; docs/correction.md)")

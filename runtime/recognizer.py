@@ -37,12 +37,13 @@ from runtime.decoding import CharCodec, Prediction, ctc_rescored, softmax
 from runtime.inputs import Sample, Source, array_to_image, source_name
 from runtime.options import LLM_MODES, WITHOUT_LLM, RecognizerConfig, default_llm_missing
 from runtime.preprocess import ImageError, load_image, pad_batch, preprocess, width_groups
+from runtime.specialist import Specialist, check_specialist, open_specialist
 from runtime.tokenizer import BPETokenizer, TextBridge
 from runtime.views import VIEW_CHOICES, TurnSettings, ViewSettings, best_of_views, stretched, surety, turned
 
 #: Stage names of :attr:`ReadResult.timings_ms`, in the order they run.
 STAGES = ("preprocess", "image_encoder", "image_encoder_recheck", "visual_decoder", "tokenize", "text_encoder",
-          "cross_decoder", "image_encoder_views", "decode_gate", "llm")
+          "cross_decoder", "image_encoder_views", "image_encoder_specialist", "decode_gate", "llm")
 DEFAULT_BATCH_SIZE = 32
 #: :meth:`Recognizer.read` groups images of equal padded width within windows of this many
 #: batches (a window's images are loaded at once)
@@ -220,7 +221,8 @@ class Recognizer:
     def __init__(self, bundle: Bundle, backend: Backend, corrector: Corrector | None = None,
                  threshold: float | None = None, llm_mode: str = "rescore",
                  min_confidence: float | None = None, correction: CorrectionSettings | None = None,
-                 decode: str | None = None, views: str | ViewSettings | None = None) -> None:
+                 decode: str | None = None, views: str | ViewSettings | None = None,
+                 specialist: Specialist | None = None) -> None:
         self.bundle = bundle
         self.backend = backend
         self.corrector = corrector
@@ -240,6 +242,9 @@ class Recognizer:
         self.decode = check_decode(bundle, decode)
         #: how doubtful crops are read again (:mod:`runtime.views`; None: one view)
         self.views = check_views(bundle, views)
+        #: the fine-tuned tower that reads the crops the general one doubts
+        #: (:mod:`runtime.specialist`; None: the bundle has none, or ``--specialist off``)
+        self.specialist = specialist
 
     @classmethod
     def from_bundle(cls, path: str | Path | None = None, backend: str = "auto", llm: str | None = None,
@@ -247,22 +252,24 @@ class Recognizer:
                     threads: int | None = None, verify: bool = True, lexicon: str | None = "default",
                     min_confidence: float | None = None,
                     correction: CorrectionSettings | None = None, decode: str | None = None,
-                    views: str | ViewSettings | None = None) -> Recognizer:
+                    views: str | ViewSettings | None = None, specialist: str | None = None) -> Recognizer:
         """Load and check the bundle at ``path`` (None: the embedded default bundle), pick the
         backend (see :func:`~runtime.backends.select_backend`), set up the LLM (see
         :func:`make_corrector`). ``min_confidence``: words below it read as empty text, flagged
         :attr:`ReadResult.low_confidence` (None: off). ``correction``: correction settings
         (default: the bundle's manifest section). ``decode``: one of
         :data:`~runtime.ctc_reading.DECODE_MODES` (None: the bundle's, :func:`bundle_decode`).
-        ``views``: ``auto`` (None) or ``off``, see :func:`check_views`."""
+        ``views``: ``auto`` (None) or ``off``, see :func:`check_views`; ``specialist`` likewise,
+        see :func:`runtime.specialist.check_specialist`."""
         bundle = load_bundle(path, verify=verify)
         value = check_threshold(bundle.threshold if threshold is None else threshold)
         check_decode(bundle, decode)
         check_views(bundle, views)
+        check_specialist(bundle, specialist)
         settings = correction or bundle.correction
         corrector = make_corrector(llm, llm_mode, value, lexicon, settings)
         return cls(bundle, select_backend(bundle, backend, precision, threads), corrector, value, llm_mode,
-                   min_confidence, settings, decode, views)
+                   min_confidence, settings, decode, views, open_specialist(bundle, specialist, threads))
 
     @classmethod
     def from_config(cls, config: RecognizerConfig, num_cpus: float | None = None,
@@ -285,6 +292,8 @@ class Recognizer:
 
     def close(self) -> None:
         self.backend.close()
+        if self.specialist is not None:
+            self.specialist.close()
 
     def __enter__(self) -> Recognizer:
         return self
@@ -410,11 +419,13 @@ class Recognizer:
             predictions = self._recheck(images, encoded, predictions, recheck, timer)
         if self.decode == "full":
             return self._decoders(encoded, timer)
+        special = self._consult_specialist(images, predictions, timer) if self.specialist is not None else set()
         if self.decode == "cascade":  # the decoders for the words the gate does not trust,
-            # and for crops where CTC read nothing (a blank crop, or text too faint for it)
+            # and for crops where CTC read nothing (a blank crop, or text too faint for it);
+            # not for the specialist's words (the decoders read the general tower's features)
             fill = self.correction.joint.fill_gaps  # a gap is where the decoders' characters are wanted
-            unsure = [i for i, p in enumerate(predictions)
-                      if not p.text or (fill and p.gaps) or gate(p, self.threshold).needs_llm]
+            unsure = [i for i, p in enumerate(predictions) if i not in special
+                      and (not p.text or (fill and p.gaps) or gate(p, self.threshold).needs_llm)]
             if unsure:
                 subset = {name: value[unsure] for name, value in encoded.items()}
                 for i, prediction in zip(unsure, self._decoders(subset, timer)):
@@ -440,6 +451,26 @@ class Recognizer:
         for i, prediction in zip(again, fresh):
             predictions[i] = prediction
         return predictions
+
+    def _consult_specialist(self, images: np.ndarray, predictions: list[Prediction], timer: _Timer) -> set[int]:
+        """The crops the general tower doubts are read by the bundle's specialist too; its
+        reading replaces the general one where :meth:`SpecialistSettings.prefers` says so
+        (``predictions`` in place). Returns the indices replaced."""
+        assert self.specialist is not None
+        settings = self.specialist.settings
+        asked = [i for i, p in enumerate(predictions) if settings.wants(p.text, p.confidence)]
+        if not asked:
+            return set()
+        with timer("image_encoder_specialist"):
+            rows = self.specialist.log_probs(images[asked])
+        replaced = set()
+        with timer("decode_gate"):
+            for i, row in zip(asked, rows):
+                read = ctc_prediction(self.codec, row, topk=self.topk, gap_rule=self.correction.gaps)
+                if settings.prefers((predictions[i].text, predictions[i].confidence), (read.text, read.confidence)):
+                    predictions[i] = read
+                    replaced.add(i)
+        return replaced
 
     def _read_views(self, pictures: list[Image.Image], predictions: list[Prediction], settings: ViewSettings,
                     timer: _Timer) -> list[Prediction]:

@@ -214,7 +214,8 @@ class Reader:
                 "backend": self.recognizer.backend.name, "precision": self.recognizer.backend.precision,
                 "llm": self.recognizer.llm_enabled, "correction": self.recognizer.correction_kind,
                 "threshold": self.recognizer.threshold,
-                "views": self.recognizer.views.to_dict() if self.recognizer.views else None}
+                "views": self.recognizer.views.to_dict() if self.recognizer.views else None,
+                "specialist": self.recognizer.specialist.settings.to_dict() if self.recognizer.specialist else None}
 
 
 def build_app(settings: RecognizerConfig, limits: Limits, batching: Batching, replicas: int = 1,

@@ -124,6 +124,12 @@ def test_a_short_finetune_writes_a_bundle_the_runtime_reads(tmp_path: Path, caps
     assert "views" in summary and summary["views"] == (written.to_dict() if written else None)
     assert meta["keep_crops"] == {str(val): 4, "synthetic": 4} and meta["settings"]["augment"]
     assert meta["mixes"][0]["alpha"] == 0.0 and summary["mix"] == meta["mix"]
+    from runtime.specialist import SpecialistSettings
+
+    specialist = SpecialistSettings.from_manifest(manifest)  # the trained tower for doubtful crops, or None
+    assert (summary["specialist"] is None) == (specialist is None) == (meta["specialist"] is None)
+    if specialist is not None:
+        assert summary["specialist"]["below_confidence"] == specialist.below_confidence
     assert set(summary["keep_ctc_after"]) == {str(val), "synthetic"}
     from runtime.recognizer import Recognizer
 

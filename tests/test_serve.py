@@ -114,6 +114,7 @@ def test_health(url: str) -> None:
     assert health["status"] == "ok" and health["llm"] is False and health["backend"].startswith("ort")
     assert health["views"]["stretches"] == [1.1, 1.2]  # the embedded bundle's (defaults.views)
     assert health["views"]["turns"]["min_aspect"] == 1.25  # tall doubtful crops read turned
+    assert health["specialist"] is None  # the embedded bundle has no fine-tuned specialist
 
 
 @pytest.mark.parametrize("merge", ["width", "request"])

@@ -97,6 +97,9 @@ class FinetuneSettings:
     eval_every_s: float = 60.0
     seed: int = 0
     threads: int = 0
+    #: whether the trained tower may ship as the bundle's specialist, reading the crops the
+    #: general tower doubts (:mod:`runtime.specialist`), when VAL and the keep sets say so
+    specialist: bool = True
 
 
 class Batches:
@@ -185,14 +188,22 @@ def distillation(log_probs: Tensor, teacher: Tensor) -> Tensor:
     return (teacher.exp() * (teacher - log_probs)).sum(-1).mean()
 
 
-def ctc_accuracy(tower: Tower, crops: list[np.ndarray], labels: list[str], codec: CharCodec) -> float:
-    """Word accuracy (%, protocol) of the tower's greedy CTC reading."""
+def ctc_readings(tower: Tower, crops: list[np.ndarray], codec: CharCodec) -> list[tuple[str, float]]:
+    """(text, confidence) of the tower's greedy CTC reading of each crop, as the runtime reads."""
     from runtime.ctc_reading import ctc_prediction
 
     tower.eval()
+    out = []
+    for row in answers(tower, crops, 32):
+        prediction = ctc_prediction(codec, row.numpy())
+        out.append((prediction.text, prediction.confidence))
+    return out
+
+
+def ctc_accuracy(tower: Tower, crops: list[np.ndarray], labels: list[str], codec: CharCodec) -> float:
+    """Word accuracy (%, protocol) of the tower's greedy CTC reading."""
     accuracy = WordAccuracy()
-    texts = [ctc_prediction(codec, row.numpy()).text for row in answers(tower, crops, 32)]
-    accuracy.update(texts, labels)
+    accuracy.update([text for text, _ in ctc_readings(tower, crops, codec)], labels)
     return float(accuracy.as_dict()["accuracy"])
 
 
@@ -290,6 +301,25 @@ def score_mixes(tower: Tower, original: dict[str, Tensor], trained: dict[str, Te
 
     rows = [score(alpha) for alpha in sorted({0.0, *mixes})]
     return refine_mix(rows, score, tolerance, refine)
+
+
+def fit_specialist(tower: Tower, original: dict[str, Tensor], trained: dict[str, Tensor], alpha: float,
+                   val: tuple[list[np.ndarray], list[str]], keep: dict[str, tuple[list[np.ndarray], list[str]]],
+                   codec: CharCodec, tolerance: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Whether the trained tower, consulted on the crops the general one doubts (the original,
+    or the mix ``alpha``), reads better than the mix alone (:mod:`training.specialist_fit`):
+    the chosen row (``below`` None: no specialist) and every row."""
+    from training.specialist_fit import choose_specialist
+
+    sets = {"val": val, **keep}
+
+    def readings(state: dict[str, Tensor]) -> dict[str, list[tuple[str, float]]]:
+        tower.load_state_dict(state)
+        return {name: ctc_readings(tower, crops, codec) for name, (crops, _) in sets.items()}
+
+    generals = {a: readings(mixed_state(original, trained, a)) for a in sorted({0.0, alpha})}
+    special = readings(trained)
+    return choose_specialist(generals, special, {name: labels for name, (_, labels) in sets.items()}, tolerance)
 
 
 def augment(image: Any, rng: random.Random) -> Any:
@@ -441,17 +471,34 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
     mixes = score_mixes(tower, teacher.state_dict(), trained, (val_x, val_y), keep_sets, codec,
                         settings.mixes, settings.keep_tolerance, settings.refine)
     chosen = pick_mix(mixes, settings.keep_tolerance)
+    specialist, specialist_rows = None, None
+    if settings.specialist:
+        specialist, specialist_rows = fit_specialist(tower, teacher.state_dict(), trained, chosen["alpha"],
+                                                     (val_x, val_y), keep_sets, codec, settings.keep_tolerance)
+        if specialist["below"] is None:  # the mix alone reads best: as before
+            specialist = None
+        else:
+            chosen = {"alpha": specialist["alpha"], "val_ctc": specialist["val_ctc"],
+                      "keep_ctc": specialist["keep_ctc"]}
     tower.load_state_dict(mixed_state(teacher.state_dict(), trained, chosen["alpha"]))
     tower.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors
     meta = {"finetune": {"settings": asdict(settings), "from": str(source), "train_crops": len(train),
                          "val_crops": len(val), "steps": step, "crops_seen": seen,
                          "history": history, "train_seconds": round(train_seconds, 1),
                          "keep_crops": {name: len(pairs) for name, pairs in keep.items()}, "mix": chosen["alpha"],
-                         "mixes": mixes}}
+                         "mixes": mixes, "specialist": specialist}}
     checkpoint = save_checkpoint(model, out / "checkpoint", meta=meta)
     from export.onnx import export_bundle
 
     bundle = export_bundle(checkpoint, out / "bundle", ("fp32",), include_checkpoint=True)
+    if specialist is not None:  # the trained tower reads the crops the general one doubts
+        from export.specialist import add_specialist
+        from runtime.specialist import SpecialistSettings
+
+        tower.load_state_dict(trained)
+        add_specialist(bundle, model, SpecialistSettings(specialist["below"]),
+                       {"val_ctc": specialist["val_ctc"], "keep_ctc": specialist["keep_ctc"],
+                        "asked_pct": specialist["asked_pct"], "chosen_by": "python -m training.finetune"})
     decode, decode_scores = choose_decode(bundle, val, [pair for pairs in keep.values() for pair in pairs])
     views = choose_views(bundle, val, keep)
     summary = {"val_before": round(runtime_accuracy(source, val)[0], 2),
@@ -460,12 +507,15 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
                "keep_ctc_before": {k: round(v, 2) for k, v in mixes[0]["keep_ctc"].items()},
                "keep_ctc_after": {k: round(v, 2) for k, v in chosen["keep_ctc"].items()},
                "mix": chosen["alpha"],
+               "specialist": ({"below_confidence": specialist["below"], "asked_pct": specialist["asked_pct"]}
+                              if specialist else None),
                "steps": step, "crops_seen": seen,
                "train_minutes": round(train_seconds / 60.0, 2),
                "total_minutes": round((time.monotonic() - started) / 60.0, 2),
                "checkpoint": str(checkpoint), "bundle": str(bundle)}
     (out / "finetune.json").write_text(json.dumps({**summary, "history": history, "mixes": mixes,
-                                                              "decode_modes": decode_scores}, indent=2) + "\n")
+                                                   "specialist_rows": specialist_rows,
+                                                   "decode_modes": decode_scores}, indent=2) + "\n")
     return summary
 
 
@@ -539,6 +589,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="held-out synthetic words kept as well (default: %(default)s; 0: only --keep)")
     parser.add_argument("--no-cosine", action="store_true", help="constant learning rates")
     parser.add_argument("--no-augment", action="store_true", help="use the crops as they are")
+    parser.add_argument("--no-specialist", action="store_true",
+                        help="never ship the trained tower as a specialist for doubtful crops (the weight mix only)")
     parser.add_argument("--ignore-case", action="store_true", help="labels whose case is not reliable")
     parser.add_argument("--eval-every", type=float, default=defaults.eval_every_s, metavar="S")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -558,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 ignore_case=args.ignore_case, eval_every_s=args.eval_every, seed=args.seed,
                                 threads=args.threads, keep_tolerance=args.keep_tolerance,
                                 keep_synthetic=args.keep_synthetic, cosine=not args.no_cosine,
-                                augment=not args.no_augment)
+                                augment=not args.no_augment, specialist=not args.no_specialist)
     from runtime.charset import resolve_charset
 
     source = args.source

@@ -1,0 +1,72 @@
+"""Choosing a fine-tune's specialist (:mod:`runtime.specialist`) on its validation and keep sets.
+
+The general tower is the original or the chosen weight mix; the specialist is the tower at the
+end of the schedule. Every pair (general, ``below_confidence`` on a grid, or no specialist) is
+scored from each tower's CTC readings of the sets, exactly as the runtime combines them
+(:meth:`SpecialistSettings.choose`), under the rule the mixes are chosen by: the most
+validation words while every keep set loses at most the tolerance against the original.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from runtime.charset import WordAccuracy
+from runtime.specialist import SpecialistSettings
+
+#: (text, confidence) of one crop's CTC reading
+Reading = tuple[str, float]
+#: the thresholds tried: a crop read less confidently than this by the general tower is asked
+BELOW_GRID = (0.5, 0.7, 0.9, 0.97)
+
+
+def accuracy(texts: Sequence[str], labels: Sequence[str]) -> float:
+    """Word accuracy (%, the protocol) of ``texts``."""
+    meter = WordAccuracy()
+    meter.update(texts, labels)
+    return float(meter.accuracy)
+
+
+def gated(general: Sequence[Reading], special: Sequence[Reading], settings: SpecialistSettings | None) -> list[str]:
+    """The texts read with ``settings`` (None: the general readings alone)."""
+    if settings is None:
+        return [text for text, _ in general]
+    return [settings.choose(g, s) for g, s in zip(general, special, strict=True)]
+
+
+def score(general: Mapping[str, Sequence[Reading]], special: Mapping[str, Sequence[Reading]],
+          labels: Mapping[str, Sequence[str]], settings: SpecialistSettings | None) -> dict[str, Any]:
+    """Accuracy on ``val`` and each keep set (every other name), and the share of validation
+    crops the specialist reads."""
+    val = general["val"]
+    asked = sum(settings.wants(*g) for g in val) if settings else 0
+    return {"val_ctc": accuracy(gated(val, special["val"], settings), labels["val"]),
+            "keep_ctc": {name: accuracy(gated(general[name], special[name], settings), labels[name])
+                         for name in labels if name != "val"},
+            "asked_pct": round(100.0 * asked / max(1, len(val)), 2)}
+
+
+def choose_specialist(generals: Mapping[float, Mapping[str, Sequence[Reading]]],
+                      special: Mapping[str, Sequence[Reading]], labels: Mapping[str, Sequence[str]],
+                      tolerance: float, grid: Sequence[float] = BELOW_GRID,
+                      ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The chosen row and every row scored. ``generals``: readings per general mix (``alpha``;
+    0, the original, must be there); ``special``, ``labels``: per set (``val`` and the keep sets).
+    A row: ``alpha``, ``below`` (None: no specialist), ``val_ctc``, ``keep_ctc``, ``asked_pct``.
+    Ties go to no specialist, then the higher mean keep accuracy, then the lower threshold (fewer
+    crops read twice), then the smaller mix."""
+    from training.finetune import keeps
+
+    rows = []
+    for alpha, general in sorted(generals.items()):
+        for below in (None, *grid):
+            settings = SpecialistSettings(below) if below is not None else None
+            rows.append({"alpha": alpha, "below": below, **score(general, special, labels, settings)})
+    original = next(row for row in rows if row["alpha"] == 0.0 and row["below"] is None)
+
+    def key(row: dict[str, Any]) -> tuple:
+        mean_keep = sum(row["keep_ctc"].values()) / max(1, len(row["keep_ctc"]))
+        return row["val_ctc"], row["below"] is None, mean_keep, -(row["below"] or 0.0), -row["alpha"]
+
+    return max((row for row in rows if keeps(row, original, tolerance)), key=key), rows
