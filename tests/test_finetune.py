@@ -168,7 +168,7 @@ def test_the_domain_looks_keep_the_word_and_split_the_set(tmp_path: Path) -> Non
 
     src = _set(tmp_path / "src", ["coffee", "Station", "OPEN", "hello", "pizza", "EXIT", "2026", "Bakery",
                                   "north", "Taxi"])
-    for look in ("lowres", "led"):
+    for look in ("lowres", "led", "night"):
         sizes = finetune_domain.build(src, tmp_path / look, seed=1, look=look)
         assert sizes == {"train": 7, "val": 1, "test": 2}
         rows = [line.split("\t") for split in sizes
@@ -178,3 +178,7 @@ def test_the_domain_looks_keep_the_word_and_split_the_set(tmp_path: Path) -> Non
     lamps = np.asarray(Image.open(next((tmp_path / "led" / "train" / "images").glob("*.png"))).convert("L"))
     assert lamps.shape[0] == finetune_domain.LED_ROWS * finetune_domain.LED_PITCH
     assert 0.02 < (lamps > 128).mean() < 0.5
+    crop = Image.open(src / "images" / "w0.png").convert("RGB")
+    dark = finetune_domain.night(crop)
+    assert dark.size == crop.size and np.asarray(dark).mean() < 0.5 * np.asarray(crop).mean()
+    assert np.array_equal(np.asarray(dark), np.asarray(finetune_domain.night(crop)))  # the same noise each time

@@ -18,8 +18,12 @@ kept is the one that reads VAL best (the tower's CTC reading, the runtime's prot
 every keep set (``--keep`` sets of general crops, and held-out synthetic words) loses at most
 ``--keep-tolerance`` points against the original. Such mixes often read the new domain better
 than either end (weight-space ensembling of fine-tuned models, WiSE-FT: Wortsman et al., CVPR
-2022). Then the exported bundle's decode mode is chosen on VAL and the keep sets, and whether
-it reads doubtful crops again under extra views (``export.views``' turns and stretches).
+2022). The trained tower may also ship beside the general one as a *specialist*
+(:mod:`runtime.specialist`): read only on the crops the general tower doubts, its reading kept
+where it is surer; it is chosen, with its threshold, by the same rule on the same sets
+(:mod:`training.specialist_fit`), and only when it reads VAL better than the mix alone. Then
+the exported bundle's decode mode is chosen on VAL and the keep sets, and whether it reads
+doubtful crops again under extra views (``export.views``' turns and stretches).
 
 OUT gets ``checkpoint/`` (``model.json`` + ``model.safetensors``, with the fine-tune's
 settings and figures in its meta) and ``bundle/`` (exported as the default's is; ``clipllama-run
