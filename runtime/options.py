@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from runtime.backends import BACKENDS, PRECISION_CHOICES
 from runtime.correction.settings import MODES, is_lexicon_only, lexicon_only_problem, without_llm_note
 from runtime.ctc_reading import DECODE_MODES
-from runtime.specialist import SPECIALIST_CHOICES
+from runtime.specialist import threshold_of
 from runtime.views import VIEW_CHOICES
 
 if TYPE_CHECKING:
@@ -76,7 +76,8 @@ class RecognizerConfig:
     #: (``defaults.views``, :mod:`runtime.views`); "off": one view
     views: str | None = None
     #: "auto" (None): a fine-tuned bundle's specialist reads the crops its general tower doubts
-    #: (``defaults.specialist``, :mod:`runtime.specialist`); "off": the general tower alone
+    #: (``defaults.specialist``, :mod:`runtime.specialist`); "off": the general tower alone; a
+    #: number P: the crops read less confidently than P
     specialist: str | None = None
 
     @classmethod
@@ -250,6 +251,15 @@ def probability(text: str) -> float:
     return value
 
 
+def specialist_choice(text: str) -> str:
+    """argparse type: ``auto``, ``off`` or a confidence in (0, 1] (:func:`runtime.specialist.threshold_of`)."""
+    try:
+        threshold_of(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def add_recognizer_options(parser: argparse.ArgumentParser, backend_note: str = "",
                            threads_help: str = "CPU threads for onnxruntime (at least 1; default: measured "
                                                "best for this machine)") -> None:
@@ -284,9 +294,10 @@ def add_recognizer_options(parser: argparse.ArgumentParser, backend_note: str = 
                        help="auto: crops the CTC head is unsure of are read again, turned when taller than wide "
                             "and stretched, as the bundle says (defaults.views; the embedded bundle: about 1 crop "
                             "in 9); off: one view (default: auto)")
-    group.add_argument("--specialist", choices=SPECIALIST_CHOICES, default=None,
+    group.add_argument("--specialist", type=specialist_choice, default=None, metavar="{auto,off,P}",
                        help="auto: a fine-tuned bundle's specialist (its trained tower) also reads the crops the "
-                            "general tower is unsure of, as the bundle says (defaults.specialist); off: the general "
+                            "general tower is unsure of, as the bundle says (defaults.specialist); P: the crops read "
+                            "less confidently than P (lower: fewer, closer to the general reading); off: the general "
                             "tower alone (default: auto; the embedded bundle has none)")
     group.add_argument("--correction-config", metavar="FILE",
                        help="JSON file of correction settings over the bundle's (any subset of its manifest's "

@@ -14,12 +14,15 @@ as ``defaults.specialist``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from runtime.views import surety
 
-#: ``--specialist``: ``auto`` consults the bundle's specialist when it has one, ``off`` never
+#: ``--specialist``: ``auto`` consults the bundle's specialist when it has one, ``off`` never;
+#: a number P in (0, 1] consults it on the crops read less confidently than P (the bundle's
+#: margin kept), trading the domain against the general reading without training again
 SPECIALIST_CHOICES = ("auto", "off")
 #: the manifest key (under ``defaults``) and the graph's name (under ``graphs.fp32``)
 MANIFEST_KEY = "specialist"
@@ -90,17 +93,35 @@ class Specialist:
         self.backend.close()
 
 
-def check_specialist(bundle: Any, choice: str | None) -> SpecialistSettings | None:
+def threshold_of(choice: str | float | None) -> float | None:
+    """The threshold a ``--specialist`` value names (None: ``auto`` or ``off``); ``ValueError``
+    for anything else."""
+    if choice is None or choice in SPECIALIST_CHOICES:
+        return None
+    try:
+        value = float(choice)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0.0 < value <= 1.0:  # NaN fails too
+        raise ValueError(f"unknown --specialist {choice!r} (choose from {', '.join(SPECIALIST_CHOICES)}, "
+                         "or a confidence in (0, 1])")
+    return value
+
+
+def check_specialist(bundle: Any, choice: str | float | None) -> SpecialistSettings | None:
     """The settings the recognizer consults the specialist with (None: ``off``, or the bundle
-    has none); ``ValueError`` for an unknown choice, a malformed section, or settings without
-    the graph."""
-    if choice is not None and choice not in SPECIALIST_CHOICES:
-        raise ValueError(f"unknown --specialist {choice!r} (choose from {', '.join(SPECIALIST_CHOICES)})")
+    has none; a threshold replaces the bundle's); ``ValueError`` for an unknown choice, a
+    malformed section, settings without the graph, or a threshold for a bundle without one."""
+    below = threshold_of(choice)
     if choice == "off":
         return None
     settings = SpecialistSettings.from_manifest(bundle.manifest)
     if settings is not None and GRAPH_NAME not in bundle.graphs.get("fp32", {}):
         raise ValueError(f"{bundle.root}: manifest defaults.{MANIFEST_KEY} without an fp32 {GRAPH_NAME} graph")
+    if below is not None:
+        if settings is None:
+            raise ValueError(f"--specialist {choice}: {bundle.root} has no specialist (training.finetune writes one)")
+        settings = SpecialistSettings(below, settings.margin)
     return settings
 
 

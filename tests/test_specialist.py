@@ -98,6 +98,9 @@ def test_options_check_the_specialist(tmp_path: Path) -> None:
     with pytest.raises(OptionError, match="--specialist"):
         RecognizerConfig(llm="none", specialist="always").check()
     assert cli.main(["--specialist", "always", str(SAMPLES / "open.png")]) == 2
+    assert cli.main(["--specialist", "1.5", str(SAMPLES / "open.png")]) == 2
+    with pytest.raises(OptionError, match="has no specialist"):  # a threshold needs a specialist
+        RecognizerConfig(llm="none", specialist="0.5").check()
     root = tmp_path / "bundle"
     shutil.copytree(cli.DEFAULT_BUNDLE, root)
     manifest = json.loads((root / "manifest.json").read_text())
@@ -144,6 +147,7 @@ def test_an_exported_specialist_reads_as_the_tower_it_came_from(tmp_path: Path) 
     reader = Recognizer.from_bundle(root, llm="none", precision="fp32", threads=1, decode="ctc", views="off")
     assert reader.specialist is not None and reader.specialist.settings == SpecialistSettings(0.9)
     assert check_specialist(reader.bundle, "off") is None
+    assert check_specialist(reader.bundle, "0.5") == SpecialistSettings(0.5)  # the user's trade, no retraining
     from runtime.preprocess import preprocess
 
     images = preprocess(_images()[:2], reader.bundle.preprocessing)
