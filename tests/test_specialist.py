@@ -9,15 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from sample_crops import SAMPLES, sharp_and_blurred
 
 from runtime import cli
 from runtime.options import OptionError, RecognizerConfig
 from runtime.recognizer import Recognizer
 from runtime.specialist import GRAPH_NAME, Specialist, SpecialistSettings, check_specialist
 from training.specialist_fit import choose_specialist, gated
-
-SAMPLES = Path(cli.DEFAULT_BUNDLE).parent / "samples"
 
 
 def test_settings_round_trip_and_rules() -> None:
@@ -66,14 +64,6 @@ class _FakeBackend:
         pass
 
 
-def _images() -> list[Image.Image]:
-    out = []
-    for path in sorted(SAMPLES.glob("*.png")):  # sharp, and blurred: words the head doubts
-        sharp = Image.open(path).convert("RGB")
-        out += [sharp, sharp.filter(ImageFilter.GaussianBlur(2.5))]
-    return out
-
-
 @pytest.mark.parametrize("decode", ["ctc", "cascade"])
 def test_only_doubtful_crops_are_asked_and_a_surer_reading_wins(decode: str) -> None:
     plain = Recognizer.from_bundle(None, llm="none", decode=decode, precision="fp32", threads=1, views="off")
@@ -81,7 +71,7 @@ def test_only_doubtful_crops_are_asked_and_a_surer_reading_wins(decode: str) -> 
     assert reader.specialist is None  # the embedded bundle has none
     backend = _FakeBackend(reader.codec, "zq")
     reader.specialist = Specialist(SpecialistSettings(0.8), backend)
-    images = _images()
+    images = sharp_and_blurred()
     before, after = plain.read(images, batch_size=1), reader.read(images, batch_size=1)
     doubtful = [i for i, r in enumerate(before) if not r.text or r.confidence < 0.8]
     assert 0 < len(doubtful) < len(images)  # the blur makes some words doubtful, not all
@@ -150,11 +140,11 @@ def test_an_exported_specialist_reads_as_the_tower_it_came_from(tmp_path: Path) 
     assert check_specialist(reader.bundle, "0.5") == SpecialistSettings(0.5)  # the user's trade, no retraining
     from runtime.preprocess import preprocess
 
-    images = preprocess(_images()[:2], reader.bundle.preprocessing)
+    images = preprocess(sharp_and_blurred()[:2], reader.bundle.preprocessing)
     general = reader.backend.run("image_encoder", {"images": images})["ctc_log_probs"]
     np.testing.assert_allclose(reader.specialist.log_probs(images), general, atol=1e-3)
     # the same tower is never surer than itself: every word as without it
     plain = Recognizer.from_bundle(root, llm="none", precision="fp32", threads=1, decode="ctc", views="off",
                                    specialist="off")
     assert plain.specialist is None
-    assert [r.text for r in reader.read(_images())] == [r.text for r in plain.read(_images())]
+    assert [r.text for r in reader.read(sharp_and_blurred())] == [r.text for r in plain.read(sharp_and_blurred())]

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image
+from sample_crops import SAMPLES, sharp_and_blurred
 
 from runtime import cli
 from runtime.options import OptionError, RecognizerConfig
 from runtime.recognizer import Recognizer
 from runtime.views import TurnSettings, ViewSettings, best_of_views, stretched, turned
-
-SAMPLES = Path(cli.DEFAULT_BUNDLE).parent / "samples"
 
 
 def _frames(path: list[int], sure: float, classes: int = 4) -> np.ndarray:
@@ -78,14 +77,6 @@ def _bundle_with_views(tmp_path: Path, views: dict | None) -> Path:
     return root
 
 
-def _images() -> list[Image.Image]:
-    out = []
-    for path in sorted(SAMPLES.glob("*.png")):  # sharp, and blurred: words the head doubts
-        sharp = Image.open(path).convert("RGB")
-        out += [sharp, sharp.filter(ImageFilter.GaussianBlur(2.5))]
-    return out
-
-
 def test_only_doubtful_crops_are_read_again_stretched(tmp_path: Path) -> None:
     bundle = _bundle_with_views(tmp_path, {"stretches": [1.5], "below_confidence": 0.8})
     reader = Recognizer.from_bundle(bundle, llm="none", decode="ctc", precision="fp32", threads=1)
@@ -94,7 +85,7 @@ def test_only_doubtful_crops_are_read_again_stretched(tmp_path: Path) -> None:
     widths: list[int] = []
     run = reader.backend.run
     reader.backend.run = lambda graph, feeds: widths.append(feeds["images"].shape[-1]) or run(graph, feeds)
-    images = _images()
+    images = sharp_and_blurred()
     results, plain = reader.read(images, batch_size=1), one_view.read(images, batch_size=1)
     doubtful = [i for i, r in enumerate(plain) if not r.text or r.confidence < 0.8]
     assert 0 < len(doubtful) < len(images)  # the blur makes some words doubtful, not all
@@ -145,7 +136,7 @@ def test_export_views_writes_what_it_chose(tmp_path: Path) -> None:
     folder = tmp_path / "val"
     (folder / "images").mkdir(parents=True)
     lines = []
-    for k, image in enumerate(_images()):
+    for k, image in enumerate(sharp_and_blurred()):
         image.save(folder / "images" / f"{k}.png")
         lines.append(f"{k}.png\t{sorted(SAMPLES.glob('*.png'))[k // 2].stem}\n")
     (folder / "labels.tsv").write_text("".join(lines))

@@ -56,6 +56,7 @@ from runtime.decoding import CharCodec
 from runtime.inputs import InputError, open_labelled
 from runtime.preprocess import ImageError, load_image, preprocess
 from training.checkpoint import load_checkpoint, save_checkpoint
+from training.specialist_fit import keeps
 
 
 @dataclass(frozen=True)
@@ -266,11 +267,6 @@ def pick_mix(rows: Sequence[dict[str, Any]], tolerance: float) -> dict[str, Any]
         return sum(row["keep_ctc"].values()) / max(1, len(row["keep_ctc"]))
 
     return max((row for row in rows if kept(row)), key=lambda row: (row["val_ctc"], mean_keep(row), -row["alpha"]))
-
-
-def keeps(row: dict[str, Any], original: dict[str, Any], tolerance: float) -> bool:
-    """Whether a mix loses at most ``tolerance`` points of the original's accuracy on every keep set."""
-    return all(row["keep_ctc"][name] >= value - tolerance - 1e-9 for name, value in original["keep_ctc"].items())
 
 
 def refine_mix(rows: list[dict[str, Any]], score: Any, tolerance: float, steps: int) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """Choosing a fine-tune's specialist (:mod:`runtime.specialist`) on its validation and keep sets.
 
-The general tower is the original or the chosen weight mix; the specialist is the tower at the
+Torch-free: the rows are scored from readings made elsewhere. The general tower is the original
+or the chosen weight mix; the specialist is the tower at the
 end of the schedule. Every pair (general, ``below_confidence`` on a grid, or no specialist) is
 scored from each tower's CTC readings of the sets, exactly as the runtime combines them
 (:meth:`SpecialistSettings.choose`), under the rule the mixes are chosen by: the most
@@ -19,6 +20,12 @@ from runtime.specialist import SpecialistSettings
 Reading = tuple[str, float]
 #: the thresholds tried: a crop read less confidently than this by the general tower is asked
 BELOW_GRID = (0.5, 0.7, 0.9, 0.97)
+
+
+def keeps(row: dict[str, Any], original: dict[str, Any], tolerance: float) -> bool:
+    """Whether a row (a mix, or a mix with a specialist) loses at most ``tolerance`` points of the
+    original's accuracy on every keep set (``keep_ctc``: accuracy per set)."""
+    return all(row["keep_ctc"][name] >= value - tolerance - 1e-9 for name, value in original["keep_ctc"].items())
 
 
 def accuracy(texts: Sequence[str], labels: Sequence[str]) -> float:
@@ -56,8 +63,6 @@ def choose_specialist(generals: Mapping[float, Mapping[str, Sequence[Reading]]],
     A row: ``alpha``, ``below`` (None: no specialist), ``val_ctc``, ``keep_ctc``, ``asked_pct``.
     Ties go to no specialist, then the higher mean keep accuracy, then the lower threshold (fewer
     crops read twice), then the smaller mix."""
-    from training.finetune import keeps
-
     rows = []
     for alpha, general in sorted(generals.items()):
         for below in (None, *grid):
