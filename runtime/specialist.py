@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.views import surety
+from runtime.views import surer
 
 #: ``--specialist``: ``auto`` consults the bundle's specialist when it has one, ``off`` never;
 #: a number P in (0, 1] consults it on the crops read less confidently than P (the bundle's
@@ -68,7 +68,7 @@ class SpecialistSettings:
 
     def prefers(self, general: tuple[str, float], special: tuple[str, float]) -> bool:
         """Whether the specialist's reading (text, confidence) replaces the general one."""
-        return bool(special[0]) and special[1] > surety(*general) + self.margin
+        return surer(special, general, self.margin)
 
     def choose(self, general: tuple[str, float], special: tuple[str, float] | None) -> str:
         """The text read, given the general reading and the specialist's (None: not asked)."""

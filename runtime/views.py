@@ -61,12 +61,18 @@ class TurnSettings:
 
     def prefers(self, upright: tuple[str, float], turned: tuple[str, float]) -> bool:
         """Whether the ``turned`` reading (text, confidence) replaces the ``upright`` one."""
-        return bool(turned[0]) and turned[1] > surety(*upright) + self.margin
+        return surer(turned, upright, self.margin)
 
 
 def surety(text: str, confidence: float) -> float:
     """A reading's confidence for comparing readings: 0 when it read nothing."""
     return confidence if text else 0.0
+
+
+def surer(challenger: tuple[str, float], reading: tuple[str, float], margin: float = 0.0) -> bool:
+    """Whether the ``challenger`` reading (text, confidence) replaces ``reading``: it read
+    something, more confidently by more than ``margin`` (a reading of nothing counts as 0)."""
+    return bool(challenger[0]) and challenger[1] > surety(*reading) + margin
 
 
 def turned(image: Image.Image, clockwise: bool) -> Image.Image:

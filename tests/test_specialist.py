@@ -15,7 +15,7 @@ from runtime import cli
 from runtime.options import OptionError, RecognizerConfig
 from runtime.recognizer import Recognizer
 from runtime.specialist import GRAPH_NAME, Specialist, SpecialistSettings, check_specialist
-from training.specialist_fit import choose_specialist, gated
+from training.specialist_fit import VAL, choose_specialist, gated
 
 
 def test_settings_round_trip_and_rules() -> None:
@@ -102,11 +102,11 @@ def test_options_check_the_specialist(tmp_path: Path) -> None:
 
 
 def test_the_specialist_is_chosen_on_validation_within_the_keep_tolerance() -> None:
-    labels = {"val": ["ab", "cd", "ef", "gh"], "keep": ["ij", "kl", "mn", "op"]}
-    original = {"val": [("ab", 0.95), ("xx", 0.4), ("yy", 0.6), ("zz", 0.85)],
+    labels = {VAL: ["ab", "cd", "ef", "gh"], "keep": ["ij", "kl", "mn", "op"]}
+    original = {VAL: [("ab", 0.95), ("xx", 0.4), ("yy", 0.6), ("zz", 0.85)],
                 "keep": [("ij", 0.99), ("kl", 0.65), ("mn", 0.99), ("op", 0.45)]}
     # the specialist reads the domain's doubtful words, but breaks a doubtful general word
-    special = {"val": [("ab", 0.99), ("cd", 0.9), ("ef", 0.9), ("gh", 0.95)],
+    special = {VAL: [("ab", 0.99), ("cd", 0.9), ("ef", 0.9), ("gh", 0.95)],
                "keep": [("ij", 0.99), ("kk", 0.7), ("mn", 0.99), ("oo", 0.3)]}
     row, rows = choose_specialist({0.0: original}, special, labels, tolerance=0.0, grid=(0.5, 0.7, 0.9))
     assert row["below"] == 0.5 and row["val_ctc"] == 50.0 and row["keep_ctc"]["keep"] == 100.0
@@ -119,7 +119,12 @@ def test_the_specialist_is_chosen_on_validation_within_the_keep_tolerance() -> N
     # a specialist that adds nothing is not shipped (ties go to the general tower alone)
     row, _ = choose_specialist({0.0: original}, original, labels, tolerance=1.0)
     assert row["below"] is None
-    assert gated(original["val"], special["val"], None) == ["ab", "xx", "yy", "zz"]
+    assert gated(original[VAL], special[VAL], None) == ["ab", "xx", "yy", "zz"]
+    # a keep set whose path is "val" (``--keep val``) is a keep set, not the validation set
+    with_val = {**labels, "val": labels["keep"]}
+    row, _ = choose_specialist({0.0: {**original, "val": original["keep"]}}, {**special, "val": special["keep"]},
+                               with_val, tolerance=0.0, grid=(0.5, 0.7, 0.9))
+    assert row["below"] == 0.5 and row["val_ctc"] == 50.0 and row["keep_ctc"]["val"] == 100.0
 
 
 @pytest.mark.slow

@@ -290,36 +290,44 @@ def refine_mix(rows: list[dict[str, Any]], score: Any, tolerance: float, steps: 
 def score_mixes(tower: Tower, original: dict[str, Tensor], trained: dict[str, Tensor],
                 val: tuple[list[np.ndarray], list[str]], keep: dict[str, tuple[list[np.ndarray], list[str]]],
                 codec: CharCodec, mixes: Sequence[float], tolerance: float = 0.5,
-                refine: int = 2) -> list[dict[str, Any]]:
+                refine: int = 2, readings: dict[float, dict[str, list[tuple[str, float]]]] | None = None,
+                ) -> list[dict[str, Any]]:
     """The validation accuracy and the accuracy on each keep set (CTC reading) of each mix of
     ``original`` and ``trained`` (mix 0, the original, always among them), with ``refine``
-    bisections at the edge of the tolerance (:func:`refine_mix`)."""
+    bisections at the edge of the tolerance (:func:`refine_mix`). ``readings``, when given, gets
+    each mix's CTC readings per set (``specialist_fit.VAL`` and the keep sets' names), for :func:`fit_specialist`."""
+    from training.specialist_fit import VAL, accuracy
+
+    sets = {VAL: val, **keep}
+
     def score(alpha: float) -> dict[str, Any]:
         tower.load_state_dict(mixed_state(original, trained, alpha))
-        return {"alpha": alpha, "val_ctc": ctc_accuracy(tower, *val, codec),
-                "keep_ctc": {name: ctc_accuracy(tower, *pairs, codec) for name, pairs in keep.items()}}
+        read = {name: ctc_readings(tower, crops, codec) for name, (crops, _) in sets.items()}
+        if readings is not None:
+            readings[alpha] = read
+        correct = {name: accuracy([text for text, _ in read[name]], labels) for name, (_, labels) in sets.items()}
+        return {"alpha": alpha, "val_ctc": correct.pop(VAL), "keep_ctc": correct}
 
     rows = [score(alpha) for alpha in sorted({0.0, *mixes})]
     return refine_mix(rows, score, tolerance, refine)
 
 
-def fit_specialist(tower: Tower, original: dict[str, Tensor], trained: dict[str, Tensor], alpha: float,
+def fit_specialist(tower: Tower, trained: dict[str, Tensor], alpha: float,
+                   readings: dict[float, dict[str, list[tuple[str, float]]]],
                    val: tuple[list[np.ndarray], list[str]], keep: dict[str, tuple[list[np.ndarray], list[str]]],
                    codec: CharCodec, tolerance: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Whether the trained tower, consulted on the crops the general one doubts (the original,
     or the mix ``alpha``), reads better than the mix alone (:mod:`training.specialist_fit`):
-    the chosen row (``below`` None: no specialist) and every row."""
-    from training.specialist_fit import choose_specialist
+    the chosen row (``below`` None: no specialist) and every row. ``readings``: each mix's CTC
+    readings from :func:`score_mixes` (the trained tower's is read here when mix 1 was not scored)."""
+    from training.specialist_fit import VAL, choose_specialist
 
-    sets = {"val": val, **keep}
-
-    def readings(state: dict[str, Tensor]) -> dict[str, list[tuple[str, float]]]:
-        tower.load_state_dict(state)
-        return {name: ctc_readings(tower, crops, codec) for name, (crops, _) in sets.items()}
-
-    generals = {a: readings(mixed_state(original, trained, a)) for a in sorted({0.0, alpha})}
-    special = readings(trained)
-    return choose_specialist(generals, special, {name: labels for name, (_, labels) in sets.items()}, tolerance)
+    sets = {VAL: val, **keep}
+    if 1.0 not in readings:
+        tower.load_state_dict(trained)
+        readings[1.0] = {name: ctc_readings(tower, crops, codec) for name, (crops, _) in sets.items()}
+    generals = {a: readings[a] for a in sorted({0.0, alpha})}
+    return choose_specialist(generals, readings[1.0], {name: labels for name, (_, labels) in sets.items()}, tolerance)
 
 
 def augment(image: Any, rng: random.Random) -> Any:
@@ -468,13 +476,14 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
     trained = copy.deepcopy(tower.state_dict())  # the end of the schedule: mixed with the original
     out.mkdir(parents=True, exist_ok=True)
     save_tower_state(trained, out / TRAINED_FILE)
+    readings: dict[float, dict[str, list[tuple[str, float]]]] = {}  # per mix, for the specialist's fit
     mixes = score_mixes(tower, teacher.state_dict(), trained, (val_x, val_y), keep_sets, codec,
-                        settings.mixes, settings.keep_tolerance, settings.refine)
+                        settings.mixes, settings.keep_tolerance, settings.refine, readings)
     chosen = pick_mix(mixes, settings.keep_tolerance)
     specialist, specialist_rows = None, None
     if settings.specialist:
-        specialist, specialist_rows = fit_specialist(tower, teacher.state_dict(), trained, chosen["alpha"],
-                                                     (val_x, val_y), keep_sets, codec, settings.keep_tolerance)
+        specialist, specialist_rows = fit_specialist(tower, trained, chosen["alpha"], readings, (val_x, val_y),
+                                                     keep_sets, codec, settings.keep_tolerance)
         if specialist["below"] is None:  # the mix alone reads best: as before
             specialist = None
         else:

@@ -18,6 +18,9 @@ from runtime.specialist import SpecialistSettings
 
 #: (text, confidence) of one crop's CTC reading
 Reading = tuple[str, float]
+#: the validation set's key among the sets scored (the keep sets are keyed by their paths, and no
+#: path holds a NUL, so a keep set named "val" cannot take its place)
+VAL = "\0val"
 #: the thresholds tried: a crop read less confidently than this by the general tower is asked
 BELOW_GRID = (0.5, 0.7, 0.9, 0.97)
 
@@ -44,13 +47,13 @@ def gated(general: Sequence[Reading], special: Sequence[Reading], settings: Spec
 
 def score(general: Mapping[str, Sequence[Reading]], special: Mapping[str, Sequence[Reading]],
           labels: Mapping[str, Sequence[str]], settings: SpecialistSettings | None) -> dict[str, Any]:
-    """Accuracy on ``val`` and each keep set (every other name), and the share of validation
+    """Accuracy on :data:`VAL` and each keep set (every other name), and the share of validation
     crops the specialist reads."""
-    val = general["val"]
+    val = general[VAL]
     asked = sum(settings.wants(*g) for g in val) if settings else 0
-    return {"val_ctc": accuracy(gated(val, special["val"], settings), labels["val"]),
+    return {"val_ctc": accuracy(gated(val, special[VAL], settings), labels[VAL]),
             "keep_ctc": {name: accuracy(gated(general[name], special[name], settings), labels[name])
-                         for name in labels if name != "val"},
+                         for name in labels if name != VAL},
             "asked_pct": round(100.0 * asked / max(1, len(val)), 2)}
 
 
@@ -59,7 +62,7 @@ def choose_specialist(generals: Mapping[float, Mapping[str, Sequence[Reading]]],
                       tolerance: float, grid: Sequence[float] = BELOW_GRID,
                       ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The chosen row and every row scored. ``generals``: readings per general mix (``alpha``;
-    0, the original, must be there); ``special``, ``labels``: per set (``val`` and the keep sets).
+    0, the original, must be there); ``special``, ``labels``: per set (:data:`VAL` and the keep sets).
     A row: ``alpha``, ``below`` (None: no specialist), ``val_ctc``, ``keep_ctc``, ``asked_pct``.
     Ties go to no specialist, then the higher mean keep accuracy, then the lower threshold (fewer
     crops read twice), then the smaller mix."""
