@@ -263,13 +263,15 @@ class Recognizer:
         see :func:`runtime.specialist.check_specialist`."""
         bundle = load_bundle(path, verify=verify)
         value = check_threshold(bundle.threshold if threshold is None else threshold)
-        check_decode(bundle, decode)
+        mode = check_decode(bundle, decode)
         check_views(bundle, views)
         check_specialist(bundle, specialist)
         settings = correction or bundle.correction
         corrector = make_corrector(llm, llm_mode, value, lexicon, settings)
+        # ``full`` reads with the decoders alone: the specialist's session is not opened
+        helper = open_specialist(bundle, specialist, threads) if mode != "full" else None
         return cls(bundle, select_backend(bundle, backend, precision, threads), corrector, value, llm_mode,
-                   min_confidence, settings, decode, views, open_specialist(bundle, specialist, threads))
+                   min_confidence, settings, decode, views, helper)
 
     @classmethod
     def from_config(cls, config: RecognizerConfig, num_cpus: float | None = None,

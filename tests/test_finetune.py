@@ -148,9 +148,22 @@ def test_a_short_finetune_writes_a_bundle_the_runtime_reads(tmp_path: Path, caps
     assert all(torch.allclose(remixed[name], saved[name], atol=1e-6) for name in saved)
 
 
+def test_minutes_bound_the_whole_run(capsys) -> None:
+    settings = finetune.FinetuneSettings(minutes=10.0)
+    mixes = len({0.0, *settings.mixes}) + settings.refine
+    after = 0.02 * 800 * (mixes + finetune.AFTER_RUNTIME_READS) + finetune.AFTER_FIXED_S
+    assert finetune.training_budget(settings, 60.0, 0.02, 800) == pytest.approx(600.0 - 60.0 - after)
+    assert "longer than --minutes" not in capsys.readouterr().err
+    # slow reading: training keeps its minimum share, and the run says it will overrun
+    assert finetune.training_budget(settings, 60.0, 1.0, 800) == pytest.approx(600.0 * finetune.MIN_TRAIN_SHARE)
+    assert "longer than --minutes" in capsys.readouterr().err
+    fixed = finetune.FinetuneSettings(minutes=10.0, train_minutes=3.0)
+    assert finetune.training_budget(fixed, 60.0, 1.0, 800) == 180.0
+
+
 def test_bad_arguments_are_one_line(tmp_path: Path, capsys) -> None:
     assert finetune.main([str(tmp_path), "--val", str(tmp_path), "-o", str(tmp_path / "o"), "--minutes", "0"]) == 2
-    assert "--minutes must be above 0" in capsys.readouterr().err
+    assert "--minutes and --train-minutes must be above 0" in capsys.readouterr().err
     assert finetune.main([str(tmp_path), "--val", str(tmp_path), "-o", str(tmp_path / "o"),
                           "--keep-synthetic", "0"]) == 2
     assert "--keep-synthetic 0 needs a --keep SET" in capsys.readouterr().err

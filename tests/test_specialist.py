@@ -153,3 +153,6 @@ def test_an_exported_specialist_reads_as_the_tower_it_came_from(tmp_path: Path) 
                                    specialist="off")
     assert plain.specialist is None
     assert [r.text for r in reader.read(sharp_and_blurred())] == [r.text for r in plain.read(sharp_and_blurred())]
+    # ``full`` reads with the decoders alone: no specialist session is opened
+    with Recognizer.from_bundle(root, llm="none", precision="fp32", threads=1, decode="full", views="off") as full:
+        assert full.specialist is None

@@ -3,6 +3,10 @@ without forgetting what it read before, on a CPU in minutes.
 
     python -m training.finetune TRAIN... --val VAL -o OUT [--minutes 10] [--from CKPT]
 
+``--minutes`` is the whole run's wall time: training gets what reading the sets before it and
+choosing, exporting and checking after it are expected to leave (``--train-minutes`` fixes the
+training time instead).
+
 TRAIN and VAL are labelled sets in the ``../shared/data`` layout (a folder with ``images/``
 and ``labels.tsv``, or a ``.tsv`` file; only the listed files count). The model starts from
 the embedded default's checkpoint (or ``--from``). The default reads what its tower's CTC head
@@ -63,7 +67,11 @@ from training.specialist_fit import keeps
 class FinetuneSettings:
     """What a fine-tune does; the defaults were chosen on validation data (docs/finetune.md)."""
 
+    #: the whole run's wall time: training gets what reading the sets before it and choosing,
+    #: exporting and checking after it are expected to leave (:func:`training_budget`)
     minutes: float = 10.0
+    #: training time instead (None: from ``minutes``); the run then takes longer than this
+    train_minutes: float | None = None
     batch: int = 16
     #: learning rates (AdamW) of the tower's convolutional backbone, of its SVTR neck and of
     #: the CTC head; 0 freezes that part
@@ -105,6 +113,34 @@ class FinetuneSettings:
     #: whether the trained tower may ship as the bundle's specialist, reading the crops the
     #: general tower doubts (:mod:`runtime.specialist`), when VAL and the keep sets say so
     specialist: bool = True
+
+
+#: the work after training, in units of one CTC reading of every VAL and keep crop by the tower
+#: (timed on VAL before training): one reading per mix scored, and AFTER_RUNTIME_READS for the
+#: runtime's readings (decode modes, views, before and after), plus AFTER_FIXED_S seconds of export
+#: and checks; fitted on runs here (docs/finetune.md, "Time")
+AFTER_RUNTIME_READS = 6.0
+AFTER_FIXED_S = 30.0
+#: training keeps at least this share of ``minutes``, whatever the estimate says (the run then
+#: takes longer than asked, and says so)
+MIN_TRAIN_SHARE = 0.25
+
+
+def training_budget(settings: FinetuneSettings, setup_s: float, per_crop_s: float, crops_after: int) -> float:
+    """Seconds of training: ``train_minutes`` when given, else what ``minutes`` leaves after the
+    setup (``setup_s``, done) and the estimated work after training (``crops_after`` VAL and keep
+    crops read ``per_crop_s`` each, per mix and by the runtime), at least ``MIN_TRAIN_SHARE``."""
+    if settings.train_minutes is not None:
+        return settings.train_minutes * 60.0
+    total = settings.minutes * 60.0
+    mixes = len({0.0, *settings.mixes}) + settings.refine
+    after = per_crop_s * crops_after * (mixes + AFTER_RUNTIME_READS) + AFTER_FIXED_S
+    budget = max(MIN_TRAIN_SHARE * total, total - setup_s - after)
+    print(f"fine-tune: {budget / 60:.1f} minutes of training (reading the sets took {setup_s / 60:.1f}, choosing "
+          f"and exporting after it about {after / 60:.1f})" + ("; the run takes longer than --minutes"
+                                                             if budget + setup_s + after > total + 1 else ""),
+          file=sys.stderr)
+    return budget
 
 
 class Batches:
@@ -430,9 +466,13 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
                                   weight_decay=settings.weight_decay)
     base_rates = [group["lr"] for group in optimizer.param_groups]
 
+    reading = time.monotonic()
     before = ctc_accuracy(tower, val_x, val_y, codec)
+    per_crop = (time.monotonic() - reading) / max(1, len(val_x))
     history = [{"step": 0, "seconds": 0.0, "val_ctc": before}]
-    budget = settings.minutes * 60.0
+    crops_after = len(val_x) + sum(len(crops) for crops, _ in keep_sets.values())
+    budget = training_budget(settings, time.monotonic() - started, per_crop, crops_after)
+    seconds = {"setup": time.monotonic() - started}
     train_start = time.monotonic()
     next_eval = train_start + settings.eval_every_s
     bar = progress_bar(budget, progress)
@@ -472,7 +512,8 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
             next_eval = time.monotonic() + settings.eval_every_s
     if bar is not None:
         bar.close()
-    train_seconds = time.monotonic() - train_start
+    train_seconds = seconds["train"] = time.monotonic() - train_start
+    choosing = time.monotonic()
     trained = copy.deepcopy(tower.state_dict())  # the end of the schedule: mixed with the original
     out.mkdir(parents=True, exist_ok=True)
     save_tower_state(trained, out / TRAINED_FILE)
@@ -489,6 +530,8 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
         else:
             chosen = {"alpha": specialist["alpha"], "val_ctc": specialist["val_ctc"],
                       "keep_ctc": specialist["keep_ctc"]}
+    seconds["mixes"] = time.monotonic() - choosing
+    exporting = time.monotonic()
     tower.load_state_dict(mixed_state(teacher.state_dict(), trained, chosen["alpha"]))
     tower.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors
     meta = {"finetune": {"settings": asdict(settings), "from": str(source), "train_crops": len(train),
@@ -508,10 +551,13 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
         add_specialist(bundle, model, SpecialistSettings(specialist["below"]),
                        {"val_ctc": specialist["val_ctc"], "keep_ctc": specialist["keep_ctc"],
                         "asked_pct": specialist["asked_pct"], "chosen_by": "python -m training.finetune"})
+    seconds["export"] = time.monotonic() - exporting
+    fitting = time.monotonic()
     decode, decode_scores = choose_decode(bundle, val, [pair for pairs in keep.values() for pair in pairs])
     views = choose_views(bundle, val, keep)
-    summary = {"val_before": round(runtime_accuracy(source, val)[0], 2),
-               "val_after": round(runtime_accuracy(bundle, val)[0], 2), "decode": decode, "views": views,
+    val_before, val_after = runtime_accuracy(source, val)[0], runtime_accuracy(bundle, val)[0]
+    seconds["bundle_settings"] = time.monotonic() - fitting
+    summary = {"val_before": round(val_before, 2), "val_after": round(val_after, 2), "decode": decode, "views": views,
                "val_ctc_before": round(before, 2), "val_ctc_after": round(chosen["val_ctc"], 2),
                "keep_ctc_before": {k: round(v, 2) for k, v in mixes[0]["keep_ctc"].items()},
                "keep_ctc_after": {k: round(v, 2) for k, v in chosen["keep_ctc"].items()},
@@ -521,6 +567,7 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
                "steps": step, "crops_seen": seen,
                "train_minutes": round(train_seconds / 60.0, 2),
                "total_minutes": round((time.monotonic() - started) / 60.0, 2),
+               "phase_minutes": {name: round(value / 60.0, 2) for name, value in seconds.items()},
                "checkpoint": str(checkpoint), "bundle": str(bundle)}
     (out / "finetune.json").write_text(json.dumps({**summary, "history": history, "mixes": mixes,
                                                    "specialist_rows": specialist_rows,
@@ -580,7 +627,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--from", dest="source", type=Path, metavar="CKPT",
                         help="checkpoint or bundle with model.json (default: the embedded default model)")
     defaults = FinetuneSettings()
-    parser.add_argument("--minutes", type=float, default=defaults.minutes, help="training time (default: %(default)s)")
+    parser.add_argument("--minutes", type=float, default=defaults.minutes,
+                        help="the whole run's wall time; training gets what reading the sets and choosing and "
+                             "exporting leave (default: %(default)s)")
+    parser.add_argument("--train-minutes", type=float, metavar="M",
+                        help="train for M minutes instead (the run then takes longer)")
     parser.add_argument("--batch", type=int, default=defaults.batch)
     parser.add_argument("--lr-backbone", type=float, default=defaults.lr_backbone, help="0 freezes the backbone")
     parser.add_argument("--lr-neck", type=float, default=defaults.lr_neck, help="0 freezes the SVTR neck")
@@ -606,14 +657,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.minutes <= 0 or args.batch < 1 or args.general < 1 or args.keep_synthetic < 0 or args.keep_tolerance < 0:
-        print("error: --minutes must be above 0, --batch and --general at least 1, --keep-synthetic and "
-              "--keep-tolerance at least 0", file=sys.stderr)
+    train_minutes_bad = args.train_minutes is not None and args.train_minutes <= 0
+    if args.minutes <= 0 or train_minutes_bad or args.batch < 1 or args.general < 1 or args.keep_synthetic < 0 \
+            or args.keep_tolerance < 0:
+        print("error: --minutes and --train-minutes must be above 0, --batch and --general at least 1, "
+              "--keep-synthetic and --keep-tolerance at least 0", file=sys.stderr)
         return 2
     if not args.keep and not args.keep_synthetic:
         print("error: --keep-synthetic 0 needs a --keep SET", file=sys.stderr)
         return 2
-    settings = FinetuneSettings(minutes=args.minutes, batch=args.batch, lr_backbone=args.lr_backbone,
+    settings = FinetuneSettings(minutes=args.minutes, train_minutes=args.train_minutes, batch=args.batch,
+                                lr_backbone=args.lr_backbone,
                                 lr_neck=args.lr_neck, lr_head=args.lr_head,
                                 distill=args.distill, distill_own=args.distill_own, general=args.general,
                                 ignore_case=args.ignore_case, eval_every_s=args.eval_every, seed=args.seed,
