@@ -72,6 +72,10 @@ def test_the_mix_is_the_best_on_validation_within_the_keep_tolerance() -> None:
     assert finetune.pick_mix(rows, 0.0)["alpha"] == 0.0  # nothing else keeps enough
     tie = [rows[0], row(0.4, 80.0, 90.0, 95.0)]
     assert finetune.pick_mix(tie, 0.5)["alpha"] == 0.0  # no gain: the original
+    # rows that count the keep words broken are held to those, not to the net accuracy
+    broken = [{**r, "keep_broken": {"real": b, "synthetic": 0.0}} for r, b in zip(rows, (0.0, 0.4, 1.0, 2.0, 3.0))]
+    assert finetune.pick_mix(broken, 0.5)["alpha"] == 0.5
+    assert finetune.pick_mix(broken, 1.0)["alpha"] == 0.6  # even on the real set, but a point of it broken
 
 
 def test_the_mix_is_refined_at_the_edge_of_the_tolerance() -> None:
@@ -114,6 +118,9 @@ def test_a_short_finetune_writes_a_bundle_the_runtime_reads(tmp_path: Path, caps
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"val_before", "val_after", "steps", "bundle", "checkpoint"} <= set(summary)
     assert summary["steps"] >= 1 and 0.0 <= summary["val_after"] <= 100.0
+    phases = summary["phase_minutes"]  # where the run's time went
+    assert set(phases) == {"setup", "train", "mixes", "export", "bundle_settings"}
+    assert sum(phases.values()) <= summary["total_minutes"] + 0.05
     meta = json.loads((out / "checkpoint" / "model.json").read_text())["meta"]["finetune"]
     assert meta["steps"] == summary["steps"] and meta["settings"]["batch"] == 4
     manifest = json.loads((out / "bundle" / "manifest.json").read_text())
@@ -130,7 +137,8 @@ def test_a_short_finetune_writes_a_bundle_the_runtime_reads(tmp_path: Path, caps
     assert (summary["specialist"] is None) == (specialist is None) == (meta["specialist"] is None)
     if specialist is not None:
         assert summary["specialist"]["below_confidence"] == specialist.below_confidence
-    assert set(summary["keep_ctc_after"]) == {str(val), "synthetic"}
+    assert set(summary["keep_ctc_after"]) == set(summary["keep_broken"]) == {str(val), "synthetic"}
+    assert all(v <= 0.5 for v in summary["keep_broken"].values())  # within --keep-tolerance
     from runtime.recognizer import Recognizer
 
     with Recognizer.from_bundle(out / "bundle", llm="none") as reader:

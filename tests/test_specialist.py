@@ -120,6 +120,15 @@ def test_the_specialist_is_chosen_on_validation_within_the_keep_tolerance() -> N
     row, _ = choose_specialist({0.0: original}, original, labels, tolerance=1.0)
     assert row["below"] is None
     assert gated(original[VAL], special[VAL], None) == ["ab", "xx", "yy", "zz"]
+    # a word the original read right and the specialist breaks counts, even where another keep
+    # word it fixes makes the net accuracy even
+    swapped = {VAL: original[VAL], "keep": [("ij", 0.6), ("kk", 0.5), ("mn", 0.99), ("op", 0.99)]}
+    trade = {VAL: special[VAL], "keep": [("ii", 0.9), ("kl", 0.9), ("mn", 0.99), ("op", 0.99)]}
+    row, rows = choose_specialist({0.0: swapped}, trade, labels, tolerance=0.0, grid=(0.7,))
+    assert row["below"] is None
+    assert rows[1]["keep_ctc"]["keep"] == 75.0 == rows[0]["keep_ctc"]["keep"] and rows[1]["keep_broken"]["keep"] == 25.0
+    row, _ = choose_specialist({0.0: swapped}, trade, labels, tolerance=25.0, grid=(0.7,))
+    assert row["below"] == 0.7
     # a keep set whose path is "val" (``--keep val``) is a keep set, not the validation set
     with_val = {**labels, "val": labels["keep"]}
     row, _ = choose_specialist({0.0: {**original, "val": original["keep"]}}, {**special, "val": special["keep"]},

@@ -5,7 +5,8 @@ or the chosen weight mix; the specialist is the tower at the
 end of the schedule. Every pair (general, ``below_confidence`` on a grid, or no specialist) is
 scored from each tower's CTC readings of the sets, exactly as the runtime combines them
 (:meth:`SpecialistSettings.choose`), under the rule the mixes are chosen by: the most
-validation words while every keep set loses at most the tolerance against the original.
+validation words while no keep set loses more than the tolerance of the words the original
+read right (:func:`keeps`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from runtime.charset import WordAccuracy
+from runtime.charset import WordAccuracy, eval_normalize
 from runtime.specialist import SpecialistSettings
 
 #: (text, confidence) of one crop's CTC reading
@@ -26,9 +27,25 @@ BELOW_GRID = (0.5, 0.7, 0.9, 0.97)
 
 
 def keeps(row: dict[str, Any], original: dict[str, Any], tolerance: float) -> bool:
-    """Whether a row (a mix, or a mix with a specialist) loses at most ``tolerance`` points of the
-    original's accuracy on every keep set (``keep_ctc``: accuracy per set)."""
+    """Whether a row (a mix, or a mix with a specialist) keeps what the original read: on every
+    keep set, at most ``tolerance`` points of its crops are words the original read right and
+    the row reads wrong (``keep_broken``; words gained elsewhere do not make up for them). A row
+    without ``keep_broken`` is held to its net loss of accuracy (``keep_ctc``) instead."""
+    broken = row.get("keep_broken")
+    if broken is not None:
+        return all(broken[name] <= tolerance + 1e-9 for name in original["keep_ctc"])
     return all(row["keep_ctc"][name] >= value - tolerance - 1e-9 for name, value in original["keep_ctc"].items())
+
+
+def rights(texts: Sequence[str], labels: Sequence[str]) -> list[bool]:
+    """Whether each text reads its label (the protocol's comparison)."""
+    return [eval_normalize(text) == eval_normalize(label) for text, label in zip(texts, labels, strict=True)]
+
+
+def broken_pct(texts: Sequence[str], labels: Sequence[str], before: Sequence[bool]) -> float:
+    """Percent of the crops read right ``before`` that ``texts`` reads wrong (of all the crops)."""
+    now = rights(texts, labels)
+    return 100.0 * sum(was and not right for was, right in zip(before, now, strict=True)) / max(1, len(now))
 
 
 def accuracy(texts: Sequence[str], labels: Sequence[str]) -> float:
@@ -46,15 +63,21 @@ def gated(general: Sequence[Reading], special: Sequence[Reading], settings: Spec
 
 
 def score(general: Mapping[str, Sequence[Reading]], special: Mapping[str, Sequence[Reading]],
-          labels: Mapping[str, Sequence[str]], settings: SpecialistSettings | None) -> dict[str, Any]:
-    """Accuracy on :data:`VAL` and each keep set (every other name), and the share of validation
-    crops the specialist reads."""
+          labels: Mapping[str, Sequence[str]], settings: SpecialistSettings | None,
+          before: Mapping[str, Sequence[bool]] | None = None) -> dict[str, Any]:
+    """Accuracy on :data:`VAL` and each keep set (every other name), the share of validation
+    crops the specialist reads and, given ``before`` (which keep crops the original reads
+    right), the percent of each keep set broken (:func:`broken_pct`)."""
     val = general[VAL]
     asked = sum(settings.wants(*g) for g in val) if settings else 0
-    return {"val_ctc": accuracy(gated(val, special[VAL], settings), labels[VAL]),
-            "keep_ctc": {name: accuracy(gated(general[name], special[name], settings), labels[name])
-                         for name in labels if name != VAL},
-            "asked_pct": round(100.0 * asked / max(1, len(val)), 2)}
+    texts = {name: gated(general[name], special[name], settings) for name in labels}
+    row = {"val_ctc": accuracy(texts[VAL], labels[VAL]),
+           "keep_ctc": {name: accuracy(texts[name], labels[name]) for name in labels if name != VAL},
+           "asked_pct": round(100.0 * asked / max(1, len(val)), 2)}
+    if before is not None:
+        row["keep_broken"] = {name: broken_pct(texts[name], labels[name], before[name])
+                              for name in labels if name != VAL}
+    return row
 
 
 def choose_specialist(generals: Mapping[float, Mapping[str, Sequence[Reading]]],
@@ -66,11 +89,12 @@ def choose_specialist(generals: Mapping[float, Mapping[str, Sequence[Reading]]],
     A row: ``alpha``, ``below`` (None: no specialist), ``val_ctc``, ``keep_ctc``, ``asked_pct``.
     Ties go to no specialist, then the higher mean keep accuracy, then the lower threshold (fewer
     crops read twice), then the smaller mix."""
+    before = {name: rights([text for text, _ in generals[0.0][name]], labels[name]) for name in labels if name != VAL}
     rows = []
     for alpha, general in sorted(generals.items()):
         for below in (None, *grid):
             settings = SpecialistSettings(below) if below is not None else None
-            rows.append({"alpha": alpha, "below": below, **score(general, special, labels, settings)})
+            rows.append({"alpha": alpha, "below": below, **score(general, special, labels, settings, before)})
     original = next(row for row in rows if row["alpha"] == 0.0 and row["below"] is None)
 
     def key(row: dict[str, Any]) -> tuple:
