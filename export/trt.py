@@ -34,6 +34,7 @@ from runtime import trt_api
 from runtime.bundle import MANIFEST_NAME
 from runtime.gpu import GpuProbe, tensorrt_status
 from runtime.preprocess import Preprocessing
+from runtime.specialist import GRAPH_NAME as SPECIALIST_GRAPH
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -191,6 +192,8 @@ def build_engines(bundle_dir: str | Path, precisions: Sequence[str], settings: B
     built = []
     for precision in precisions:
         for graph, entry in manifest["graphs"][precision].items():
+            if graph == SPECIALIST_GRAPH:  # a fine-tune's specialist reads its few doubtful crops with
+                continue  # onnxruntime on the CPU whatever the backend: no engine for it
             rel = engine_file(graph, precision, compute_capability, version)
             log(f"building {rel} (batch {settings.min_batch}..{settings.max_batch}, opt {settings.opt_batch})")
             shapes = {t["name"]: list(t["shape"]) for t in entry["inputs"]}

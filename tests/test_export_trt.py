@@ -103,6 +103,18 @@ def test_fake_build_updates_the_manifest(bundle: Path) -> None:
     load_bundle(bundle)
 
 
+def test_no_engine_is_built_for_a_specialist(bundle: Path) -> None:
+    from runtime.specialist import GRAPH_NAME
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["graphs"]["fp32"][GRAPH_NAME] = manifest["graphs"]["fp32"]["image_encoder"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    fake = FakeBuilder()
+    built = build_engines(bundle, ["fp32"], BuildSettings(), builder=fake, compute_capability="8.9",
+                          version="10.3.0", log=lambda m: None)
+    assert GRAPH_NAME not in {e["graph"] for e in built} and len(built) == 4
+
+
 def test_fp16_engines_are_built_from_the_fp16_graphs(bundle: Path) -> None:
     fake = FakeBuilder()
     built = build_engines(bundle, ["fp16"], BuildSettings(), builder=fake, compute_capability="8.9",

@@ -139,7 +139,7 @@ def training_budget(settings: FinetuneSettings, setup_s: float, per_crop_s: floa
     after = per_crop_s * crops_after * (mixes + AFTER_RUNTIME_READS) + AFTER_FIXED_S
     budget = max(MIN_TRAIN_SHARE * total, total - setup_s - after)
     print(f"fine-tune: {budget / 60:.1f} minutes of training (reading the sets took {setup_s / 60:.1f}, choosing "
-          f"and exporting after it about {after / 60:.1f})" + ("; the run takes longer than --minutes"
+          f"and exporting after it about {after / 60:.1f})" + ("; the run will likely take longer than --minutes"
                                                              if budget + setup_s + after > total + 1 else ""),
           file=sys.stderr)
     return budget
