@@ -92,7 +92,7 @@ class FinetuneSettings:
     #: synthetic words held out to measure what the general reading keeps (a keep set beside
     #: the user's ``--keep`` sets; 0: none, then ``--keep`` is needed)
     keep_synthetic: int = 400
-    #: points of each keep set that may be lost: words the original read right and the fine-tuned
+    #: percent of each keep set that may be lost: words the original read right and the fine-tuned
     #: reader reads wrong (words gained elsewhere do not make up for them). The trained weights
     #: are mixed with the original's (``original + alpha * (trained - original)``), and the mix
     #: (and specialist) that reads the validation sets best within this on every keep set is kept
@@ -120,7 +120,7 @@ class FinetuneSettings:
 #: the work after training, in units of one CTC reading of every VAL and keep crop by the tower
 #: (timed on VAL before training): one reading per mix scored, and AFTER_RUNTIME_READS for the
 #: runtime's readings (decode modes, views, before and after), plus AFTER_FIXED_S seconds of export
-#: and checks; fitted on runs here (docs/finetune.md, "Time")
+#: and checks; fitted on runs here (docs/finetune.md, "`--minutes` is the whole run")
 AFTER_RUNTIME_READS = 8.0
 AFTER_FIXED_S = 10.0
 #: training keeps at least this share of ``minutes``, whatever the estimate says (the run then
@@ -560,7 +560,8 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
         tower.load_state_dict(trained)
         add_specialist(bundle, model, SpecialistSettings(specialist["below"]),
                        {"val_ctc": specialist["val_ctc"], "keep_ctc": specialist["keep_ctc"],
-                        "asked_pct": specialist["asked_pct"], "chosen_by": "python -m training.finetune"})
+                        "keep_broken": specialist["keep_broken"], "asked_pct": specialist["asked_pct"],
+                        "chosen_by": "python -m training.finetune"})
     seconds["export"] = time.monotonic() - exporting
     fitting = time.monotonic()
     decode, decode_scores = choose_decode(bundle, val, [pair for pairs in keep.values() for pair in pairs])
@@ -654,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep", nargs="+", metavar="SET",
                         help="general labelled crops whose reading must be kept, each set within --keep-tolerance "
                              "(beside held-out synthetic words)")
-    parser.add_argument("--keep-tolerance", type=float, default=defaults.keep_tolerance, metavar="POINTS",
+    parser.add_argument("--keep-tolerance", type=float, default=defaults.keep_tolerance, metavar="PCT",
                         help="percent of each keep set that may be lost: words the original read right and "
                              "the result reads wrong (default: %(default)s)")
     parser.add_argument("--keep-synthetic", type=int, default=defaults.keep_synthetic, metavar="N",
