@@ -46,6 +46,7 @@ from export.precision import INT8_GRAPHS, rename_inputs, store_exact_half, to_fp
 from export.static_int8 import METHODS as STATIC_METHODS
 from runtime.backends import PRECISIONS
 from runtime.bundle import MANIFEST_NAME
+from runtime.specialist import GRAPH_NAME as SPECIALIST_GRAPH
 from training.checkpoint import CONFIG_NAME, WEIGHTS_NAME, checkpoint_dir, load_checkpoint, read_config
 from training.model.clip4str import CLIP4STR, default_bpe_path
 
@@ -352,6 +353,8 @@ def derive_precisions(bundle_dir: Path, graphs: dict[str, Any], precisions: Sequ
         (bundle_dir / precision).mkdir(exist_ok=True)
         entries: dict[str, Any] = {}
         for name, entry in fp32.items():
+            if name == SPECIALIST_GRAPH:  # a fine-tune's specialist is read in fp32 only
+                continue
             src = _plain_fp32(bundle_dir / entry["file"], bundle_dir / f".{name}.plain.onnx")
             rel = f"{precision}/{name}.onnx"
             if precision == "fp16":

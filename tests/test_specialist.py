@@ -162,6 +162,13 @@ def test_an_exported_specialist_reads_as_the_tower_it_came_from(tmp_path: Path) 
                                    specialist="off")
     assert plain.specialist is None
     assert [r.text for r in reader.read(sharp_and_blurred())] == [r.text for r in plain.read(sharp_and_blurred())]
+    # the specialist is read in fp32 only: other precisions derived later leave it out
+    from export.onnx import add_precisions
+
+    manifest = add_precisions(root, ["fp16"], lint=False)
+    assert GRAPH_NAME in manifest["graphs"]["fp32"] and GRAPH_NAME not in manifest["graphs"]["fp16"]
+    with Recognizer.from_bundle(root, llm="none", precision="fp16", threads=1, decode="ctc", views="off") as half:
+        assert half.specialist is not None and half.read(sharp_and_blurred()[:1])[0].ok
     # ``full`` reads with the decoders alone: no specialist session is opened
     with Recognizer.from_bundle(root, llm="none", precision="fp32", threads=1, decode="full", views="off") as full:
         assert full.specialist is None
