@@ -108,6 +108,11 @@ def keep_for_eval(label: str, max_length: int = MAX_LABEL_LENGTH) -> bool:
     return len("".join(label.split())) <= max_length
 
 
+def word_correct(prediction: str, label: str) -> bool:
+    """Whether ``prediction`` reads ``label`` under the evaluation protocol."""
+    return eval_normalize(prediction) == eval_normalize(label)
+
+
 class WordAccuracy:
     """Accumulates word accuracy and 1 - NED under the evaluation protocol."""
 
@@ -120,7 +125,7 @@ class WordAccuracy:
         for prediction, label in zip(predictions, labels, strict=True):
             p, g = eval_normalize(prediction), eval_normalize(label)
             self.n += 1
-            self.correct += p == g
+            self.correct += p == g  # as word_correct
             self.ned_sum += 1.0 - normalized_edit_distance(p, g)
 
     @property

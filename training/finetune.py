@@ -334,9 +334,11 @@ def score_mixes(tower: Tower, original: dict[str, Tensor], trained: dict[str, Te
     ``original`` and ``trained`` (mix 0, the original, always among them), with ``refine``
     bisections at the edge of the tolerance (:func:`refine_mix`). ``readings``, when given, gets
     each mix's CTC readings per set (``specialist_fit.VAL`` and the keep sets' names), for :func:`fit_specialist`."""
-    from training.specialist_fit import VAL, accuracy, broken_pct, rights
+    from training.specialist_fit import VAL, right_before
+    from training.specialist_fit import score as scored
 
     sets = {VAL: val, **keep}
+    labels = {name: truths for name, (_, truths) in sets.items()}
     before: dict[str, list[bool]] = {}  # which keep crops the original (mix 0, scored first) reads right
 
     def score(alpha: float) -> dict[str, Any]:
@@ -344,13 +346,11 @@ def score_mixes(tower: Tower, original: dict[str, Tensor], trained: dict[str, Te
         read = {name: ctc_readings(tower, crops, codec) for name, (crops, _) in sets.items()}
         if readings is not None:
             readings[alpha] = read
-        texts = {name: [text for text, _ in read[name]] for name in sets}
         if not before:
-            before.update({name: rights(texts[name], labels) for name, (_, labels) in keep.items()})
-        return {"alpha": alpha, "val_ctc": accuracy(texts[VAL], val[1]),
-                "keep_ctc": {name: accuracy(texts[name], labels) for name, (_, labels) in keep.items()},
-                "keep_broken": {name: broken_pct(texts[name], labels, before[name])
-                                for name, (_, labels) in keep.items()}}
+            before.update(right_before(read, labels))
+        row = scored(read, read, labels, None, before)  # the mix alone: no specialist
+        return {"alpha": alpha, "val_ctc": row["val_ctc"], "keep_ctc": row["keep_ctc"],
+                "keep_broken": row["keep_broken"]}
 
     rows = [score(alpha) for alpha in sorted({0.0, *mixes})]
     return refine_mix(rows, score, tolerance, refine)

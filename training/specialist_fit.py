@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from runtime.charset import WordAccuracy, eval_normalize
+from runtime.charset import WordAccuracy, word_correct
 from runtime.specialist import SpecialistSettings
 
 #: (text, confidence) of one crop's CTC reading
@@ -29,17 +29,19 @@ BELOW_GRID = (0.5, 0.7, 0.9, 0.97)
 def keeps(row: dict[str, Any], original: dict[str, Any], tolerance: float) -> bool:
     """Whether a row (a mix, or a mix with a specialist) keeps what the original read: on every
     keep set, at most ``tolerance`` points of its crops are words the original read right and
-    the row reads wrong (``keep_broken``; words gained elsewhere do not make up for them). A row
-    without ``keep_broken`` is held to its net loss of accuracy (``keep_ctc``) instead."""
-    broken = row.get("keep_broken")
-    if broken is not None:
-        return all(broken[name] <= tolerance + 1e-9 for name in original["keep_ctc"])
-    return all(row["keep_ctc"][name] >= value - tolerance - 1e-9 for name, value in original["keep_ctc"].items())
+    the row reads wrong (``keep_broken``; words gained elsewhere do not make up for them)."""
+    return all(row["keep_broken"][name] <= tolerance + 1e-9 for name in original["keep_ctc"])
 
 
 def rights(texts: Sequence[str], labels: Sequence[str]) -> list[bool]:
     """Whether each text reads its label (the protocol's comparison)."""
-    return [eval_normalize(text) == eval_normalize(label) for text, label in zip(texts, labels, strict=True)]
+    return [word_correct(text, label) for text, label in zip(texts, labels, strict=True)]
+
+
+def right_before(original: Mapping[str, Sequence[Reading]],
+                 labels: Mapping[str, Sequence[str]]) -> dict[str, list[bool]]:
+    """Which crops of each keep set (every name but :data:`VAL`) the original's readings read right."""
+    return {name: rights([text for text, _ in original[name]], labels[name]) for name in labels if name != VAL}
 
 
 def broken_pct(texts: Sequence[str], labels: Sequence[str], before: Sequence[bool]) -> float:
@@ -89,7 +91,7 @@ def choose_specialist(generals: Mapping[float, Mapping[str, Sequence[Reading]]],
     A row: ``alpha``, ``below`` (None: no specialist), ``val_ctc``, ``keep_ctc``, ``asked_pct``.
     Ties go to no specialist, then the higher mean keep accuracy, then the lower threshold (fewer
     crops read twice), then the smaller mix."""
-    before = {name: rights([text for text, _ in generals[0.0][name]], labels[name]) for name in labels if name != VAL}
+    before = right_before(generals[0.0], labels)
     rows = []
     for alpha, general in sorted(generals.items()):
         for below in (None, *grid):
