@@ -96,6 +96,46 @@ def test_the_mix_is_refined_at_the_edge_of_the_tolerance() -> None:
     assert finetune.refine_mix([row(a) for a in (0.0, 0.2)], score, 1.0, 2)[-1]["alpha"] == 0.2  # nothing to refine
 
 
+class _Threshold(torch.nn.Module):
+    """A tower stand-in: reads "a" where a crop's value is above its weight ``w``, else "b"; counts
+    the crops it reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.seen = 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.seen += len(images)
+        value = images.mean(dim=(1, 2, 3))
+        logits = torch.stack([torch.full_like(value, -9.0), 9.0 * (value - self.w), 9.0 * (self.w - value)], -1)
+        return logits[:, None, :].log_softmax(-1)
+
+
+def test_a_mix_that_breaks_a_keep_set_is_not_read_further() -> None:
+    import numpy as np
+
+    def crops(values: list[float]) -> list:
+        return [np.full((1, 3, 4, 8), v, dtype=np.float32) for v in values]
+
+    tower = _Threshold()
+    codec = CharCodec("ab")
+    keep_values = [0.05 * (i % 20) + 0.01 for i in range(96)]  # the original (w 0) reads every one "a"
+    keep = {"keep": (crops(keep_values), ["a"] * 96)}
+    val = (crops([0.3] * 20), ["b"] * 20)  # read "b" once the weight passes 0.3
+    original, trained = {"w": torch.tensor(0.0)}, {"w": torch.tensor(1.0)}
+    readings: dict = {}
+    rows = finetune.score_mixes(tower, original, trained, val, keep, codec, (0.0, 0.5, 1.0), tolerance=1.0,
+                                refine=0, readings=readings, whole=(1.0,))
+    by_alpha = {row["alpha"]: row for row in rows}
+    assert by_alpha[0.0]["val_ctc"] == 0.0 and by_alpha[1.0]["val_ctc"] == 100.0  # read whole
+    half = by_alpha[0.5]  # breaks half the keep set: stopped after its first batch of 32, VAL never read
+    assert half["stopped"] == "keep" and "val_ctc" not in half and half["keep_broken"]["keep"] > 1.0
+    assert sorted(readings) == [0.0, 1.0]
+    assert tower.seen == 2 * (96 + 20) + 32
+    assert finetune.pick_mix(rows, 1.0)["alpha"] == 0.0  # mix 1 breaks as much: only the original keeps
+
+
 def test_augment_keeps_the_size_and_changes_the_crop() -> None:
     import random
 
@@ -161,7 +201,7 @@ def test_a_short_finetune_writes_a_bundle_the_runtime_reads(tmp_path: Path, caps
 def test_minutes_bound_the_whole_run(capsys) -> None:
     settings = finetune.FinetuneSettings(minutes=10.0)
     mixes = len({0.0, *settings.mixes}) + settings.refine
-    after = 0.02 * 800 * (mixes + finetune.AFTER_RUNTIME_READS) + finetune.AFTER_FIXED_S
+    after = 0.02 * 800 * (finetune.MIX_READ_SHARE * mixes + finetune.AFTER_RUNTIME_READS) + finetune.AFTER_FIXED_S
     assert finetune.training_budget(settings, 60.0, 0.02, 800) == pytest.approx(600.0 - 60.0 - after)
     assert "longer than --minutes" not in capsys.readouterr().err
     # slow reading: training keeps its minimum share, and the run says it will overrun

@@ -47,7 +47,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,10 +56,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from runtime.charset import WordAccuracy, keep_for_eval, normalize_label
+from runtime.charset import WordAccuracy, normalize_label
 from runtime.decoding import CharCodec
 from runtime.inputs import InputError, open_labelled
 from runtime.preprocess import ImageError, load_image, preprocess
+from training.bundle_settings import settle_bundle
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.specialist_fit import keeps
 
@@ -112,16 +113,21 @@ class FinetuneSettings:
     eval_every_s: float = 60.0
     seed: int = 0
     threads: int = 0
+    #: fit the bundle's views anew on VAL and the keep sets (``export.views``), instead of keeping
+    #: the source bundle's when no set reads worse with them (:mod:`training.bundle_settings`)
+    fit_views: bool = False
     #: whether the trained tower may ship as the bundle's specialist, reading the crops the
     #: general tower doubts (:mod:`runtime.specialist`), when VAL and the keep sets say so
     specialist: bool = True
 
 
 #: the work after training, in units of one CTC reading of every VAL and keep crop by the tower
-#: (timed on VAL before training): one reading per mix scored, and AFTER_RUNTIME_READS for the
-#: runtime's readings (decode modes, views, before and after), plus AFTER_FIXED_S seconds of export
-#: and checks; fitted on runs here (docs/finetune.md, "`--minutes` is the whole run")
-AFTER_RUNTIME_READS = 8.0
+#: (timed on VAL before training): MIX_READ_SHARE of a reading per mix scored (most mixes stop
+#: early, :func:`score_mixes`), and AFTER_RUNTIME_READS for the runtime's readings (decode modes,
+#: views, before and after), plus AFTER_FIXED_S seconds of export and checks; fitted on runs here
+#: (docs/finetune.md, "`--minutes` is the whole run" and "Less reading after training")
+MIX_READ_SHARE = 0.5
+AFTER_RUNTIME_READS = 4.5
 AFTER_FIXED_S = 10.0
 #: training keeps at least this share of ``minutes``, whatever the estimate says (the run then
 #: takes longer than asked, and says so)
@@ -136,7 +142,7 @@ def training_budget(settings: FinetuneSettings, setup_s: float, per_crop_s: floa
         return settings.train_minutes * 60.0
     total = settings.minutes * 60.0
     mixes = len({0.0, *settings.mixes}) + settings.refine
-    after = per_crop_s * crops_after * (mixes + AFTER_RUNTIME_READS) + AFTER_FIXED_S
+    after = per_crop_s * crops_after * (MIX_READ_SHARE * mixes + AFTER_RUNTIME_READS) + AFTER_FIXED_S
     budget = max(MIN_TRAIN_SHARE * total, total - setup_s - after)
     print(f"fine-tune: {budget / 60:.1f} minutes of training (reading the sets took {setup_s / 60:.1f}, choosing "
           f"and exporting after it about {after / 60:.1f})" + ("; the run will likely take longer than --minutes"
@@ -233,13 +239,26 @@ def distillation(log_probs: Tensor, teacher: Tensor) -> Tensor:
 
 def ctc_readings(tower: Tower, crops: list[np.ndarray], codec: CharCodec) -> list[tuple[str, float]]:
     """(text, confidence) of the tower's greedy CTC reading of each crop, as the runtime reads."""
+    readings = ctc_readings_until(tower, crops, codec, None)
+    assert readings is not None
+    return readings
+
+
+def ctc_readings_until(tower: Tower, crops: list[np.ndarray], codec: CharCodec,
+                       stop: Callable[[list[int], list[Any]], bool] | None) -> list[tuple[str, float]] | None:
+    """:func:`ctc_readings`, asking ``stop(indices, readings)`` after each batch (the crops just
+    read, and the readings so far, None where not read yet); when it says so, the reading ends
+    there and None is returned."""
     from runtime.ctc_reading import ctc_prediction
 
     tower.eval()
-    out = []
-    for row in answers(tower, crops, 32):
-        prediction = ctc_prediction(codec, row.numpy())
-        out.append((prediction.text, prediction.confidence))
+    out: list[Any] = [None] * len(crops)
+    for chunk, rows in batched_answers(tower, crops, 32):
+        for i, row in zip(chunk, rows):
+            prediction = ctc_prediction(codec, row.numpy())
+            out[i] = (prediction.text, prediction.confidence)
+        if stop is not None and stop(chunk, out):
+            return None
     return out
 
 
@@ -251,17 +270,24 @@ def ctc_accuracy(tower: Tower, crops: list[np.ndarray], labels: list[str], codec
 
 
 @torch.no_grad()
-def answers(model: Tower, crops: list[np.ndarray], batch: int) -> list[Tensor]:
-    """``model``'s per-frame log-probabilities of each crop, run in batches of one width."""
-    out: list[Tensor | None] = [None] * len(crops)
+def batched_answers(model: Tower, crops: list[np.ndarray], batch: int) -> Iterator[tuple[list[int], Tensor]]:
+    """``model``'s per-frame log-probabilities, batch by batch (crops of one width together):
+    the crops' indices and their rows."""
     groups: dict[int, list[int]] = {}
     for i, x in enumerate(crops):
         groups.setdefault(x.shape[-1], []).append(i)
     for members in groups.values():
         for start in range(0, len(members), batch):
             chunk = members[start:start + batch]
-            for i, row in zip(chunk, model(torch.from_numpy(np.concatenate([crops[i] for i in chunk])))):
-                out[i] = row
+            yield chunk, model(torch.from_numpy(np.concatenate([crops[i] for i in chunk])))
+
+
+def answers(model: Tower, crops: list[np.ndarray], batch: int) -> list[Tensor]:
+    """``model``'s per-frame log-probabilities of each crop, run in batches of one width."""
+    out: list[Tensor | None] = [None] * len(crops)
+    for chunk, rows in batched_answers(model, crops, batch):
+        for i, row in zip(chunk, rows):
+            out[i] = row
     return out  # type: ignore[return-value]
 
 
@@ -329,21 +355,43 @@ def score_mixes(tower: Tower, original: dict[str, Tensor], trained: dict[str, Te
                 val: tuple[list[np.ndarray], list[str]], keep: dict[str, tuple[list[np.ndarray], list[str]]],
                 codec: CharCodec, mixes: Sequence[float], tolerance: float = 0.5,
                 refine: int = 2, readings: dict[float, dict[str, list[tuple[str, float]]]] | None = None,
+                whole: Sequence[float] = (),
                 ) -> list[dict[str, Any]]:
     """The validation accuracy and the accuracy on each keep set (CTC reading) of each mix of
     ``original`` and ``trained`` (mix 0, the original, always among them), with ``refine``
-    bisections at the edge of the tolerance (:func:`refine_mix`). ``readings``, when given, gets
-    each mix's CTC readings per set (``specialist_fit.VAL`` and the keep sets' names), for :func:`fit_specialist`."""
-    from training.specialist_fit import VAL, right_before
+    bisections at the edge of the tolerance (:func:`refine_mix`). The keep sets are read first,
+    and a mix's reading stops as soon as one of them has lost more words than the tolerance
+    allows (most mixes fail so, and neither the rest of that set nor VAL changes the verdict):
+    such a row has ``stopped`` (the set's name) and that set's ``keep_broken`` so far, no
+    accuracies. Mix 0 and the mixes in ``whole`` are always read whole. ``readings``, when given,
+    gets each whole mix's CTC readings per set (``specialist_fit.VAL`` and the keep sets' names),
+    for :func:`fit_specialist`."""
+    from runtime.charset import word_correct
+    from training.specialist_fit import VAL, most_broken, right_before
     from training.specialist_fit import score as scored
 
-    sets = {VAL: val, **keep}
+    sets = {**keep, VAL: val}  # VAL last: a mix that breaks a keep set is not read on it
     labels = {name: truths for name, (_, truths) in sets.items()}
     before: dict[str, list[bool]] = {}  # which keep crops the original (mix 0, scored first) reads right
 
     def score(alpha: float) -> dict[str, Any]:
         tower.load_state_dict(mixed_state(original, trained, alpha))
-        read = {name: ctc_readings(tower, crops, codec) for name, (crops, _) in sets.items()}
+        read: dict[str, list[tuple[str, float]]] = {}
+        for name, (crops, truths) in sets.items():
+            if not before or name == VAL or alpha in whole:
+                read[name] = ctc_readings(tower, crops, codec)
+                continue
+            allowed, broken = most_broken(len(truths), tolerance), [0]
+
+            def too_many(chunk: list[int], so_far: list[Any], name: str = name, truths: list[str] = truths,
+                         allowed: int = allowed, broken: list[int] = broken) -> bool:
+                broken[0] += sum(before[name][i] and not word_correct(so_far[i][0], truths[i]) for i in chunk)
+                return broken[0] > allowed
+
+            done = ctc_readings_until(tower, crops, codec, too_many)
+            if done is None:
+                return {"alpha": alpha, "stopped": name, "keep_broken": {name: 100.0 * broken[0] / len(truths)}}
+            read[name] = done
         if readings is not None:
             readings[alpha] = read
         if not before:
@@ -398,22 +446,6 @@ def augment(image: Any, rng: random.Random) -> Any:
 def preprocessed_crops(images: list[Any], spec: Any) -> list[np.ndarray]:
     """Each crop as the runtime preprocesses it alone: ``(1, 3, H, W)`` at its own padded width."""
     return [preprocess([image], spec) for image in images]
-
-
-def runtime_accuracy(bundle: Path | None, *sets: list[tuple[Any, str]], decode: str | None = None) -> list[float]:
-    """Accuracy (%) of the runtime's recognizer (``--llm none``; ``decode`` None: the
-    bundle's) with ``bundle`` on each of ``sets``, one recognizer for all."""
-    from runtime.recognizer import Recognizer
-
-    out = []
-    with Recognizer.from_bundle(bundle, llm="none", threads=1, decode=decode) as recognizer:
-        for pairs in sets:
-            accuracy = WordAccuracy()
-            kept = [(x, y) for x, y in pairs if keep_for_eval(y)]
-            results = recognizer.read([x for x, _ in kept])
-            accuracy.update([r.text or "" for r in results], [y for _, y in kept])
-            out.append(float(accuracy.as_dict()["accuracy"]))
-    return out
 
 
 def start_model(source: Path | None, threads: int, seed: int, command: str) -> tuple[Any, Path, random.Random]:
@@ -529,7 +561,8 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
     save_tower_state(trained, out / TRAINED_FILE)
     readings: dict[float, dict[str, list[tuple[str, float]]]] = {}  # per mix, for the specialist's fit
     mixes = score_mixes(tower, teacher.state_dict(), trained, (val_x, val_y), keep_sets, codec,
-                        settings.mixes, settings.keep_tolerance, settings.refine, readings)
+                        settings.mixes, settings.keep_tolerance, settings.refine, readings,
+                        whole=(1.0,) if settings.specialist else ())  # the specialist's fit reads mix 1 whole
     chosen = pick_mix(mixes, settings.keep_tolerance)
     specialist, specialist_rows = None, None
     if settings.specialist:
@@ -564,11 +597,10 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
                         "chosen_by": "python -m training.finetune"})
     seconds["export"] = time.monotonic() - exporting
     fitting = time.monotonic()
-    decode, decode_scores = choose_decode(bundle, val, [pair for pairs in keep.values() for pair in pairs])
-    views = choose_views(bundle, val, keep)
-    val_before, val_after = runtime_accuracy(source, val)[0], runtime_accuracy(bundle, val)[0]
+    settled = settle_bundle(bundle, source, val, keep, fit=settings.fit_views)
     seconds["bundle_settings"] = time.monotonic() - fitting
-    summary = {"val_before": round(val_before, 2), "val_after": round(val_after, 2), "decode": decode, "views": views,
+    summary = {"val_before": round(settled["val_before"], 2), "val_after": round(settled["val_after"], 2),
+               "decode": settled["decode"], "views": settled["views"],
                "val_ctc_before": round(before, 2), "val_ctc_after": round(chosen["val_ctc"], 2),
                "keep_ctc_before": {k: round(v, 2) for k, v in mixes[0]["keep_ctc"].items()},
                "keep_ctc_after": {k: round(v, 2) for k, v in chosen["keep_ctc"].items()},
@@ -583,40 +615,8 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
                "checkpoint": str(checkpoint), "bundle": str(bundle)}
     (out / "finetune.json").write_text(json.dumps({**summary, "history": history, "mixes": mixes,
                                                    "specialist_rows": specialist_rows,
-                                                   "decode_modes": decode_scores}, indent=2) + "\n")
+                                                   "decode_modes": settled["decode_scores"]}, indent=2) + "\n")
     return summary
-
-
-def choose_decode(bundle: Path, val: list[tuple[Any, str]], keep: list[tuple[Any, str]]) -> tuple[str, dict]:
-    """The decode mode the fine-tuned bundle reads best with (the mean of its validation and
-    keep accuracy; ties: cascade, then ctc, then full), written into its manifest's
-    ``defaults.decode``: the decoders were trained on the original tower's features, so
-    whether they still help is measured, not assumed. The mode and every mode's figures."""
-    from export.manifest import read_manifest, write_manifest
-
-    order = ("cascade", "ctc", "full")
-    scores = {mode: dict(zip(("val", "keep"), runtime_accuracy(bundle, val, keep, decode=mode))) for mode in order}
-    mode = max(order, key=lambda m: (scores[m]["val"] + scores[m]["keep"], -order.index(m)))
-    manifest = read_manifest(bundle)
-    manifest.setdefault("defaults", {})["decode"] = mode
-    write_manifest(bundle, manifest)
-    return mode, scores
-
-
-def choose_views(bundle: Path, val: list[tuple[Any, str]], keep: dict[str, list[tuple[Any, str]]]) -> dict | None:
-    """Whether the fine-tuned bundle reads doubtful crops again (turned when taller than wide,
-    stretched), fitted on VAL and the keep sets by ``export.views``' rule (most words gained,
-    no set worse) and written to its manifest; the settings (None: one view). Both "before"
-    and "after" are then what ``clipllama-run`` reads with each bundle."""
-    from export.views import fit_views
-    from runtime.inputs import Sample
-
-    def samples(name: str, pairs: list[tuple[Any, str]]) -> tuple[str, list[Sample]]:
-        kept = [(x, y) for x, y in pairs if keep_for_eval(y)]
-        return name, [Sample(f"{name}/{i}", x, y) for i, (x, y) in enumerate(kept)]
-
-    sets = [samples("val", val), *(samples(f"keep:{name}", pairs) for name, pairs in keep.items())]
-    return fit_views(bundle, [s for s in sets if s[1]], threads=1)
 
 
 def progress_bar(total: float, enabled: bool) -> Any:
@@ -664,6 +664,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-augment", action="store_true", help="use the crops as they are")
     parser.add_argument("--no-specialist", action="store_true",
                         help="never ship the trained tower as a specialist for doubtful crops (the weight mix only)")
+    parser.add_argument("--fit-views", action="store_true",
+                        help="fit which doubtful crops are read again under extra views on VAL and the keep sets "
+                             "(slower; by default the starting bundle's views are kept when no set reads worse)")
     parser.add_argument("--ignore-case", action="store_true", help="labels whose case is not reliable")
     parser.add_argument("--eval-every", type=float, default=defaults.eval_every_s, metavar="S")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -686,7 +689,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 ignore_case=args.ignore_case, eval_every_s=args.eval_every, seed=args.seed,
                                 threads=args.threads, keep_tolerance=args.keep_tolerance,
                                 keep_synthetic=args.keep_synthetic, cosine=not args.no_cosine,
-                                augment=not args.no_augment, specialist=not args.no_specialist)
+                                augment=not args.no_augment, specialist=not args.no_specialist,
+                                fit_views=args.fit_views)
     from runtime.charset import resolve_charset
 
     source = args.source

@@ -11,6 +11,7 @@ read right (:func:`keeps`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,8 +30,17 @@ BELOW_GRID = (0.5, 0.7, 0.9, 0.97)
 def keeps(row: dict[str, Any], original: dict[str, Any], tolerance: float) -> bool:
     """Whether a row (a mix, or a mix with a specialist) keeps what the original read: on every
     keep set, at most ``tolerance`` points of its crops are words the original read right and
-    the row reads wrong (``keep_broken``; words gained elsewhere do not make up for them)."""
+    the row reads wrong (``keep_broken``; words gained elsewhere do not make up for them). A row
+    whose reading was ``stopped`` (a keep set had already lost too many) does not."""
+    if row.get("stopped"):
+        return False
     return all(row["keep_broken"][name] <= tolerance + 1e-9 for name in original["keep_ctc"])
+
+
+def most_broken(crops: int, tolerance: float) -> int:
+    """The most words of a keep set of ``crops`` that may be broken within ``tolerance`` percent
+    (:func:`keeps`'s rule as a count)."""
+    return math.floor(tolerance * crops / 100.0 + 1e-7)
 
 
 def rights(texts: Sequence[str], labels: Sequence[str]) -> list[bool]:

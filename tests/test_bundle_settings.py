@@ -1,0 +1,55 @@
+"""training.bundle_settings: a fine-tune's bundle keeps the views it started with only when no
+set reads worse with them, and says why in its manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from runtime.views import ViewSettings
+from training import bundle_settings
+
+SETS = {"val": [(None, "open"), (None, "exit")], "keep:synthetic": [(None, "word"), (None, "2026")]}
+ONE_VIEW = {"val": ["opon", "exit"], "keep:synthetic": ["word", "2026"]}
+
+
+def _bundle(tmp_path: Path) -> Path:
+    (tmp_path / "manifest.json").write_text(json.dumps({"defaults": {"decode": "cascade"}}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("with_views, kept", [
+    ({"val": ["open", "exit"], "keep:synthetic": ["word", "2026"]}, True),  # one word fixed, none broken
+    ({"val": ["open", "exit"], "keep:synthetic": ["ward", "2026"]}, False),  # a keep word broken
+])
+def test_the_source_views_are_kept_when_no_set_reads_worse(tmp_path: Path, monkeypatch, with_views, kept) -> None:
+    bundle = _bundle(tmp_path)
+    settings = ViewSettings((1.1, 1.2), 0.7)
+    asked = []
+
+    def read(path, sets, decode=None, views=None):
+        asked.append(views)
+        return with_views
+
+    monkeypatch.setattr(bundle_settings, "runtime_texts", read)
+    chosen, texts = bundle_settings.keep_views(bundle, settings, SETS, ONE_VIEW, None)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert asked == [settings]  # one reading, with the source's views
+    if kept:
+        assert chosen == settings.to_dict() and texts == with_views
+        assert ViewSettings.from_manifest(manifest) == settings
+        section = manifest["defaults"]["views"]
+        assert section["gain"] == 1 and section["sets"]["val"] == {"n": 2, "fixed": 1, "broken": 0}
+    else:
+        assert chosen is None and texts == ONE_VIEW and ViewSettings.from_manifest(manifest) is None
+    assert manifest["defaults"]["decode"] == "cascade"
+
+
+def test_no_source_views_reads_nothing_again(tmp_path: Path, monkeypatch) -> None:
+    bundle = _bundle(tmp_path)
+    monkeypatch.setattr(bundle_settings, "runtime_texts", lambda *a, **k: pytest.fail("read again"))
+    assert bundle_settings.keep_views(bundle, None, SETS, ONE_VIEW, None) == (None, ONE_VIEW)
+    assert bundle_settings.source_views(tmp_path / "no-such-bundle") is None
+    assert bundle_settings.source_views(None) is not None  # the embedded default has views
