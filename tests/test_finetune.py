@@ -211,6 +211,12 @@ def test_minutes_bound_the_whole_run(capsys) -> None:
     assert finetune.training_budget(fixed, 60.0, 1.0, 800) == 180.0
 
 
+def test_small_keep_sets_are_named(capsys) -> None:
+    assert finetune.warn_small_keep_sets({"synthetic": 400, "general": 3000}, 0.5) == ["synthetic"]
+    assert "synthetic (400 crops: 2)" in capsys.readouterr().err
+    assert finetune.warn_small_keep_sets({"general": 3000}, 0.5) == [] and not capsys.readouterr().err
+
+
 def test_bad_arguments_are_one_line(tmp_path: Path, capsys) -> None:
     assert finetune.main([str(tmp_path), "--val", str(tmp_path), "-o", str(tmp_path / "o"), "--minutes", "0"]) == 2
     assert "--minutes and --train-minutes must be above 0" in capsys.readouterr().err

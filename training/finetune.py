@@ -134,6 +134,23 @@ AFTER_FIXED_S = 10.0
 MIN_TRAIN_SHARE = 0.2
 
 
+#: a keep set that allows fewer broken words than this gets a note: its verdicts turn on single
+#: words the original itself was unsure of (docs/finetune.md, "Less reading after training")
+FEW_BROKEN_ALLOWED = 5
+
+
+def warn_small_keep_sets(sizes: dict[str, int], tolerance: float) -> list[str]:
+    """Say (stderr) which keep sets allow fewer than :data:`FEW_BROKEN_ALLOWED` broken words; their names."""
+    from training.specialist_fit import most_broken
+
+    small = [name for name, n in sizes.items() if most_broken(n, tolerance) < FEW_BROKEN_ALLOWED]
+    if small:
+        listed = ", ".join(f"{name} ({sizes[name]} crops: {most_broken(sizes[name], tolerance)})" for name in small)
+        print(f"note: keep sets this small allow few broken words, so one unsure word can decide: {listed}; "
+              "a few thousand general crops in --keep make the check meaningful", file=sys.stderr)
+    return small
+
+
 def training_budget(settings: FinetuneSettings, setup_s: float, per_crop_s: float, crops_after: int) -> float:
     """Seconds of training: ``train_minutes`` when given, else what ``minutes`` leaves after the
     setup (``setup_s``, done) and the estimated work after training (``crops_after`` VAL and keep
@@ -499,6 +516,7 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
         raise SystemExit("error: no keep set: give --keep SET or --keep-synthetic N")
     keep_sets = {name: (preprocessed_crops([x for x, _ in pairs], spec), [y for _, y in pairs])
                  for name, pairs in keep.items()}
+    warn_small_keep_sets({name: len(pairs) for name, pairs in keep.items()}, settings.keep_tolerance)
     own = Batches(own_x, [(y, t, i) for i, ((_, y), t) in enumerate(zip(train, own_teacher))], settings.batch, rng)
     parts = ((tower.features.backbone, settings.lr_backbone), (tower.features.neck, settings.lr_neck),
              (tower.classifier, settings.lr_head))
