@@ -28,7 +28,7 @@ than either end (weight-space ensembling of fine-tuned models, WiSE-FT: Wortsman
 where it is surer; it is chosen, with its threshold, by the same rule on the same sets
 (:mod:`training.specialist_fit`), and only when it reads VAL better than the mix alone. Then
 the exported bundle's decode mode is chosen on VAL and the keep sets, and whether it reads
-doubtful crops again under extra views (``export.views``' turns and stretches).
+doubtful crops again under the starting bundle's views (:mod:`training.bundle_settings`).
 
 OUT gets ``checkpoint/`` (``model.json`` + ``model.safetensors``, with the fine-tune's
 settings and figures in its meta) and ``bundle/`` (exported as the default's is; ``clipllama-run
