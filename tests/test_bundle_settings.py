@@ -53,3 +53,11 @@ def test_no_source_views_reads_nothing_again(tmp_path: Path, monkeypatch) -> Non
     assert bundle_settings.keep_views(bundle, None, SETS, ONE_VIEW, None) == (None, ONE_VIEW)
     assert bundle_settings.source_views(tmp_path / "no-such-bundle") is None
     assert bundle_settings.source_views(None) is not None  # the embedded default has views
+
+
+def test_large_keep_sets_are_sampled_for_these_choices() -> None:
+    pairs = [(None, f"w{i}") for i in range(1200)]
+    sample = bundle_settings.sampled(pairs)
+    assert len(sample) == bundle_settings.KEEP_SAMPLE and sample == sorted(sample, key=lambda p: int(p[1][1:]))
+    assert sample == bundle_settings.sampled(pairs)  # seeded
+    assert bundle_settings.sampled(pairs[:40]) == pairs[:40]

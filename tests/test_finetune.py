@@ -207,6 +207,9 @@ def test_minutes_bound_the_whole_run(capsys) -> None:
     # slow reading: training keeps its minimum share, and the run says it will overrun
     assert finetune.training_budget(settings, 60.0, 1.0, 800) == pytest.approx(600.0 * finetune.MIN_TRAIN_SHARE)
     assert "longer than --minutes" in capsys.readouterr().err
+    # the runtime reads a sample of large keep sets: fewer crops, more training
+    fewer = finetune.training_budget(settings, 60.0, 0.02, 800, 300)
+    assert fewer == pytest.approx(600.0 - 60.0 - after + 0.02 * 500 * finetune.AFTER_RUNTIME_READS)
     fixed = finetune.FinetuneSettings(minutes=10.0, train_minutes=3.0)
     assert finetune.training_budget(fixed, 60.0, 1.0, 800) == 180.0
 

@@ -27,11 +27,23 @@ Pairs = Sequence[tuple[Any, str]]
 DECODE_ORDER = ("cascade", "ctc", "full")
 #: the validation set's name among the sets read (the keep sets are ``keep:NAME``)
 VAL_NAME = "val"
+#: the most crops of each keep set these choices read (a seeded sample of larger sets): they choose
+#: a decode mode and views, not what the tower keeps; the keep rule of the mixes reads every crop
+KEEP_SAMPLE = 500
 
 
 def counted(pairs: Pairs) -> list[tuple[Any, str]]:
     """The pairs the evaluation protocol counts."""
     return [(x, y) for x, y in pairs if keep_for_eval(y)]
+
+
+def sampled(pairs: Pairs, limit: int = KEEP_SAMPLE, seed: int = 0) -> list[tuple[Any, str]]:
+    """``pairs``, or a seeded sample of ``limit`` of them in their order when there are more."""
+    if len(pairs) <= limit:
+        return list(pairs)
+    import random
+
+    return [pairs[i] for i in sorted(random.Random(seed).sample(range(len(pairs)), limit))]
 
 
 def runtime_texts(bundle: Path | None, sets: Mapping[str, Pairs], decode: str | None = None,
@@ -138,9 +150,10 @@ def fit_views_anew(bundle: Path, sets: Mapping[str, Pairs]) -> tuple[dict | None
 def settle_bundle(bundle: Path, source: Path | None, val: Pairs, keep: Mapping[str, Pairs],
                   fit: bool = False) -> dict[str, Any]:
     """Choose and write the bundle's decode mode and views (see the module doc); ``decode``,
-    ``decode_scores``, ``views`` (None: one view), and the runtime's VAL accuracy with the
+    ``decode_scores``, ``views`` (None: one view; both read VAL and at most :data:`KEEP_SAMPLE`
+    crops of each keep set), and the runtime's VAL accuracy with the
     bundle (``val_after``) and with ``source`` (``val_before``, each with its own settings)."""
-    sets = {VAL_NAME: val, **{f"keep:{name}": pairs for name, pairs in keep.items()}}
+    sets = {VAL_NAME: val, **{f"keep:{name}": sampled(pairs) for name, pairs in keep.items()}}
     mode, scores, one_view = choose_decode(bundle, sets)
     if fit:
         views, texts = fit_views_anew(bundle, sets)

@@ -60,7 +60,7 @@ from runtime.charset import WordAccuracy, normalize_label
 from runtime.decoding import CharCodec
 from runtime.inputs import InputError, open_labelled
 from runtime.preprocess import ImageError, load_image, preprocess
-from training.bundle_settings import settle_bundle
+from training.bundle_settings import KEEP_SAMPLE, settle_bundle
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.specialist_fit import keeps
 
@@ -151,15 +151,18 @@ def warn_small_keep_sets(sizes: dict[str, int], tolerance: float) -> list[str]:
     return small
 
 
-def training_budget(settings: FinetuneSettings, setup_s: float, per_crop_s: float, crops_after: int) -> float:
+def training_budget(settings: FinetuneSettings, setup_s: float, per_crop_s: float, crops_after: int,
+                    runtime_crops: int | None = None) -> float:
     """Seconds of training: ``train_minutes`` when given, else what ``minutes`` leaves after the
     setup (``setup_s``, done) and the estimated work after training (``crops_after`` VAL and keep
-    crops read ``per_crop_s`` each, per mix and by the runtime), at least ``MIN_TRAIN_SHARE``."""
+    crops read ``per_crop_s`` each per mix, and ``runtime_crops`` of them, default all, by the
+    runtime), at least ``MIN_TRAIN_SHARE``."""
     if settings.train_minutes is not None:
         return settings.train_minutes * 60.0
     total = settings.minutes * 60.0
     mixes = len({0.0, *settings.mixes}) + settings.refine
-    after = per_crop_s * crops_after * (MIX_READ_SHARE * mixes + AFTER_RUNTIME_READS) + AFTER_FIXED_S
+    runtime_crops = crops_after if runtime_crops is None else runtime_crops
+    after = per_crop_s * (crops_after * MIX_READ_SHARE * mixes + runtime_crops * AFTER_RUNTIME_READS) + AFTER_FIXED_S
     budget = max(MIN_TRAIN_SHARE * total, total - setup_s - after)
     print(f"fine-tune: {budget / 60:.1f} minutes of training (reading the sets took {setup_s / 60:.1f}, choosing "
           f"and exporting after it about {after / 60:.1f})" + ("; the run will likely take longer than --minutes"
@@ -531,7 +534,8 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
     per_crop = (time.monotonic() - reading) / max(1, len(val_x))
     history = [{"step": 0, "seconds": 0.0, "val_ctc": before}]
     crops_after = len(val_x) + sum(len(crops) for crops, _ in keep_sets.values())
-    budget = training_budget(settings, time.monotonic() - started, per_crop, crops_after)
+    runtime_crops = len(val_x) + sum(min(len(crops), KEEP_SAMPLE) for crops, _ in keep_sets.values())
+    budget = training_budget(settings, time.monotonic() - started, per_crop, crops_after, runtime_crops)
     seconds = {"setup": time.monotonic() - started}
     train_start = time.monotonic()
     next_eval = train_start + settings.eval_every_s
