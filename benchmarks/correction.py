@@ -49,7 +49,7 @@ from typing import Any
 
 from benchmarks import char_widths, occlusion
 from benchmarks.common import fmt, machine, machine_line, markdown_table, percentile
-from runtime.charset import eval_normalize
+from runtime.charset import word_correct
 from runtime.decoding import Prediction, find_gaps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -309,7 +309,7 @@ def gap_report(work: Path) -> list[dict[str, Any]]:
                 entry = images[key]
                 gaps = find_gaps(entry.get("frames") or [], **rule, text=entry["text"])
                 flagged += bool(gaps)
-                if eval_normalize(entry["text"]) == eval_normalize(label):
+                if word_correct(entry["text"], label):
                     right += 1
                     alarms += bool(gaps)
                     continue
@@ -356,12 +356,11 @@ def evaluate(corrector: Any, words: Sequence[Word], charset: str) -> dict[str, A
     ms: list[float] = []
     for word in words:
         correction = corrector.correct_one(word.prediction, charset)
-        before = eval_normalize(word.prediction.text) == eval_normalize(word.label)
-        after = eval_normalize(correction.text) == eval_normalize(word.label)
+        before = word_correct(word.prediction.text, word.label)
+        after = word_correct(correction.text, word.label)
         right_before += before
         right_after += after
-        truth = eval_normalize(word.label)
-        reachable += before or any(eval_normalize(c.text) == truth for c in correction.candidates)
+        reachable += before or any(word_correct(c.text, word.label) for c in correction.candidates)
         if correction.gated:
             gated += 1
             ms.append(1000.0 * correction.time_s)

@@ -25,7 +25,7 @@ import string
 import time
 from pathlib import Path
 
-from runtime.charset import CHARSET_94, eval_normalize
+from runtime.charset import CHARSET_94, word_correct
 from runtime.correction.backend import LlamaCppBackend, find_default_gguf
 from runtime.correction.settings import RESCORE_PREFIX
 from runtime.decoding import Prediction
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                     "load_before": os.getloadavg()[0], "modes": {}}
     for masked in (1, 2):
         cases = [(label, p) for label in labels if (p := simulate(label, masked, rng)) is not None][: args.words]
-        vision = sum(eval_normalize(p.text) == eval_normalize(label) for label, p in cases) / len(cases)
+        vision = sum(word_correct(p.text, label) for label, p in cases) / len(cases)
         report["modes"][f"vision_{masked}"] = {"accuracy": round(vision, 3), "n": len(cases)}
         for mode in ("rescore", "fill"):
             corrector = Corrector.from_spec(str(path), mode=mode, time_budget_s=None, cache_size=0)
@@ -110,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                     hits = 0
                     for (label, _), r in zip(cases, results, strict=True):
                         best = max(r.candidates, key=lambda c: c.visual_logprob + weight * (c.llm_logprob or 0.0))
-                        hits += eval_normalize(best.text) == eval_normalize(label)
+                        hits += word_correct(best.text, label)
                     entry[f"accuracy_w{weight:g}"] = round(hits / len(cases), 3)
             else:
-                hits = sum(eval_normalize(r.text) == eval_normalize(label) for (label, _), r in zip(cases, results))
+                hits = sum(word_correct(r.text, label) for (label, _), r in zip(cases, results))
                 entry["accuracy"] = round(hits / len(cases), 3)
             report["modes"][f"{mode}_{masked}"] = entry
     report["prefix_reuse"] = {n: reuse_speed(path, n) for n in (5, 25)}

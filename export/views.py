@@ -34,7 +34,7 @@ from export.manifest import read_manifest, write_manifest
 from export.recheck import RecheckError, labelled_samples, read_every_way
 from runtime.backends import PRECISION_CHOICES
 from runtime.bundle import load_bundle
-from runtime.charset import eval_normalize
+from runtime.charset import word_correct
 from runtime.inputs import Sample
 from runtime.preprocess import load_image
 from runtime.recognizer import Recognizer
@@ -66,8 +66,8 @@ class ViewReadings:
 
     def figures(self, below: float) -> dict[str, Any]:
         """Words fixed and broken by reading again below ``below``, accuracies and the share read again."""
-        right = [eval_normalize(t) == eval_normalize(label) for t, label in zip(self.one_view, self.labels)]
-        after = [eval_normalize(t) == eval_normalize(label) for t, label in zip(self.all_views, self.labels)]
+        right = [word_correct(t, label) for t, label in zip(self.one_view, self.labels)]
+        after = [word_correct(t, label) for t, label in zip(self.all_views, self.labels)]
         again = self.again(below)
         fixed = sum(a and not r and g for r, a, g in zip(right, after, again))
         broken = sum(r and not a and g for r, a, g in zip(right, after, again))
@@ -130,11 +130,11 @@ class TurnReadings:
             again += 1
             best = max(turned_readings, key=lambda r: surety(*r))
             if turns.prefers(self.upright[i], best):
-                was = eval_normalize(text) == eval_normalize(self.labels[i])
-                now = eval_normalize(best[0]) == eval_normalize(self.labels[i])
+                was = word_correct(text, self.labels[i])
+                now = word_correct(best[0], self.labels[i])
                 fixed, broken = fixed + (now and not was), broken + (was and not now)
         n = len(self.labels)
-        right = sum(eval_normalize(t) == eval_normalize(label) for (t, _), label in zip(self.upright, self.labels))
+        right = sum(word_correct(t, label) for (t, _), label in zip(self.upright, self.labels))
         return {"n": n, "upright": round(100.0 * right / n, 3), "turns": round(100.0 * (right + fixed - broken) / n, 3),
                 "fixed": fixed, "broken": broken, "turned_pct": round(100.0 * again / n, 2)}
 
