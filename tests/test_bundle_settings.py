@@ -34,7 +34,7 @@ def test_the_source_views_are_kept_when_no_set_reads_worse(tmp_path: Path, monke
         return with_views
 
     monkeypatch.setattr(bundle_settings, "runtime_texts", read)
-    chosen, texts = bundle_settings.keep_views(bundle, settings, SETS, ONE_VIEW, None)
+    chosen, texts, figures = bundle_settings.keep_views(bundle, settings, SETS, ONE_VIEW, None)
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert asked == [settings]  # one reading, with the source's views
     if kept:
@@ -44,13 +44,14 @@ def test_the_source_views_are_kept_when_no_set_reads_worse(tmp_path: Path, monke
         assert section["gain"] == 1 and section["sets"]["val"] == {"n": 2, "fixed": 1, "broken": 0}
     else:
         assert chosen is None and texts == ONE_VIEW and ViewSettings.from_manifest(manifest) is None
+        assert figures["keep:synthetic"] == {"n": 2, "fixed": 0, "broken": 1}  # why, for finetune.json
     assert manifest["defaults"]["decode"] == "cascade"
 
 
 def test_no_source_views_reads_nothing_again(tmp_path: Path, monkeypatch) -> None:
     bundle = _bundle(tmp_path)
     monkeypatch.setattr(bundle_settings, "runtime_texts", lambda *a, **k: pytest.fail("read again"))
-    assert bundle_settings.keep_views(bundle, None, SETS, ONE_VIEW, None) == (None, ONE_VIEW)
+    assert bundle_settings.keep_views(bundle, None, SETS, ONE_VIEW, None) == (None, ONE_VIEW, None)
     assert bundle_settings.source_views(tmp_path / "no-such-bundle") is None
     assert bundle_settings.source_views(None) is not None  # the embedded default has views
 

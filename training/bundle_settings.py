@@ -109,30 +109,30 @@ def view_figures(one_view: Mapping[str, Sequence[str]], with_views: Mapping[str,
 
 
 def keep_views(bundle: Path, settings: ViewSettings | None, sets: Mapping[str, Pairs],
-               one_view: Mapping[str, Sequence[str]], source: Path | None) -> tuple[dict | None, dict[str, list[str]]]:
+               one_view: Mapping[str, Sequence[str]], source: Path | None,
+               ) -> tuple[dict | None, dict[str, list[str]], dict[str, dict[str, int]] | None]:
     """Read ``sets`` with the bundle's decode mode and ``settings`` (the source's views) and
     keep them in the manifest when no set reads worse than with one view (``one_view``: the
-    texts in that mode), else remove the views. The settings kept (None: one view) and the
-    texts the bundle now reads."""
+    texts in that mode), else remove the views. The settings kept (None: one view), the texts
+    the bundle now reads, and each set's words fixed and broken by the views (None: not read)."""
     manifest = read_manifest(bundle)
     defaults = manifest.setdefault("defaults", {})
-    if settings is None:
-        defaults.pop(MANIFEST_KEY, None)
-        write_manifest(bundle, manifest)
-        return None, {name: list(texts) for name, texts in one_view.items()}
-    texts = runtime_texts(bundle, sets, views=settings)
-    figures = view_figures(one_view, texts, labels_of(sets))
-    if any(f["fixed"] < f["broken"] for f in figures.values()):
-        defaults.pop(MANIFEST_KEY, None)
-        write_manifest(bundle, manifest)
-        return None, {name: list(texts) for name, texts in one_view.items()}
-    defaults[MANIFEST_KEY] = {**settings.to_dict(), "validation": list(sets), "precision": "auto",
-                              "gain": sum(f["fixed"] - f["broken"] for f in figures.values()), "sets": figures,
-                              "chosen_by": f"python -m training.finetune (the views of {source or 'the default'}, "
-                                           "no set worse)",
-                              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    figures = None
+    if settings is not None:
+        texts = runtime_texts(bundle, sets, views=settings)
+        figures = view_figures(one_view, texts, labels_of(sets))
+        if all(f["fixed"] >= f["broken"] for f in figures.values()):
+            defaults[MANIFEST_KEY] = {**settings.to_dict(), "validation": list(sets), "precision": "auto",
+                                      "gain": sum(f["fixed"] - f["broken"] for f in figures.values()),
+                                      "sets": figures,
+                                      "chosen_by": f"python -m training.finetune (the views of "
+                                                   f"{source or 'the default'}, no set worse)",
+                                      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            write_manifest(bundle, manifest)
+            return settings.to_dict(), texts, figures
+    defaults.pop(MANIFEST_KEY, None)
     write_manifest(bundle, manifest)
-    return settings.to_dict(), texts
+    return None, {name: list(texts) for name, texts in one_view.items()}, figures
 
 
 def fit_views_anew(bundle: Path, sets: Mapping[str, Pairs]) -> tuple[dict | None, dict[str, list[str]]]:
@@ -151,15 +151,17 @@ def settle_bundle(bundle: Path, source: Path | None, val: Pairs, keep: Mapping[s
                   fit: bool = False) -> dict[str, Any]:
     """Choose and write the bundle's decode mode and views (see the module doc); ``decode``,
     ``decode_scores``, ``views`` (None: one view; both read VAL and at most :data:`KEEP_SAMPLE`
-    crops of each keep set), and the runtime's VAL accuracy with the
+    crops of each keep set), ``views_check`` (:func:`keep_views`' figures, None when not read),
+    and the runtime's VAL accuracy with the
     bundle (``val_after``) and with ``source`` (``val_before``, each with its own settings)."""
     sets = {VAL_NAME: val, **{f"keep:{name}": sampled(pairs) for name, pairs in keep.items()}}
     mode, scores, one_view = choose_decode(bundle, sets)
+    figures = None
     if fit:
         views, texts = fit_views_anew(bundle, sets)
     else:
-        views, texts = keep_views(bundle, source_views(source), sets, one_view, source)
+        views, texts, figures = keep_views(bundle, source_views(source), sets, one_view, source)
     val_labels = labels_of({VAL_NAME: val})[VAL_NAME]
     before = runtime_texts(source, {VAL_NAME: val})[VAL_NAME]
-    return {"decode": mode, "decode_scores": scores, "views": views,
+    return {"decode": mode, "decode_scores": scores, "views": views, "views_check": figures,
             "val_after": accuracy(texts[VAL_NAME], val_labels), "val_before": accuracy(before, val_labels)}

@@ -637,7 +637,8 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
                "checkpoint": str(checkpoint), "bundle": str(bundle)}
     (out / "finetune.json").write_text(json.dumps({**summary, "history": history, "mixes": mixes,
                                                    "specialist_rows": specialist_rows,
-                                                   "decode_modes": settled["decode_scores"]}, indent=2) + "\n")
+                                                   "decode_modes": settled["decode_scores"],
+                                                   "views_check": settled["views_check"]}, indent=2) + "\n")
     return summary
 
 
