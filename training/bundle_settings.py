@@ -11,15 +11,16 @@ two at the cost of five readings of every set (docs/finetune.md); ``fit=True`` s
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from export.manifest import read_manifest, write_manifest
-from runtime.charset import keep_for_eval, word_correct
+from runtime.charset import keep_for_eval
 from runtime.views import MANIFEST_KEY, ViewSettings
-from training.specialist_fit import accuracy
+from training.specialist_fit import accuracy, rights
 
 #: labelled crops: (image, label) pairs
 Pairs = Sequence[tuple[Any, str]]
@@ -41,8 +42,6 @@ def sampled(pairs: Pairs, limit: int = KEEP_SAMPLE, seed: int = 0) -> list[tuple
     """``pairs``, or a seeded sample of ``limit`` of them in their order when there are more."""
     if len(pairs) <= limit:
         return list(pairs)
-    import random
-
     return [pairs[i] for i in sorted(random.Random(seed).sample(range(len(pairs)), limit))]
 
 
@@ -101,8 +100,7 @@ def view_figures(one_view: Mapping[str, Sequence[str]], with_views: Mapping[str,
     """Per set: its crops, and the words the views fix and break against one view."""
     out = {}
     for name, truths in labels.items():
-        before = [word_correct(t, y) for t, y in zip(one_view[name], truths, strict=True)]
-        after = [word_correct(t, y) for t, y in zip(with_views[name], truths, strict=True)]
+        before, after = rights(one_view[name], truths), rights(with_views[name], truths)
         out[name] = {"n": len(truths), "fixed": sum(a and not b for b, a in zip(before, after)),
                      "broken": sum(b and not a for b, a in zip(before, after))}
     return out
