@@ -18,12 +18,11 @@ degraded training crop and a clean keep crop (``training.finetune ... --keep OUT
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 
 SPLITS = (("train", 0.7), ("val", 0.1), ("test", 0.2))
 HEIGHT = 10
@@ -33,13 +32,9 @@ QUALITY = 20
 
 def degrade(image: Image.Image) -> Image.Image:
     """The domain's look: low resolution, blur, heavy JPEG."""
-    image = image.convert("RGB")
-    width, height = image.size
-    small = image.resize((max(1, round(width * HEIGHT / height)), HEIGHT), Image.Resampling.BILINEAR)
-    image = small.resize((width, height), Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(BLUR))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=QUALITY)
-    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    from training.data.transforms import camera_look
+
+    return camera_look(image, HEIGHT, BLUR, QUALITY)
 
 
 #: rows of lamps of the ``led`` look (a crop's height in lamps) and pixels per lamp

@@ -7,13 +7,18 @@
   3 ops per image at magnitude 5 (CLIP4STR/PARSeq's ``rand-m5-n3``).
 * :func:`build_transform` chains them: augmentation on the PIL image first, then
   the rare extras PARSeq also uses (Gaussian blur, Gaussian noise), then preprocessing.
+* :func:`worn_copy` makes a crop look as a cheap camera gives it (low resolution, blur, JPEG):
+  ``training.finetune`` checks forgetting on synthetic words so worn.
 """
 
 from __future__ import annotations
 
+import io
+import random
+
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
 from runtime.preprocess import Preprocessing, preprocess
@@ -49,6 +54,25 @@ class GaussianNoise:
 
     def __repr__(self) -> str:
         return f"GaussianNoise(sigma={self.sigma})"
+
+
+def camera_look(image: Image.Image, height: int, blur: float, quality: int) -> Image.Image:
+    """``image`` as a cheap camera gives it: shrunk to ``height`` pixels high and back (bilinear),
+    blurred (Gaussian, radius ``blur``) and saved as JPEG at ``quality``; same size, RGB."""
+    image = image.convert("RGB")
+    width, full = image.size
+    small = image.resize((max(1, round(width * height / full)), height), Image.Resampling.BILINEAR)
+    image = small.resize((width, full), Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(blur))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def worn_copy(image: Image.Image, rng: random.Random) -> Image.Image:
+    """:func:`camera_look` at a strength drawn from ``rng``: 12-22 pixels high (never taller than
+    the crop), blur radius 0-1, JPEG quality 25-70. Deterministic for a seeded ``rng``."""
+    height = min(rng.randint(12, 22), image.size[1])
+    return camera_look(image, height, rng.uniform(0.0, 1.0), rng.randint(25, 70))
 
 
 class ToModelInput:
