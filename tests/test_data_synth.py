@@ -174,3 +174,20 @@ def test_a_covered_character_is_a_box_of_the_border_colour():
     (y0, x0), (y1, x1) = changed.min(axis=0), changed.max(axis=0)
     assert (b[y0 : y1 + 1, x0 : x1 + 1] == colour).all()  # the changed region is one flat box
     assert x0 > 0 and x1 < b.shape[1] // 2 + b.shape[0]  # over the third letter, not the word's end
+
+
+def test_worn_copies_keep_the_size_and_follow_their_seed():
+    from PIL import Image
+
+    from training.data.transforms import worn_copy
+
+    crop = Image.new("RGB", (160, 48), "white")
+    crop.paste((0, 0, 0), (20, 10, 140, 38))
+    first = [worn_copy(crop, random.Random(seed)) for seed in range(4)]
+    again = [worn_copy(crop, random.Random(seed)) for seed in range(4)]
+    assert all(c.size == crop.size and c.mode == "RGB" for c in first)
+    assert [c.tobytes() for c in first] == [c.tobytes() for c in again]  # deterministic per seed
+    assert all(c.tobytes() != crop.tobytes() for c in first)  # worn: blurred edges at least
+    assert len({c.tobytes() for c in first}) > 1  # the strength is drawn
+    tiny = Image.new("RGB", (30, 8), "gray")  # shorter than the smallest height: kept as high
+    assert worn_copy(tiny, random.Random(0)).size == tiny.size

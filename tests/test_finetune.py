@@ -134,6 +134,22 @@ def test_a_mix_that_breaks_a_keep_set_is_not_read_further() -> None:
     assert sorted(readings) == [0.0, 1.0]
     assert tower.seen == 2 * (96 + 20) + 32
     assert finetune.pick_mix(rows, 1.0)["alpha"] == 0.0  # mix 1 breaks as much: only the original keeps
+    # the stopped row names the words that broke, with the original's confidence in each
+    assert half["allowed"] == 0 and len(half["broken_words"]) >= 1
+    assert all(label == "a" and 0.0 <= sure <= 1.0 for label, sure in half["broken_words"])
+    note = finetune.nothing_kept_note(rows, 1.0)
+    assert note is not None and "alpha 0.5" in note and "keep" in note and "0 allowed" in note
+    assert "the trained tower reads VAL at 100.0 against 0.0" in note
+
+
+def test_no_note_when_a_mix_was_read_whole() -> None:
+    rows = [{"alpha": 0.0, "val_ctc": 50.0, "keep_ctc": {"k": 90.0}, "keep_broken": {"k": 0.0}},
+            {"alpha": 0.2, "val_ctc": 49.0, "keep_ctc": {"k": 90.0}, "keep_broken": {"k": 0.0}},
+            {"alpha": 0.4, "stopped": "k", "keep_broken": {"k": 2.0}, "allowed": 1,
+             "broken_words": [["SECRET", 0.44], ["EXIT", 0.91]]}]
+    assert finetune.nothing_kept_note(rows, 0.5) is None  # mix 0.2 kept the set; it just read VAL worse
+    note = finetune.nothing_kept_note([rows[0], rows[2]], 0.5)
+    assert note is not None and "SECRET (0.44), EXIT (0.91)" in note and "1 allowed" in note
 
 
 def test_augment_keeps_the_size_and_changes_the_crop() -> None:
