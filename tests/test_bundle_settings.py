@@ -62,3 +62,27 @@ def test_large_keep_sets_are_sampled_for_these_choices() -> None:
     assert len(sample) == bundle_settings.KEEP_SAMPLE and sample == sorted(sample, key=lambda p: int(p[1][1:]))
     assert sample == bundle_settings.sampled(pairs)  # seeded
     assert bundle_settings.sampled(pairs[:40]) == pairs[:40]
+
+
+def test_synthetic_keep_words_do_not_judge_the_views(tmp_path: Path, monkeypatch) -> None:
+    """The views were fitted on real crops: a tower-only keep set (synthetic words) chooses the
+    decode mode with the others but is neither read with the views nor able to drop them."""
+    bundle = _bundle(tmp_path)
+    settings = ViewSettings((1.1, 1.2), 0.7)
+    read_with_views = []
+
+    def read(path, sets, decode=None, views=None):
+        if views not in (None, "off"):
+            read_with_views.append(sorted(sets))
+            return {"val": ["open", "exit"]}  # VAL gains a word with the views
+        if path == bundle:  # one view, per decode mode: the synthetic set reads right
+            return {"val": ["opon", "exit"], "keep:synthetic": ["word", "2026"]}
+        return {"val": ["opon", "exit"]}  # the source bundle
+
+    monkeypatch.setattr(bundle_settings, "runtime_texts", read)
+    monkeypatch.setattr(bundle_settings, "source_views", lambda source: settings)
+    pairs = {"synthetic": [(None, "word"), (None, "2026")]}
+    result = bundle_settings.settle_bundle(bundle, None, SETS["val"], pairs, tower_only=("synthetic",))
+    assert read_with_views == [["val"]]  # the synthetic words were not read with the views
+    assert result["views"] == settings.to_dict() and result["val_after"] == 100.0
+    assert set(result["decode_scores"]["cascade"]) == {"val", "keep"}  # they did weigh in the decode mode

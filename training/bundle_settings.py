@@ -146,19 +146,23 @@ def fit_views_anew(bundle: Path, sets: Mapping[str, Pairs]) -> tuple[dict | None
 
 
 def settle_bundle(bundle: Path, source: Path | None, val: Pairs, keep: Mapping[str, Pairs],
-                  fit: bool = False) -> dict[str, Any]:
+                  fit: bool = False, tower_only: Sequence[str] = ()) -> dict[str, Any]:
     """Choose and write the bundle's decode mode and views (see the module doc); ``decode``,
     ``decode_scores``, ``views`` (None: one view; both read VAL and at most :data:`KEEP_SAMPLE`
     crops of each keep set), ``views_check`` (:func:`keep_views`' figures, None when not read),
     and the runtime's VAL accuracy with the
-    bundle (``val_after``) and with ``source`` (``val_before``, each with its own settings)."""
+    bundle (``val_after``) and with ``source`` (``val_before``, each with its own settings).
+    The keep sets named in ``tower_only`` (synthetic words, which check what the tower forgets)
+    choose the decode mode but not the views, which were fitted on real crops."""
     sets = {VAL_NAME: val, **{f"keep:{name}": sampled(pairs) for name, pairs in keep.items()}}
     mode, scores, one_view = choose_decode(bundle, sets)
+    real = {name: pairs for name, pairs in sets.items() if name.removeprefix("keep:") not in tower_only}
     figures = None
     if fit:
-        views, texts = fit_views_anew(bundle, sets)
+        views, texts = fit_views_anew(bundle, real)
     else:
-        views, texts, figures = keep_views(bundle, source_views(source), sets, one_view, source)
+        views, texts, figures = keep_views(bundle, source_views(source), real,
+                                           {name: one_view[name] for name in real}, source)
     val_labels = labels_of({VAL_NAME: val})[VAL_NAME]
     before = runtime_texts(source, {VAL_NAME: val})[VAL_NAME]
     return {"decode": mode, "decode_scores": scores, "views": views, "views_check": figures,

@@ -137,6 +137,10 @@ AFTER_FIXED_S = 10.0
 MIN_TRAIN_SHARE = 0.2
 
 
+#: the name of the held-out synthetic keep set (it checks what the tower forgets; the runtime
+#: settings' views, fitted on real crops, are judged without it: :func:`settle_bundle`)
+SYNTHETIC_KEEP = "synthetic"
+
 #: a keep set that allows fewer broken words than this gets a note: its verdicts turn on single
 #: words the original itself was unsure of (docs/finetune.md, "Less reading after training")
 FEW_BROKEN_ALLOWED = 5
@@ -546,7 +550,7 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
         held_out = SynthWords(settings.keep_synthetic, settings.seed + 2, cfg.charset_train)
         wear = random.Random(settings.seed + 3)
         samples = (held_out.sample(i) for i in range(len(held_out)))
-        keep["synthetic"] = [(worn_copy(image, wear), label) for image, label in samples]
+        keep[SYNTHETIC_KEEP] = [(worn_copy(image, wear), label) for image, label in samples]
     if not keep:
         raise SystemExit("error: no keep set: give --keep SET or --keep-synthetic N")
     keep_sets = {name: (preprocessed_crops([x for x, _ in pairs], spec), [y for _, y in pairs])
@@ -654,7 +658,7 @@ def finetune(train: list[tuple[Any, str]], val: list[tuple[Any, str]], out: Path
                         "chosen_by": "python -m training.finetune"})
     seconds["export"] = time.monotonic() - exporting
     fitting = time.monotonic()
-    settled = settle_bundle(bundle, source, val, keep, fit=settings.fit_views)
+    settled = settle_bundle(bundle, source, val, keep, fit=settings.fit_views, tower_only=(SYNTHETIC_KEEP,))
     seconds["bundle_settings"] = time.monotonic() - fitting
     summary = {"val_before": round(settled["val_before"], 2), "val_after": round(settled["val_after"], 2),
                "decode": settled["decode"], "views": settled["views"],
