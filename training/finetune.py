@@ -375,9 +375,9 @@ def nothing_kept_note(rows: Sequence[dict[str, Any]], tolerance: float) -> str |
             if trained else "")
     return (f"note: nothing learnt was kept: the smallest mix tried (alpha {first['alpha']:g}) breaks {len(words)} "
             f"words of {name} that the original read right, {first.get('allowed', 0)} allowed at "
-            f"--keep-tolerance {tolerance:g}: {listed} (the original's confidence){gain}. When those words are ones "
-            "the original itself doubted, a larger keep set or a higher --keep-tolerance lets the domain's gain "
-            "through")
+            f"--keep-tolerance {tolerance:g}: {listed} (the original's confidence){gain}. Words the original "
+            "itself doubted can decide this: a keep set of a few thousand general crops tells forgetting from such "
+            "noise, and a higher --keep-tolerance trades general words for the domain's")
 
 
 def refine_mix(rows: list[dict[str, Any]], score: Any, tolerance: float, steps: int) -> list[dict[str, Any]]:
