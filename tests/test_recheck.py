@@ -36,7 +36,10 @@ def _reader(below: float | None, precision: str) -> Recognizer:
     backend = select_backend(bundle, "ort-cpu", precision, threads=1)
     if below is not None:
         backend.below_confidence = below  # 1.01: every crop, whatever its confidence
-    return Recognizer(bundle, backend)
+    # one view: the extra views of doubtful crops are encoded in fp32 under int8+fp32 whatever the
+    # threshold, so with them "nothing read again" is not the int8 reading (on a CPU with VNNI
+    # a blurred "Coffee" reads "Coftee" in int8 and "Cottee" from its fp32 views)
+    return Recognizer(bundle, backend, views="off")
 
 
 @pytest.fixture(scope="module")
