@@ -19,7 +19,7 @@ optionally on the user's crops). The tower's batch norms stay in inference mode
 Forgetting is handled after training, in weight space: the trained tower is mixed with the
 original (``original + alpha * (trained - original)``, alpha on a grid from 0 to 1) and the mix
 kept is the one that reads VAL best (the tower's CTC reading, the runtime's protocol) while
-no keep set (``--keep`` sets of general crops, and held-out synthetic words) loses more than
+no keep set (``--keep`` sets of general crops, and held-out synthetic words, worn) loses more than
 ``--keep-tolerance`` percent of its crops: words the original read right and the mix reads wrong
 (gains elsewhere do not make up for them). Such mixes often read the new domain better
 than either end (weight-space ensembling of fine-tuned models, WiSE-FT: Wortsman et al., CVPR
@@ -721,7 +721,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="percent of each keep set that may be lost: words the original read right and "
                              "the result reads wrong (default: %(default)s)")
     parser.add_argument("--keep-synthetic", type=int, default=defaults.keep_synthetic, metavar="N",
-                        help="held-out synthetic words kept as well (default: %(default)s; 0: only --keep)")
+                        help="held-out synthetic words, worn as a cheap camera gives them, kept as well "
+                             "(default: %(default)s; 0: only --keep)")
     parser.add_argument("--no-cosine", action="store_true", help="constant learning rates")
     parser.add_argument("--no-augment", action="store_true", help="use the crops as they are")
     parser.add_argument("--no-specialist", action="store_true",
