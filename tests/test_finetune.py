@@ -148,6 +148,7 @@ def test_no_note_when_a_mix_was_read_whole() -> None:
             {"alpha": 0.4, "stopped": "k", "keep_broken": {"k": 2.0}, "allowed": 1,
              "broken_words": [["SECRET", 0.44], ["EXIT", 0.91]]}]
     assert finetune.nothing_kept_note(rows, 0.5) is None  # mix 0.2 kept the set; it just read VAL worse
+    assert finetune.nothing_kept_note([rows[0], rows[2], {**rows[1], "alpha": 0.6}], 0.5) is None  # nor above
     note = finetune.nothing_kept_note([rows[0], rows[2]], 0.5)
     assert note is not None and "SECRET (0.44), EXIT (0.91)" in note and "1 allowed" in note
 

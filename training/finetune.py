@@ -361,12 +361,12 @@ def pick_mix(rows: Sequence[dict[str, Any]], tolerance: float) -> dict[str, Any]
 
 
 def nothing_kept_note(rows: Sequence[dict[str, Any]], tolerance: float) -> str | None:
-    """When the original was kept because even the smallest mix broke a keep set: a note naming
-    the words that broke (and the original's confidence in them) and what the trained tower reads
-    on VAL; else None."""
+    """When the original was kept because every mix below 1 broke a keep set (mix 1 is read whole
+    for the specialist): a note naming the words that broke the smallest (and the original's
+    confidence in them) and what the trained tower reads on VAL; else None."""
     mixed = sorted((row for row in rows if row["alpha"] > 0), key=lambda row: row["alpha"])
-    if not mixed or "stopped" not in mixed[0]:
-        return None
+    if not mixed or any("stopped" not in row for row in mixed if row["alpha"] < 1.0):
+        return None  # some mix kept every set: it was VAL that chose the original
     first, original = mixed[0], min(rows, key=lambda row: row["alpha"])
     name, words = first["stopped"], first.get("broken_words", [])
     listed = ", ".join(f"{label} ({confidence:.2f})" for label, confidence in words)
