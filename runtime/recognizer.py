@@ -35,6 +35,7 @@ from runtime.correction.settings import (
 from runtime.ctc_reading import DECODE_MODES, ctc_prediction, ctc_predictions
 from runtime.decoding import CharCodec, Prediction, ctc_rescored, softmax
 from runtime.inputs import Sample, Source, array_to_image, source_name
+from runtime.lm_fill import fill_all
 from runtime.options import LLM_MODES, WITHOUT_LLM, RecognizerConfig, default_llm_missing
 from runtime.preprocess import ImageError, load_image, pad_batch, preprocess, width_groups
 from runtime.specialist import Specialist, check_specialist, open_specialist
@@ -370,6 +371,9 @@ class Recognizer:
             predictions = self._decode(batch, timer)
             if self.views is not None:
                 predictions = self._read_views(pictures, predictions, self.views, timer)
+            if self.decode != "ctc" and self.corrector is None and self.correction.lm_fill.enabled:
+                with timer("decode_gate"):  # without a corrector, the language side fills CTC gaps
+                    predictions = fill_all(predictions, self.correction.lm_fill)
         except Exception as exc:  # backend failure: every image of this batch reports it
             for i in good:
                 results[i].error = f"inference failed ({type(exc).__name__}: {exc})"

@@ -78,7 +78,7 @@ def test_the_embedded_bundle_carries_the_section_with_todays_values() -> None:
     bundle = load_bundle(DEFAULT_BUNDLE, verify=True)  # its files' sha256 list is right
     assert bundle.manifest["schema_version"] == 2
     section = bundle.manifest["correction"]
-    assert {"provenance", "weights", "gaps", "margins", "llm"} <= set(section)
+    assert {"provenance", "weights", "gaps", "margins", "llm", "lm_fill"} <= set(section)
     assert bundle.correction == CorrectionSettings(threshold=bundle.threshold)
     assert section["gaps"]["char_widths"] == CorrectionSettings().gaps.char_widths
 

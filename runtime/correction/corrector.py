@@ -49,6 +49,7 @@ from runtime.correction.review import Review, prior, review
 from runtime.correction.score import ScoreTerms, ctc_terms, rescore
 from runtime.correction.settings import LEXICON_ONLY, CorrectionSettings, is_lexicon_only, lexicon_only_problem
 from runtime.decoding import Prediction
+from runtime.lm_fill import fill_slots, top_fills, word_model
 
 __all__ = ["LLMCorrector", "keeps_trusted"]
 
@@ -287,6 +288,7 @@ class LLMCorrector:
             found += lexicon_candidates(prediction, decision.masked, charset, lexicon, k=c.k, pool=c.lexicon_pool,
                                         prior_weight=s.weights.prior, lower=c.lowercase, inserts=inserts,
                                         insert_logprob=c.insert_logprob, slots=slots)
+        found += self._spelled(prediction, c.lowercase)
         ctc = prediction.ctc_log_probs if s.visual == "ctc" else None
         if ctc is not None:
             found.append(Candidate(prediction.text, fold(prediction.text, c.lowercase), 0.0, source="vision"))
@@ -316,6 +318,17 @@ class LLMCorrector:
             rescore(candidate, s.weights)
         out.sort(key=lambda candidate: -candidate.score)
         return out
+
+    def _spelled(self, prediction: Prediction, lower: bool) -> list[Candidate]:
+        """The character model's best fills of the word's gaps (``lm_fill.candidates`` of them):
+        names and words no lexicon has can be restored too."""
+        lm = self.settings.lm_fill
+        slots = fill_slots(prediction, lm.slack, lm.min_length) if lm.candidates and prediction.gaps else {}
+        if not slots:
+            return []
+        fills = top_fills(prediction.text, slots, word_model(lm.order), lm.max_inserts, lm.insert_logprob,
+                          lm.candidates)
+        return [Candidate(text, fold(text, lower), 0.0, source="charlm", inserted=combo) for text, combo in fills]
 
     # -- helpers -----------------------------------------------------------------------
 

@@ -327,9 +327,45 @@ class LLMRuntime:
         _count("llm.cache_size", self.cache_size, 0)
 
 
+@dataclass(frozen=True)
+class LMFill:
+    """Without a corrector (``--llm none``), the ``full`` and ``cascade`` decode modes fill
+    the CTC reading's gaps between two letters with the letters a character language model
+    of the shipped word list likes best (:mod:`runtime.lm_fill`); with a corrector its own
+    candidates do that (the model's best fills among them: ``candidates``). Chosen on the
+    validation sets (docs/correction.md)."""
+
+    enabled: bool = True
+    #: the character model's n-gram order (:class:`runtime.charlm.CharLM`)
+    order: int = 6
+    #: most characters inserted into one word
+    max_inserts: int = 2
+    #: a gap takes at most its estimated number of missing characters plus this many
+    slack: int = 1
+    #: natural-log cost of each inserted character (the reading as read competes too)
+    insert_logprob: float = -2.0
+    #: readings shorter than this are never filled
+    min_length: int = 2
+    #: with a corrector (``--llm``): how many of the model's best fills of a word's gaps join
+    #: its candidates (0: none; the lexicon's words and the decoder's alternatives only)
+    candidates: int = 0
+
+    def check(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise SettingsError(f"lm_fill.enabled must be true or false, got {self.enabled!r}")
+        _count("lm_fill.order", self.order, 1)
+        _count("lm_fill.max_inserts", self.max_inserts, 1)
+        if self.max_inserts > 3:
+            raise SettingsError(f"lm_fill.max_inserts must be at most 3, got {self.max_inserts!r}")
+        _count("lm_fill.slack", self.slack, 0)
+        _finite("lm_fill.insert_logprob", self.insert_logprob)
+        _count("lm_fill.min_length", self.min_length, 2)
+        _count("lm_fill.candidates", self.candidates, 0)
+
+
 #: The sections of :class:`CorrectionSettings`, by name.
 SECTIONS = {"joint": JointRescoring, "gaps": GapRule, "gate": GateSettings, "candidates": CandidateSettings,
-            "weights": Weights, "margins": Margins, "fill": FillSettings, "llm": LLMRuntime}
+            "weights": Weights, "margins": Margins, "fill": FillSettings, "llm": LLMRuntime, "lm_fill": LMFill}
 
 
 @dataclass(frozen=True)
@@ -348,6 +384,7 @@ class CorrectionSettings:
     margins: Margins = field(default_factory=Margins)
     fill: FillSettings = field(default_factory=FillSettings)
     llm: LLMRuntime = field(default_factory=LLMRuntime)
+    lm_fill: LMFill = field(default_factory=LMFill)
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, Mode)
