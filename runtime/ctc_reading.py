@@ -24,7 +24,8 @@ from runtime.decoding import (
 
 #: How :class:`~runtime.recognizer.Recognizer` reads: ``full`` the method (both decoders,
 #: CTC rescoring), ``ctc`` the tower's CTC head alone, ``cascade`` the CTC head first and the
-#: decoders only for the words the confidence gate does not trust.
+#: decoders only for the words the confidence gate does not trust. Without a corrector, ``full``
+#: and ``cascade`` also fill CTC gaps from spelling (:mod:`runtime.lm_fill`).
 DECODE_MODES = ("full", "ctc", "cascade")
 
 

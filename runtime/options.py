@@ -289,7 +289,8 @@ def add_recognizer_options(parser: argparse.ArgumentParser, backend_note: str = 
     group.add_argument("--decode", choices=DECODE_MODES, default=None,
                        help="full: both decoders (the method); ctc: the image tower's CTC head alone (faster); "
                             "cascade: CTC first, the decoders for words the gate does not trust "
-                            "(default: the bundle's; the embedded bundle's is cascade)")
+                            "(default: the bundle's; the embedded bundle's is cascade); with --llm none, full and "
+                            "cascade also restore letters CTC skipped, from spelling (correction.lm_fill)")
     group.add_argument("--views", choices=VIEW_CHOICES, default=None,
                        help="auto: crops the CTC head is unsure of are read again, turned when taller than wide "
                             "and stretched, as the bundle says (defaults.views; the embedded bundle: about 1 crop "
