@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 _START, _END = "^", "$"
 _LN10 = math.log(10.0)
+#: remembered character probabilities (context, character) before the memo starts afresh
+MEMO_LIMIT = 1_000_000
 
 
 class CharLM:
@@ -80,6 +82,8 @@ class CharLM:
             total, kinds = self._totals[k][ctx]
             share = total / (total + kinds)
             prob = share * table.get(char, 0.0) / total + (1.0 - share) * prob
+        if len(self._memo) >= MEMO_LIMIT:  # a long-running server: keep the memory bounded
+            self._memo.clear()
         self._memo[key] = prob
         return prob
 

@@ -101,3 +101,12 @@ def test_without_a_corrector_full_and_cascade_restore_covered_letters_and_ctc_do
         reader.close()
     assert texts["full"] == texts["cascade"] == ["hello", "Coffee"]
     assert all(len(c) < len(f) for c, f in zip(texts["ctc"], texts["full"], strict=True))  # CTC skipped them
+
+
+def test_the_memo_stays_bounded(model: CharLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    import runtime.charlm as charlm
+
+    monkeypatch.setattr(charlm, "MEMO_LIMIT", 5)
+    first = model.logp("rescued")
+    assert len(model._memo) <= 5
+    assert model.logp("rescued") == first  # the same probabilities after a reset
