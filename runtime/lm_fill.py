@@ -19,22 +19,29 @@ import numpy as np
 
 from runtime.charlm import CharLM
 from runtime.correction.lexicon import Lexicon
-from runtime.correction.settings import LMFill
+from runtime.correction.review import weak_slots
+from runtime.correction.settings import GapRule, LMFill
 from runtime.decoding import Prediction, filled_frames
 
 #: what may be inserted (between two letters)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def fill_slots(prediction: Prediction, slack: int, min_length: int = 2) -> dict[int, int]:
+def fill_slots(prediction: Prediction, slack: int, min_length: int = 2, rule: GapRule | None = None) -> dict[int, int]:
     """Slot -> most characters to insert there: the prediction's gaps between two letters of
     a word of letters and digits at least ``min_length`` long, each its estimated count plus
-    ``slack``. No gap next to a digit: a language model cannot tell a covered digit."""
+    ``slack``; with a gap ``rule``, also its weak slots (:func:`runtime.correction.review.weak_slots`,
+    one character each) in a word that has a gap. No slot next to a digit: a language model
+    cannot tell a covered digit."""
     text = prediction.text
     if len(text) < max(2, min_length) or not text.isalnum() or not text.isascii():
         return {}
-    return {g.slot: g.missing + slack for g in prediction.gaps
-            if 0 < g.slot < len(text) and text[g.slot - 1].isalpha() and text[g.slot].isalpha()}
+    slots = {g.slot: g.missing + slack for g in prediction.gaps if 0 < g.slot < len(text)}
+    if slots and rule is not None:
+        for slot in weak_slots(prediction, rule):
+            slots.setdefault(slot, 1)
+    return {slot: n for slot, n in slots.items()
+            if 0 < slot < len(text) and text[slot - 1].isalpha() and text[slot].isalpha()}
 
 
 def layouts(length: int, inserts: int, slots: dict[int, int]) -> list[tuple[int, ...]]:
@@ -108,10 +115,10 @@ def cased(word: str, combo: tuple[int, ...], text: str) -> str:
 
 
 def filled(prediction: Prediction, model: CharLM, *, max_inserts: int, slack: int,
-           insert_logprob: float, min_length: int = 2) -> Prediction | None:
+           insert_logprob: float, min_length: int = 2, rule: GapRule | None = None) -> Prediction | None:
     """``prediction`` with its gaps filled (each inserted character's probability: the filled
     word's share among the candidates), or None when it has no gap or the reading wins."""
-    slots = fill_slots(prediction, slack, min_length)
+    slots = fill_slots(prediction, slack, min_length, rule)
     if not slots:
         return None
     found = best_fill(prediction.text, slots, model, max_inserts, insert_logprob)
@@ -140,9 +147,11 @@ def word_model(order: int) -> CharLM:
     return CharLM.from_lexicon(Lexicon.default(), order)
 
 
-def fill_all(predictions: list[Prediction], settings: LMFill, model: CharLM | None = None) -> list[Prediction]:
+def fill_all(predictions: list[Prediction], settings: LMFill, model: CharLM | None = None,
+             rule: GapRule | None = None) -> list[Prediction]:
     """:func:`filled` for each prediction that has gaps (the others as they are); ``model``
-    defaults to :func:`word_model` of ``settings.order``, built only when a word has a gap."""
+    defaults to :func:`word_model` of ``settings.order``, built only when a word has a gap;
+    ``rule``: the gap rule whose weak slots count too (``settings.weak_slots``)."""
     if not settings.enabled:
         return predictions
     out = []
@@ -151,6 +160,7 @@ def fill_all(predictions: list[Prediction], settings: LMFill, model: CharLM | No
         if p.gaps:
             model = model or word_model(settings.order)
             new = filled(p, model, max_inserts=settings.max_inserts, slack=settings.slack,
-                         insert_logprob=settings.insert_logprob, min_length=settings.min_length)
+                         insert_logprob=settings.insert_logprob, min_length=settings.min_length,
+                         rule=rule if settings.weak_slots else None)
         out.append(p if new is None else new)
     return out

@@ -373,7 +373,7 @@ class Recognizer:
                 predictions = self._read_views(pictures, predictions, self.views, timer)
             if self.decode != "ctc" and self.corrector is None and self.correction.lm_fill.enabled:
                 with timer("decode_gate"):  # without a corrector, the language side fills CTC gaps
-                    predictions = fill_all(predictions, self.correction.lm_fill)
+                    predictions = fill_all(predictions, self.correction.lm_fill, rule=self.correction.gaps)
         except Exception as exc:  # backend failure: every image of this batch reports it
             for i in good:
                 results[i].error = f"inference failed ({type(exc).__name__}: {exc})"

@@ -5,6 +5,7 @@ the reading is likelier than any fill."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -110,3 +111,14 @@ def test_the_memo_stays_bounded(model: CharLM, monkeypatch: pytest.MonkeyPatch) 
     first = model.logp("rescued")
     assert len(model._memo) <= 5
     assert model.logp("rescued") == first  # the same probabilities after a reset
+
+
+def test_a_word_with_a_gap_may_take_a_letter_at_its_weak_slots_too() -> None:
+    rule = CorrectionSettings().gaps  # weak slots: at least 1.3 times the expected distance
+    frames = [0.0, 4.8, 7.8, 13.8, 16.8, 19.8]  # R-s wide (weak), t-a wider (the gap)
+    word = Prediction("Rstaon", [0.9] * 6, [], frames, [Gap(3, 1, 2.0)])
+    assert fill_slots(word, slack=1, rule=rule) == {3: 2, 1: 1}
+    assert fill_slots(word, slack=1) == {3: 2}
+    assert fill_slots(replace(word, gaps=[]), slack=1, rule=rule) == {}  # no gap: no weak slots either
+    no_weak = CorrectionSettings.from_dict({"gaps": {"weak_ratio": None}}).gaps
+    assert fill_slots(word, slack=1, rule=no_weak) == {3: 2}

@@ -323,7 +323,8 @@ class LLMCorrector:
         """The character model's best fills of the word's gaps (``lm_fill.candidates`` of them):
         names and words no lexicon has can be restored too."""
         lm = self.settings.lm_fill
-        slots = fill_slots(prediction, lm.slack, lm.min_length) if lm.candidates and prediction.gaps else {}
+        rule = self.settings.gaps if lm.weak_slots else None
+        slots = fill_slots(prediction, lm.slack, lm.min_length, rule) if lm.candidates and prediction.gaps else {}
         if not slots:
             return []
         fills = top_fills(prediction.text, slots, word_model(lm.order), lm.max_inserts, lm.insert_logprob,

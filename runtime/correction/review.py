@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from runtime.correction.contract import Reason
 from runtime.correction.gate import GateDecision, core_span, gate, inner_symbols
 from runtime.correction.lexicon import Lexicon
-from runtime.correction.settings import CorrectionSettings
+from runtime.correction.settings import CorrectionSettings, GapRule
 from runtime.decoding import Prediction, expected_distances
 
 
@@ -65,16 +65,24 @@ def gap_slots(prediction: Prediction, settings: CorrectionSettings, inserts_char
         room = inserts - sum(slots.values())
         if start < g.slot < end and room > 0 and (s.mode == "rescore" or g.missing <= room):
             slots[g.slot] = min(room if s.mode == "rescore" else inserts, g.missing + slack)
-    frames = prediction.char_frames or []
-    weak_ratio = s.gaps.weak_ratio
-    if slots and s.mode == "rescore" and weak_ratio is not None and len(frames) == len(prediction.text):
-        distances, expected, _ = expected_distances(frames, prediction.text, s.gaps.prior_pitch,
-                                                    s.gaps.min_distances, s.gaps.char_widths)
-        for j, (distance, normal) in enumerate(zip(distances, expected, strict=True)):
-            weak = normal > 0 and distance / normal >= weak_ratio
-            if start < j + 1 < end and j + 1 not in slots and weak:
-                slots[j + 1] = 1
+    if slots and s.mode == "rescore":
+        for slot in weak_slots(prediction, s.gaps):
+            if start < slot < end and slot not in slots:
+                slots[slot] = 1
     return slots
+
+
+def weak_slots(prediction: Prediction, rule: GapRule) -> list[int]:
+    """The slots between neighbouring characters at least ``rule.weak_ratio`` of their expected
+    distance apart (one-character gaps, worth a look in a word that has a gap; none when
+    ``weak_ratio`` is None or the word has no frames)."""
+    frames = prediction.char_frames or []
+    if rule.weak_ratio is None or len(frames) != len(prediction.text) or len(frames) < 2:
+        return []
+    distances, expected, _ = expected_distances(frames, prediction.text, rule.prior_pitch, rule.min_distances,
+                                                rule.char_widths)
+    return [j + 1 for j, (distance, normal) in enumerate(zip(distances, expected, strict=True))
+            if normal > 0 and distance / normal >= rule.weak_ratio]
 
 
 def unknown_word(text: str, lexicons: Sequence[Lexicon], settings: CorrectionSettings) -> bool:

@@ -346,6 +346,8 @@ class LMFill:
     insert_logprob: float = -2.0
     #: readings shorter than this are never filled
     min_length: int = 2
+    #: in a word with a gap, slots wider than ``gaps.weak_ratio`` pitches may take a letter too
+    weak_slots: bool = True
     #: with a corrector (``--llm``): how many of the model's best fills of a word's gaps join
     #: its candidates (0: none; the lexicon's words and the decoder's alternatives only)
     candidates: int = 0
@@ -361,6 +363,8 @@ class LMFill:
         _finite("lm_fill.insert_logprob", self.insert_logprob)
         _count("lm_fill.min_length", self.min_length, 2)
         _count("lm_fill.candidates", self.candidates, 0)
+        if not isinstance(self.weak_slots, bool):
+            raise SettingsError(f"lm_fill.weak_slots must be true or false, got {self.weak_slots!r}")
 
 
 #: The sections of :class:`CorrectionSettings`, by name.
