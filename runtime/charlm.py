@@ -5,7 +5,7 @@ of context), counted from a word list with frequencies: each word counts the squ
 of its frequency, so common words weigh more without ``the`` drowning the rest. At order 6
 it nearly knows the list's words and still scores names and words it lacks by their
 spelling. The decoding step uses it to fill the characters the CTC reading skipped
-(:mod:`runtime.gap_fill`). Case is folded; only ``[0-9a-z]`` are modelled (a word with any
+(:mod:`runtime.lm_fill`). Case is folded; only ``[0-9a-z]`` are modelled (a word with any
 other character scores ``-inf``).
 """
 

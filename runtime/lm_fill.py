@@ -18,6 +18,7 @@ from functools import lru_cache
 import numpy as np
 
 from runtime.charlm import CharLM
+from runtime.correction.candidates import insertion_slots, word_case
 from runtime.correction.lexicon import Lexicon
 from runtime.correction.review import weak_slots
 from runtime.correction.settings import GapRule, LMFill
@@ -36,20 +37,12 @@ def fill_slots(prediction: Prediction, slack: int, min_length: int = 2, rule: Ga
     text = prediction.text
     if len(text) < max(2, min_length) or not text.isalnum() or not text.isascii():
         return {}
-    slots = {g.slot: g.missing + slack for g in prediction.gaps if 0 < g.slot < len(text)}
+    slots = {g.slot: g.missing + slack for g in prediction.gaps}
     if slots and rule is not None:
         for slot in weak_slots(prediction, rule):
             slots.setdefault(slot, 1)
     return {slot: n for slot, n in slots.items()
             if 0 < slot < len(text) and text[slot - 1].isalpha() and text[slot].isalpha()}
-
-
-def layouts(length: int, inserts: int, slots: dict[int, int]) -> list[tuple[int, ...]]:
-    """The slots (sorted, repeated for two characters in one gap) of each way to insert
-    exactly ``inserts`` characters into a word of ``length``, at most ``slots[s]`` at ``s``."""
-    inner = sorted(s for s in slots if 0 < s < length)
-    return [combo for combo in itertools.combinations_with_replacement(inner, inserts)
-            if all(combo.count(s) <= slots[s] for s in set(combo))]
 
 
 def inserted(text: str, combo: tuple[int, ...], chars: tuple[str, ...]) -> str:
@@ -70,7 +63,7 @@ def scored_fills(text: str, slots: dict[int, int], model: CharLM, max_inserts: i
     lower = text.lower()
     scored: list[tuple[float, str, tuple[int, ...]]] = [(model.logp(lower), lower, ())]
     for count in range(1, max_inserts + 1):
-        for combo in layouts(len(text), count, slots):
+        for combo in insertion_slots(len(text), count, slots):
             for chars in itertools.product(LETTERS, repeat=count):
                 word = inserted(lower, combo, chars)
                 scored.append((model.logp(word) + count * insert_logprob, word, combo))
@@ -106,7 +99,7 @@ def top_fills(text: str, slots: dict[int, int], model: CharLM, max_inserts: int,
 def cased(word: str, combo: tuple[int, ...], text: str) -> str:
     """``word`` (``text`` with lower-case characters inserted at ``combo``) with ``text``'s own
     characters as read, the inserted ones upper case when ``text`` has no lower-case letter."""
-    upper = any(c.isupper() for c in text) and not any(c.islower() for c in text)
+    upper = word_case(text, ()) == "upper"
     marks = {slot + k for k, slot in enumerate(combo)}  # positions of the inserted characters
     out, read = [], iter(text)
     for i, char in enumerate(word):
@@ -136,7 +129,7 @@ def filled(prediction: Prediction, model: CharLM, *, max_inserts: int, slack: in
             j = next(read)
             probs.append(float(prediction.char_probs[j]))
             topk.append(list(prediction.topk[j]) if j < len(prediction.topk) else [(char, probs[-1])])
-    frames = filled_frames(prediction.char_frames, list(prediction.text), list(text)) if prediction.char_frames else []
+    frames = filled_frames(prediction.char_frames, list(prediction.text), list(text))
     return replace(prediction, text=text, char_probs=probs, topk=topk, char_frames=frames, gaps=[])
 
 

@@ -13,10 +13,11 @@ from PIL import Image, ImageDraw
 
 from runtime.bundle import DEFAULT_BUNDLE
 from runtime.charlm import CharLM
+from runtime.correction.candidates import insertion_slots
 from runtime.correction.lexicon import Lexicon
 from runtime.correction.settings import CorrectionSettings, LMFill, SettingsError
 from runtime.decoding import Gap, Prediction
-from runtime.lm_fill import fill_all, fill_slots, filled, layouts
+from runtime.lm_fill import fill_all, fill_slots, filled
 from runtime.recognizer import Recognizer
 
 WORDS = [("rescue", 5.0), ("station", 5.0), ("cat", 6.0), ("hello", 5.5), ("coffee", 5.0), ("bakery", 4.5),
@@ -62,8 +63,8 @@ def test_only_gaps_between_two_letters_are_filled() -> None:
     assert fill_slots(_prediction("Re-sue", [(3, 1)]), slack=1) == {}  # a word with a symbol
     assert fill_slots(_prediction("Resue", [(0, 1), (5, 1)]), slack=0) == {}  # outer slots
     assert fill_slots(_prediction("ab", [(1, 1)]), slack=0, min_length=3) == {}
-    assert layouts(5, 2, {3: 2}) == [(3, 3)]
-    assert layouts(5, 2, {1: 1, 3: 1}) == [(1, 3)]
+    assert insertion_slots(5, 2, {3: 2}) == [(3, 3)]
+    assert insertion_slots(5, 2, {1: 1, 3: 1}) == [(1, 3)]
 
 
 def test_fill_all_leaves_words_without_gaps_and_respects_the_switch(model: CharLM) -> None:

@@ -165,6 +165,17 @@ def rescore_candidates(
     return out
 
 
+def insertion_slots(length: int, inserts: int, slots: Mapping[int, int] | None = None) -> list[tuple[int, ...]]:
+    """The slots (sorted; one repeated for two characters in one gap) of each way to insert
+    ``inserts`` inner characters into a word of ``length`` (a slot is the index they go
+    before), at most ``slots[s]`` at ``s`` and only there when ``slots`` is given."""
+    if length < 2:
+        return []
+    inner = range(1, length) if slots is None else sorted(s for s in slots if 0 < s < length)
+    return [gaps for gaps in itertools.combinations_with_replacement(inner, inserts)
+            if slots is None or all(gaps.count(s) <= slots[s] for s in set(gaps))]
+
+
 def insertion_layouts(length: int, inserts: int, slots: Mapping[int, int] | None = None) -> list[tuple[int, ...]]:
     """Where ``inserts`` characters may go into a word of ``length``: each layout lists, per
     position of the longer word, the read position it shows or -1 for an inserted one.
@@ -175,13 +186,8 @@ def insertion_layouts(length: int, inserts: int, slots: Mapping[int, int] | None
     """
     if inserts == 0:
         return [tuple(range(length))]
-    if length < 2:
-        return []
-    inner = range(1, length) if slots is None else sorted(s for s in slots if 0 < s < length)
     out = []
-    for gaps in itertools.combinations_with_replacement(inner, inserts):
-        if slots is not None and any(gaps.count(s) > slots[s] for s in set(gaps)):
-            continue
+    for gaps in insertion_slots(length, inserts, slots):
         layout: list[int] = []
         for i in range(length):
             layout.extend([-1] * gaps.count(i))
